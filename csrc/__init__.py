@@ -1,0 +1,1 @@
+"""Native C++ sources of the engine, built lazily on first use (installed as engine.csrc)."""

@@ -1,0 +1,37 @@
+"""The interface every head backend implements: run one MAR step's whole diffusion loop."""
+from __future__ import annotations
+
+import torch
+
+from ..models.head import PackedHead
+
+
+class HeadBackend:
+    """A backend turns the conditions of the rows predicted in one MAR step into tokens.
+
+    `head_loop(head, z, x, noise, cfg_scale, temperature)`:
+      z      [R, D]  decoder outputs of the rows; with CFG R = 2n, rows [cond; uncond]
+      x      [n, C]  start noise
+      noise  [T, R, C] the per-diffusion-step noise, in the order it is drawn (index T-1 first)
+      cfg_scale  guidance scale for this step, or None without CFG
+    returns [n, C]. Every backend reads the same tables and noise, so all give the same tokens
+    up to float rounding (float32) or to their documented precision (bf16 / fp16 weights).
+    """
+
+    name = "base"
+
+    def available(self, device: torch.device) -> bool:
+        """Whether this backend can run on `device` now (checked lazily, never at import)."""
+        return True
+
+    def unavailable_reason(self, device: torch.device) -> str:
+        return "not available"
+
+    def prepare(self, head: PackedHead) -> None:
+        """Called once when a model is bound to this backend (pack or convert weights)."""
+
+    def head_loop(self, head: PackedHead, z, x, noise, cfg_scale, temperature) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r}>"

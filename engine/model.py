@@ -1,0 +1,79 @@
+"""`MARModel`: a loaded MAR transformer + packed diffusion head + a head backend."""
+from __future__ import annotations
+
+import torch
+
+from .backends import get_backend
+from .config import MARConfig
+from .diffusion import make_tables
+from .models.head import PackedHead
+from .models.mar import MAR
+from .sampler import sample_tokens
+
+
+class MARModel:
+    """What `engine.load` returns. `sample_tokens` has the published signature and results."""
+
+    def __init__(self, mar: MAR, backend="auto", num_sampling_steps: str | None = None):
+        self.mar = mar.eval().requires_grad_(False)
+        self.config: MARConfig = mar.config
+        if num_sampling_steps is not None:
+            self.config.num_sampling_steps = str(num_sampling_steps)
+        self._backend_request = backend
+        self._pack()
+
+    # Binding -------------------------------------------------------------------------------
+    def _pack(self) -> None:
+        tables = make_tables(self.config.num_sampling_steps)
+        clip = self.config.clip_range if self.config.clip_denoised else None
+        self.head = PackedHead.from_head(self.mar.diffloss.net, tables, clip)
+        self.backend = get_backend(self._backend_request, self.device)
+        self.backend.prepare(self.head)
+
+    @property
+    def device(self) -> torch.device:
+        return self.mar.fake_latent.device
+
+    @property
+    def backend_name(self) -> str:
+        return self.backend.name
+
+    def to(self, device) -> "MARModel":
+        self.mar.to(device)
+        self._pack()
+        return self
+
+    def set_backend(self, backend) -> "MARModel":
+        self._backend_request = backend
+        self._pack()
+        return self
+
+    def set_sampling_steps(self, num_sampling_steps: str) -> "MARModel":
+        self.config.num_sampling_steps = str(num_sampling_steps)
+        self._pack()
+        return self
+
+    def state_dict(self) -> dict:
+        return self.mar.state_dict()
+
+    # Sampling ------------------------------------------------------------------------------
+    def sample_tokens(self, bsz: int, num_iter: int = 64, cfg: float = 1.0, cfg_schedule: str = "linear",
+                      labels=None, temperature: float = 1.0, progress: bool = False, generator=None):
+        """Sample `[bsz, vae_embed_dim, h, w]` tokens (unpatchified latents, or pixels in [-1, 1]
+        for pixel-token models).
+
+        Without `generator` it draws from numpy's and torch's global RNGs in the published order,
+        so after `torch.manual_seed(s); np.random.seed(s)` it returns the published tokens. With a
+        `torch.Generator`, that generator alone drives orders and noise (no global state read).
+        Steps of the published schedule that would predict no token (num_iter > seq_len) are
+        skipped."""
+        return sample_tokens(self, bsz, num_iter=num_iter, cfg=cfg, cfg_schedule=cfg_schedule,
+                             labels=labels, temperature=temperature, progress=progress,
+                             generator=generator)
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (f"MARModel(seq_len={c.seq_len}, token_dim={c.token_dim}, encoder={c.encoder_depth}x"
+                f"{c.encoder_embed_dim}, decoder={c.decoder_depth}x{c.decoder_embed_dim}, head="
+                f"{c.diffloss_d}x{c.diffloss_w}, steps={c.num_sampling_steps!r}, "
+                f"backend={self.backend.name!r}, device={self.device})")

@@ -1,0 +1,161 @@
+"""The MAR transformer (encoder over buffer + known tokens, decoder over the full sequence),
+inference only, state-dict compatible with the published `MAR` module."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..attention import attention
+from ..config import MARConfig
+from .head import DiffLoss
+
+LN_EPS = 1e-6
+
+
+def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
+    """[n, c, h*p, w*p] -> [n, h*w, c*p*p], channel outermost inside a token."""
+    n, c, hp, wp = x.shape
+    h, w = hp // p, wp // p
+    x = x.reshape(n, c, h, p, w, p).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(n, h * w, c * p * p)
+
+
+def unpatchify(x: torch.Tensor, p: int, c: int, h: int) -> torch.Tensor:
+    """Inverse of `patchify` for a square grid of h x h tokens."""
+    n = x.shape[0]
+    x = x.reshape(n, h, h, c, p, p).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(n, c, h * p, h * p)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, query_index: torch.Tensor | None = None) -> torch.Tensor:
+        """Bidirectional attention; with `query_index [B, n]` only those rows are computed."""
+        b, length, dim = x.shape
+        hd = dim // self.num_heads
+        if query_index is None:
+            q, k, v = self.qkv(x).reshape(b, length, 3, self.num_heads, hd).permute(2, 0, 3, 1, 4)
+        else:
+            w_q, w_kv = self.qkv.weight.split([dim, 2 * dim])
+            b_q, b_kv = self.qkv.bias.split([dim, 2 * dim])
+            k, v = F.linear(x, w_kv, b_kv).reshape(b, length, 2, self.num_heads, hd).permute(2, 0, 3, 1, 4)
+            rows = torch.gather(x, 1, query_index.unsqueeze(-1).expand(-1, -1, dim))
+            q = F.linear(rows, w_q, b_q).reshape(b, -1, self.num_heads, hd).transpose(1, 2)
+        out = attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(b, -1, dim))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm ViT block (timm `Block` key layout)."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=LN_EPS)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, eps=LN_EPS)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x: torch.Tensor, query_index: torch.Tensor | None = None) -> torch.Tensor:
+        """With `query_index`, returns only those rows: exact, and the last decoder block
+        needs nothing else."""
+        h = self.norm1(x)
+        if query_index is not None:
+            x = torch.gather(x, 1, query_index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        x = x + self.attn(h, query_index)
+        return x + self.mlp(self.norm2(x))
+
+
+def _gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    return torch.gather(x, 1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+class MAR(nn.Module):
+    """MAR encoder/decoder and diffusion head. Parameter names follow the published module."""
+
+    def __init__(self, config: MARConfig):
+        super().__init__()
+        self.config = config
+        c = config
+        e, d, buf, length = c.encoder_embed_dim, c.decoder_embed_dim, c.buffer_size, c.seq_len
+        self.class_emb = nn.Embedding(c.class_num, e)
+        self.fake_latent = nn.Parameter(torch.zeros(1, e))
+        self.z_proj = nn.Linear(c.token_dim, e)
+        self.z_proj_ln = nn.LayerNorm(e, eps=LN_EPS)
+        self.encoder_pos_embed_learned = nn.Parameter(torch.zeros(1, length + buf, e))
+        self.encoder_blocks = nn.ModuleList(
+            Block(e, c.encoder_num_heads, c.mlp_ratio) for _ in range(c.encoder_depth))
+        self.encoder_norm = nn.LayerNorm(e, eps=LN_EPS)
+        self.decoder_embed = nn.Linear(e, d)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, d))
+        self.decoder_pos_embed_learned = nn.Parameter(torch.zeros(1, length + buf, d))
+        self.decoder_blocks = nn.ModuleList(
+            Block(d, c.decoder_num_heads, c.mlp_ratio) for _ in range(c.decoder_depth))
+        self.decoder_norm = nn.LayerNorm(d, eps=LN_EPS)
+        self.diffusion_pos_embed_learned = nn.Parameter(torch.zeros(1, length, d))
+        self.diffloss = DiffLoss(c.token_dim, d, c.diffloss_w, c.diffloss_d)
+
+    def class_embedding(self, labels: torch.Tensor | None, bsz: int, cfg: bool) -> torch.Tensor:
+        """[B', E]: class rows (fake_latent without labels), then with CFG the unconditional half."""
+        fake = self.fake_latent.expand(bsz, -1)
+        cond = fake if labels is None else self.class_emb(labels)
+        return torch.cat([cond, fake]) if cfg else cond
+
+    def encode(self, tokens: torch.Tensor, known: torch.Tensor, class_emb: torch.Tensor):
+        """Encoder over the buffer rows and the known tokens `known [B, k]` (sorted positions)."""
+        buf = self.config.buffer_size
+        b, e = class_emb.shape
+        pos = self.encoder_pos_embed_learned
+        buffer_rows = class_emb.unsqueeze(1) + pos[:, :buf]
+        known_rows = self.z_proj(_gather_rows(tokens, known)) + _gather_rows(pos[:, buf:].expand(b, -1, -1), known)
+        x = self.z_proj_ln(torch.cat([buffer_rows, known_rows], dim=1))
+        for block in self.encoder_blocks:
+            x = block(x)
+        return self.encoder_norm(x)
+
+    def decode(self, x: torch.Tensor, known: torch.Tensor, predict: torch.Tensor) -> torch.Tensor:
+        """Decoder over the full sequence; returns the head conditions of `predict [B, n]` only."""
+        buf = self.config.buffer_size
+        x = self.decoder_embed(x)
+        b, _, d = x.shape
+        full = self.mask_token.expand(b, buf + self.config.seq_len, d).clone()
+        full[:, :buf] = x[:, :buf]
+        full.scatter_(1, (known + buf).unsqueeze(-1).expand(-1, -1, d), x[:, buf:])
+        x = full + self.decoder_pos_embed_learned
+        rows = predict + buf
+        blocks = list(self.decoder_blocks)
+        for block in blocks[:-1]:
+            x = block(x)
+        x = blocks[-1](x, rows) if blocks else _gather_rows(x, rows)
+        x = self.decoder_norm(x)
+        diff_pos = self.diffusion_pos_embed_learned.expand(b, -1, -1)
+        return x + _gather_rows(diff_pos, predict)
+
+    def forward_step(self, tokens, known, predict, class_emb) -> torch.Tensor:
+        """One transformer pass of a sampling step: z [B', n, D] for the predicted positions."""
+        return self.decode(self.encode(tokens, known, class_emb), known, predict)
+
+    # The published pass, written with a mask: used by tests and by the golden `transformer` case.
+    def forward_masked(self, tokens: torch.Tensor, mask: torch.Tensor, class_emb: torch.Tensor):
+        """z [B, L, D] for every position, given `mask [B, L]` (1 = unknown, equal counts per row)."""
+        b, length = mask.shape
+        order = torch.argsort(mask.float(), dim=1, stable=True)  # known first, positions ascending
+        num_known = int((mask[0] == 0).sum())
+        known = order[:, :num_known]
+        everything = torch.arange(length, device=mask.device).expand(b, -1)
+        return self.decode(self.encode(tokens, known, class_emb), known, everything)

@@ -1,0 +1,1 @@
+"""Triton kernels of the engine (installed as engine.kernels)."""

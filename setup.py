@@ -1,0 +1,29 @@
+"""engine: fast, exact sampling for masked-autoregressive image generators (MAR)."""
+from setuptools import setup
+
+setup(
+    name="engine",
+    version="0.1.0",
+    description="Fast, exact sampler for masked-autoregressive image generators (MAR)",
+    python_requires=">=3.10",
+    packages=["engine", "engine.models", "engine.backends", "engine.kernels", "engine.csrc"],
+    # Triton kernels live in kernels/ and the native sources in csrc/ at the top of the repo;
+    # they install as engine.kernels and engine.csrc (the C++ builds lazily on first use).
+    package_dir={"engine.kernels": "kernels", "engine.csrc": "csrc"},
+    package_data={"engine": ["assets/*/*"], "engine.csrc": ["*.cpp", "*.h", "*.cu"]},
+    install_requires=[
+        "torch>=2.4",
+        "triton>=3.0",
+        "numpy",
+        "safetensors",
+        "pillow",
+        "tqdm",
+        "ninja",
+    ],
+    extras_require={
+        "flash": ["flash-attn"],
+        "digits": ["scikit-learn"],
+        "test": ["pytest", "pytest-benchmark", "scikit-learn", "matplotlib"],
+    },
+    entry_points={"console_scripts": ["engine=engine.cli:main"]},
+)
