@@ -26,9 +26,11 @@ def load(path, ema: bool = True, device="cpu", backend="auto", num_sampling_step
 
     if num_sampling_steps is not None:
         config["num_sampling_steps"] = str(num_sampling_steps)
-    state, cfg = read_checkpoint(path, ema=ema, **config)
+    state, cfg, sampling_defaults = read_checkpoint(path, ema=ema, **config)
     mar = build_mar(state, cfg, str(path)).to(device)
-    return MARModel(mar, backend=backend)
+    model = MARModel(mar, backend=backend)
+    model.sampling_defaults = dict(sampling_defaults)
+    return model
 
 
 def load_vae(path, device="cpu", dtype=torch.float32):

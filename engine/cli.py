@@ -21,6 +21,10 @@ def _sample(args) -> int:
     if model.config.tokenizer == "vae" and vae is None and not str(args.out).endswith(".npz"):
         raise EngineError("this model generates KL-16 latents: pass --vae kl16.ckpt, or --out x.npz "
                           "to save the latents")
+    defaults = model.sampling_defaults
+    args.cfg = defaults.get("cfg", 1.0) if args.cfg is None else args.cfg
+    args.num_iter = defaults.get("num_iter", 64) if args.num_iter is None else args.num_iter
+    args.temperature = defaults.get("temperature", 1.0) if args.temperature is None else args.temperature
     classes = args.classes if args.classes is not None else list(range(min(10, model.config.class_num)))
     labels = [c for c in classes for _ in range(args.per_class)]
     generator = torch.Generator(device="cpu").manual_seed(args.seed)
@@ -68,10 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--vae", default=None, help="kl16.ckpt for latent-token models")
     s.add_argument("--classes", type=int, nargs="+", default=None, help="class labels (default 0-9)")
     s.add_argument("--per-class", type=int, default=1, help="samples per class (grid columns)")
-    s.add_argument("--num-iter", type=int, default=64)
-    s.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the model's)")
+    s.add_argument("--num-iter", type=int, default=None, help="MAR steps (default: the model's, or 64)")
+    s.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the model's, or 1)")
     s.add_argument("--cfg-schedule", default="linear", choices=["linear", "constant"])
-    s.add_argument("--temperature", type=float, default=1.0)
+    s.add_argument("--temperature", type=float, default=None, help="(default: the model's, or 1)")
     s.add_argument("--steps", default=None, help="diffusion respacing: '100', 'ddim25', '10,5'")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--batch-size", type=int, default=64)
@@ -97,8 +101,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    if getattr(args, "cfg", 0) is None:
-        args.cfg = 1.0
     try:
         return args.func(args)
     except EngineError as err:

@@ -107,7 +107,7 @@ def build_mar(state: dict, config: MARConfig, source: str, dtype=torch.float32) 
     return mar
 
 
-def read_published(path: Path, ema: bool, overrides: dict) -> tuple[dict, MARConfig]:
+def read_published(path: Path, ema: bool, overrides: dict) -> tuple[dict, MARConfig, dict]:
     ckpt = read_torch_file(path)
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint dict")
@@ -134,10 +134,10 @@ def read_published(path: Path, ema: bool, overrides: dict) -> tuple[dict, MARCon
         config = config_from_args(args, inferred, overrides)
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from None
-    return state, config
+    return state, config, {}
 
 
-def read_engine_dir(path: Path, overrides: dict) -> tuple[dict, MARConfig]:
+def read_engine_dir(path: Path, overrides: dict) -> tuple[dict, MARConfig, dict]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -162,11 +162,13 @@ def read_engine_dir(path: Path, overrides: dict) -> tuple[dict, MARConfig]:
         config = MARConfig.from_dict({**meta["config"], **overrides})
     except (ConfigError, TypeError) as err:
         raise ConfigError(f"{cfg_file}: {err}") from None
-    return state, config
+    return state, config, meta.get("sampling", {})
 
 
-def read_checkpoint(path, ema: bool = True, **overrides) -> tuple[dict, MARConfig]:
-    """(state dict, config) from a published .pth, an engine directory, or a built-in name."""
+def read_checkpoint(path, ema: bool = True, **overrides) -> tuple[dict, MARConfig, dict]:
+    """(state dict, config, sampling defaults) from a published .pth, an engine directory, or a
+    built-in name. Sampling defaults (e.g. {"cfg": 2.0, "num_iter": 16}) come from an engine
+    directory's config.json "sampling" entry; published checkpoints have none."""
     if isinstance(path, str) and path in BUILTIN_MODELS:
         path = BUILTIN_MODELS[path]
         if not path.exists():
@@ -193,6 +195,6 @@ def save_engine_dir(state: dict, config: MARConfig, out_dir, extra: dict | None 
 
 def convert(src, out_dir, ema: bool = True, **overrides) -> Path:
     """Write a published checkpoint in the engine's format (validated first)."""
-    state, config = read_checkpoint(src, ema=ema, **overrides)
+    state, config, _ = read_checkpoint(src, ema=ema, **overrides)
     check_state_dict(state, config, str(src))
     return save_engine_dir(state, config, out_dir, {"source": Path(src).name, "ema": ema})

@@ -20,6 +20,8 @@ class MARModel:
         if num_sampling_steps is not None:
             self.config.num_sampling_steps = str(num_sampling_steps)
         self._backend_request = backend
+        # Recommended sampling settings recorded with the model (e.g. cfg, num_iter); the CLI uses them.
+        self.sampling_defaults: dict = {}
         self._pack()
 
     # Binding -------------------------------------------------------------------------------
