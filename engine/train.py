@@ -1,0 +1,379 @@
+"""Training a small class-conditional MAR on pixel tokens with the MAR objective, using the
+engine's own inference modules (`MAR.encode` / `MAR.decode`, `DiffusionHead`).
+
+    python -m engine train --out DIR --seed 0 --steps 3000
+
+The objective, as in "Autoregressive Image Generation without Vector Quantization":
+  * a random generation order per image and a masking ratio drawn from a truncated Gaussian
+    near 1 (left half of N(1, 0.25^2), cut at `mask_ratio_min`); every row of a batch masks the
+    same number of tokens, so the fixed-shape index form of encode/decode applies;
+  * label dropout (`fake_latent` instead of the class embedding with probability 0.1), which is
+    what classifier-free guidance reads at sampling time;
+  * the diffusion loss on the masked tokens only, each token's condition repeated
+    `diffusion_batch_mul` times with independent timesteps and noise. The head predicts eps and
+    the learned-range variance interpolation v; the loss is the MSE on eps plus the variational
+    bound term for the variance with the eps prediction frozen (the improved-DDPM "hybrid"
+    loss that the published `training_losses` computes with learn_sigma). Sampling reads the
+    variance output, so it is trained exactly as the published model's is;
+  * AdamW (betas 0.9/0.95, weight decay off for biases, norms and the head), gradient clipping,
+    warmup then cosine learning rate, and an exponential moving average of the weights, which
+    is what gets saved.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .config import MARConfig
+from .diffusion import NUM_TRAIN_TIMESTEPS, cosine_betas
+from .errors import ConfigError
+from .models.mar import MAR, patchify
+
+# The built-in digits model. Tokens are 2x2 patches of 16x16 pixel images (64 tokens of 4
+# values in [-1, 1]); x0 is clipped to that range while sampling (see config.clip_denoised).
+DIGITS_MODEL = dict(
+    img_size=16, vae_stride=1, patch_size=2, vae_embed_dim=1, tokenizer="pixels",
+    encoder_embed_dim=128, encoder_depth=3, encoder_num_heads=4,
+    decoder_embed_dim=128, decoder_depth=3, decoder_num_heads=4,
+    mlp_ratio=4.0, class_num=10, buffer_size=4, diffloss_d=3, diffloss_w=256,
+    num_sampling_steps="50", clip_denoised=True, clip_range=(-1.0, 1.0),
+)
+# Sampling settings recorded with the shipped model (the CLI's defaults for it).
+DIGITS_SAMPLING = dict(cfg=2.0, num_iter=16, temperature=1.0)
+
+
+def digits_config(**overrides) -> MARConfig:
+    return MARConfig.from_dict({**DIGITS_MODEL, **overrides})
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 3000
+    batch_size: int = 128
+    lr: float = 1e-3
+    min_lr: float = 1e-5
+    warmup_steps: int = 100
+    weight_decay: float = 0.02
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 3.0
+    ema_decay: float = 0.999
+    label_drop_prob: float = 0.1
+    diffusion_batch_mul: int = 4
+    mask_ratio_min: float = 0.7
+    seed: int = 0
+    threads: int = 2
+    log_every: int = 100
+
+    def validate(self) -> None:
+        if self.steps < 1 or self.batch_size < 1 or self.diffusion_batch_mul < 1:
+            raise ConfigError("steps, batch_size and diffusion_batch_mul must be positive")
+        if not 0.0 < self.mask_ratio_min <= 1.0:
+            raise ConfigError(f"mask_ratio_min must be in (0, 1], got {self.mask_ratio_min}")
+        if not 0.0 <= self.label_drop_prob < 1.0:
+            raise ConfigError(f"label_drop_prob must be in [0, 1), got {self.label_drop_prob}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+
+
+# Initialisation (as the published model: xavier-uniform linears, N(0, 0.02) embeddings, and a
+# head whose adaLN projections and output layer start at zero) ---------------------------------
+@torch.no_grad()
+def init_weights(mar: MAR) -> MAR:
+    for m in mar.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm) and m.elementwise_affine:
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    for p in (mar.class_emb.weight, mar.fake_latent, mar.mask_token, mar.encoder_pos_embed_learned,
+              mar.decoder_pos_embed_learned, mar.diffusion_pos_embed_learned):
+        nn.init.normal_(p, std=0.02)
+    net = mar.diffloss.net
+    nn.init.normal_(net.time_embed.mlp[0].weight, std=0.02)
+    nn.init.normal_(net.time_embed.mlp[2].weight, std=0.02)
+    for block in net.res_blocks:
+        nn.init.zeros_(block.adaLN_modulation[-1].weight)
+        nn.init.zeros_(block.adaLN_modulation[-1].bias)
+    final = net.final_layer
+    for p in (final.adaLN_modulation[-1].weight, final.adaLN_modulation[-1].bias,
+              final.linear.weight, final.linear.bias):
+        nn.init.zeros_(p)
+    return mar
+
+
+# The 1000-step training diffusion --------------------------------------------------------------
+class TrainTables:
+    """Per original timestep t (0..999), float32 tensors computed in float64."""
+
+    def __init__(self, num_steps: int = NUM_TRAIN_TIMESTEPS):
+        betas = cosine_betas(num_steps)
+        ab = np.cumprod(1.0 - betas)
+        ab_prev = np.append(1.0, ab[:-1])
+        post_var = betas * (1.0 - ab_prev) / (1.0 - ab)
+        cols = dict(
+            sqrt_ab=np.sqrt(ab), sqrt_1m_ab=np.sqrt(1.0 - ab),
+            sqrt_recip_ab=np.sqrt(1.0 / ab), sqrt_recipm1_ab=np.sqrt(1.0 / ab - 1.0),
+            coef1=betas * np.sqrt(ab_prev) / (1.0 - ab),
+            coef2=(1.0 - ab_prev) * np.sqrt(1.0 - betas) / (1.0 - ab),
+            min_log=np.log(np.append(post_var[1], post_var[1:])), max_log=np.log(betas),
+        )
+        self.num_steps = num_steps
+        for name, col in cols.items():
+            setattr(self, name, torch.from_numpy(col).float())
+
+    def at(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        return getattr(self, name)[t].unsqueeze(-1)
+
+
+def _normal_kl(mean1, logvar1, mean2, logvar2):
+    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2)
+                  + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+
+
+def _std_normal_cdf(x):
+    return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
+
+
+def _discretized_gaussian_nll(x, mean, log_scale, half_bin=1.0 / 255.0):
+    """-log P(x) of a Gaussian integrated over x's bin (edge bins open), in nats."""
+    centered = x - mean
+    inv_std = torch.exp(-log_scale)
+    cdf_plus = _std_normal_cdf(inv_std * (centered + half_bin))
+    cdf_min = _std_normal_cdf(inv_std * (centered - half_bin))
+    log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
+    log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=1e-12))
+    log_delta = torch.log((cdf_plus - cdf_min).clamp(min=1e-12))
+    logp = torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_delta))
+    return -logp
+
+
+def head_forward(net, x, t, c_emb, time_table=None):
+    """The head's forward with its conditions given as already embedded `c_emb` = cond_embed(c)
+    and the time embedding looked up from `time_table` (time_embed of all 1000 steps, computed
+    once per batch). Same function as `DiffusionHead.forward`; cheaper when rows share t or c."""
+    t_emb = net.time_embed(t) if time_table is None else time_table[t]
+    y = t_emb + c_emb
+    h = net.input_proj(x)
+    for block in net.res_blocks:
+        h = block(h, y)
+    return net.final_layer(h, y)
+
+
+def diffusion_loss(net, tables: TrainTables, target, z, generator=None, repeat: int = 1):
+    """Per-row hybrid loss (mse on eps + VLB in bits for the variance) of `target [N, C]` under
+    conditions `z [N, D]`, each row repeated `repeat` times (rows [N*repeat], repeat-major as the
+    published `Tensor.repeat`). Returns (loss, mse, vb), each [N*repeat]."""
+    c_emb = net.cond_embed(z).repeat(repeat, 1)
+    x0 = target.repeat(repeat, 1)
+    n = x0.shape[0]
+    t = torch.randint(0, tables.num_steps, (n,), generator=generator)
+    noise = torch.randn(x0.shape, generator=generator)
+    x_t = tables.at("sqrt_ab", t) * x0 + tables.at("sqrt_1m_ab", t) * noise
+    time_table = net.time_embed(torch.arange(tables.num_steps))
+    out = head_forward(net, x_t, t, c_emb, time_table)
+    eps, v = out.split(x0.shape[1], dim=1)
+    mse = ((noise - eps) ** 2).mean(dim=1)
+
+    # Variance: the bound term with the eps prediction frozen, so it trains v only.
+    min_log, max_log = tables.at("min_log", t), tables.at("max_log", t)
+    frac = (v + 1) / 2
+    model_logvar = frac * max_log + (1 - frac) * min_log
+    pred_x0 = tables.at("sqrt_recip_ab", t) * x_t - tables.at("sqrt_recipm1_ab", t) * eps.detach()
+    model_mean = tables.at("coef1", t) * pred_x0 + tables.at("coef2", t) * x_t
+    true_mean = tables.at("coef1", t) * x0 + tables.at("coef2", t) * x_t
+    kl = _normal_kl(true_mean, min_log, model_mean, model_logvar).mean(dim=1)
+    nll = _discretized_gaussian_nll(x0, model_mean, 0.5 * model_logvar).mean(dim=1)
+    vb = torch.where(t == 0, nll, kl) / math.log(2.0)
+    return mse + vb, mse, vb
+
+
+def sample_mask_ratio(generator, mask_ratio_min: float = 0.7, std: float = 0.25) -> float:
+    """A draw of the left half of N(1, std^2) truncated to [mask_ratio_min, 1] (rejection)."""
+    while True:
+        r = 1.0 - abs(float(torch.randn((), generator=generator))) * std
+        if r >= mask_ratio_min:
+            return r
+
+
+def mar_loss(mar: MAR, tables: TrainTables, images, labels, generator=None,
+             label_drop_prob: float = 0.1, diffusion_batch_mul: int = 4, mask_ratio_min: float = 0.7):
+    """The MAR training loss of a batch `images [B, C, H, W]` in the token range, `labels [B]`.
+    Returns (loss, stats dict of floats)."""
+    config = mar.config
+    tokens = patchify(images, config.patch_size)           # [B, L, C]
+    bsz, length, dim = tokens.shape
+    num_masked = int(math.ceil(length * sample_mask_ratio(generator, mask_ratio_min)))
+    num_masked = min(max(num_masked, 1), length)
+    orders = torch.argsort(torch.rand(bsz, length, generator=generator), dim=1)
+    masked = torch.sort(orders[:, :num_masked], dim=1).values
+    known = torch.sort(orders[:, num_masked:], dim=1).values
+
+    class_emb = mar.class_emb(labels)
+    drop = torch.rand(bsz, generator=generator) < label_drop_prob
+    class_emb = torch.where(drop.unsqueeze(-1), mar.fake_latent.expand(bsz, -1), class_emb)
+
+    # Conditions of the masked positions only (the decoder's last block computes just those rows).
+    z = mar.decode(mar.encode(tokens, known, class_emb), known, masked)   # [B, m, D]
+    target = torch.gather(tokens, 1, masked.unsqueeze(-1).expand(-1, -1, dim))
+    loss, mse, vb = diffusion_loss(mar.diffloss.net, tables, target.reshape(-1, dim),
+                                   z.reshape(-1, z.shape[-1]), generator, repeat=diffusion_batch_mul)
+    return loss.mean(), {"mse": float(mse.mean()), "vb": float(vb.mean()),
+                         "mask_ratio": num_masked / length}
+
+
+def param_groups(mar: MAR, weight_decay: float):
+    decay, no_decay = [], []
+    for name, p in mar.named_parameters():
+        if p.ndim == 1 or name.endswith(".bias") or name.startswith("diffloss."):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
+
+
+def lr_at(step: int, tc: TrainConfig) -> float:
+    if step < tc.warmup_steps:
+        return tc.lr * (step + 1) / tc.warmup_steps
+    progress = (step - tc.warmup_steps) / max(1, tc.steps - tc.warmup_steps)
+    return tc.min_lr + (tc.lr - tc.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def train(model_config: MARConfig, tc: TrainConfig, images=None, labels=None, log=print):
+    """Train a MAR from scratch. `images [N, C, H, W]` (token range) and `labels [N]` default to
+    the digits train split at the config's resolution. Returns a dict with the EMA state dict
+    ("ema"), the raw weights ("model") and the loss history."""
+    tc.validate()
+    if model_config.tokenizer != "pixels" or model_config.vae_stride != 1:
+        raise ConfigError("training is implemented for pixel-token models (tokenizer='pixels', "
+                          "vae_stride=1)")
+    if tc.threads:
+        torch.set_num_threads(tc.threads)
+    if images is None:
+        from .digits import load_split
+        images, labels = load_split("train", size=model_config.img_size)
+    if images.shape[1] != model_config.vae_embed_dim or images.shape[-1] != model_config.img_size:
+        raise ConfigError(f"images of shape {list(images.shape[1:])} do not fit the config "
+                          f"({model_config.vae_embed_dim} x {model_config.img_size} x {model_config.img_size})")
+    torch.manual_seed(tc.seed)
+    generator = torch.Generator().manual_seed(tc.seed)
+    mar = init_weights(MAR(model_config)).train()
+    tables = TrainTables()
+    opt = torch.optim.AdamW(param_groups(mar, tc.weight_decay), lr=tc.lr, betas=(tc.beta1, tc.beta2))
+    params = [p for p in mar.parameters()]
+    ema = [p.detach().clone() for p in params]
+
+    n = images.shape[0]
+    perm, cursor = torch.randperm(n, generator=generator), 0
+    history, window, start = [], [], time.time()
+    for step in range(tc.steps):
+        if cursor + tc.batch_size > n:
+            perm, cursor = torch.randperm(n, generator=generator), 0
+        idx = perm[cursor:cursor + tc.batch_size]
+        cursor += tc.batch_size
+        lr = lr_at(step, tc)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        loss, stats = mar_loss(mar, tables, images[idx], labels[idx], generator, tc.label_drop_prob,
+                               tc.diffusion_batch_mul, tc.mask_ratio_min)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss became {float(loss)} at step {step}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if tc.grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
+        opt.step()
+        decay = min(tc.ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            torch._foreach_lerp_(ema, [p.detach() for p in params], 1.0 - decay)
+        window.append((float(loss), stats["mse"], stats["vb"]))
+        if (step + 1) % tc.log_every == 0 or step + 1 == tc.steps:
+            mean = np.mean(window, axis=0)
+            elapsed = time.time() - start
+            history.append({"step": step + 1, "loss": float(mean[0]), "mse": float(mean[1]),
+                            "vb": float(mean[2]), "lr": lr, "elapsed_s": round(elapsed, 1)})
+            if log:
+                log(f"step {step + 1:6d}/{tc.steps}  loss {mean[0]:.4f}  mse {mean[1]:.4f}  "
+                    f"vb {mean[2]:.4f}  lr {lr:.2e}  {elapsed:7.1f}s", flush=True)
+            window = []
+    names = [name for name, _ in mar.named_parameters()]
+    ema_state = {name: t.clone() for name, t in zip(names, ema)}
+    return {"ema": ema_state, "model": {k: v.detach().clone() for k, v in mar.state_dict().items()},
+            "history": history, "seconds": time.time() - start}
+
+
+# Command line ---------------------------------------------------------------------------------
+def _run(args) -> int:
+    from .loading import save_engine_dir
+
+    overrides = {k: v for k, v in dict(
+        img_size=args.img_size, patch_size=args.patch_size, encoder_embed_dim=args.width,
+        decoder_embed_dim=args.width, encoder_depth=args.encoder_depth,
+        decoder_depth=args.decoder_depth, encoder_num_heads=args.heads, decoder_num_heads=args.heads,
+        buffer_size=args.buffer_size, diffloss_d=args.head_depth, diffloss_w=args.head_width,
+        num_sampling_steps=args.sampling_steps).items() if v is not None}
+    config = digits_config(**overrides)
+    tc = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                     warmup_steps=args.warmup_steps, ema_decay=args.ema_decay,
+                     diffusion_batch_mul=args.diffusion_batch_mul, threads=args.threads,
+                     log_every=args.log_every)
+    n_params = sum(p.numel() for p in MAR(config).parameters())
+    print(f"training a {n_params / 1e6:.2f}M-parameter MAR on the digits train split: "
+          f"{config.seq_len} tokens of {config.token_dim} ({config.img_size}x{config.img_size}, "
+          f"patch {config.patch_size}), {tc.steps} steps of batch {tc.batch_size}, seed {tc.seed}",
+          flush=True)
+    result = train(config, tc)
+    sampling = {"cfg": args.cfg, "num_iter": args.num_iter, "temperature": args.temperature}
+    training = {**dataclasses.asdict(tc), "data": "sklearn digits, engine.digits train split",
+                "final_loss": result["history"][-1]["loss"], "seconds": round(result["seconds"], 1),
+                "weights": "ema"}
+    out = save_engine_dir(result["ema"], config, args.out, {"sampling": sampling, "training": training})
+    if args.save_raw:
+        save_engine_dir(result["model"], config, Path(args.out) / "raw", {"sampling": sampling})
+    (Path(args.out) / "history.json").write_text(json.dumps(result["history"], indent=1) + "\n")
+    print(f"wrote {out} (EMA weights) after {result['seconds']:.0f}s")
+    return 0
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    d = DIGITS_MODEL
+    p = subparsers.add_parser("train", help="train the digits MAR from a seed (CPU, minutes)",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="engine model directory to write")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=TrainConfig.steps)
+    p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
+    p.add_argument("--lr", type=float, default=TrainConfig.lr)
+    p.add_argument("--warmup-steps", type=int, default=TrainConfig.warmup_steps)
+    p.add_argument("--ema-decay", type=float, default=TrainConfig.ema_decay)
+    p.add_argument("--diffusion-batch-mul", type=int, default=TrainConfig.diffusion_batch_mul)
+    p.add_argument("--threads", type=int, default=TrainConfig.threads, help="torch CPU threads")
+    p.add_argument("--log-every", type=int, default=TrainConfig.log_every)
+    p.add_argument("--img-size", type=int, default=None, help=f"(default {d['img_size']})")
+    p.add_argument("--patch-size", type=int, default=None, help=f"(default {d['patch_size']})")
+    p.add_argument("--width", type=int, default=None, help=f"transformer width (default {d['encoder_embed_dim']})")
+    p.add_argument("--heads", type=int, default=None, help=f"(default {d['encoder_num_heads']})")
+    p.add_argument("--encoder-depth", type=int, default=None, help=f"(default {d['encoder_depth']})")
+    p.add_argument("--decoder-depth", type=int, default=None, help=f"(default {d['decoder_depth']})")
+    p.add_argument("--buffer-size", type=int, default=None, help=f"(default {d['buffer_size']})")
+    p.add_argument("--head-depth", type=int, default=None, help=f"(default {d['diffloss_d']})")
+    p.add_argument("--head-width", type=int, default=None, help=f"(default {d['diffloss_w']})")
+    p.add_argument("--sampling-steps", default=None, help=f"diffusion respacing (default {d['num_sampling_steps']})")
+    p.add_argument("--cfg", type=float, default=DIGITS_SAMPLING["cfg"], help="recorded sampling default")
+    p.add_argument("--num-iter", type=int, default=DIGITS_SAMPLING["num_iter"], help="recorded sampling default")
+    p.add_argument("--temperature", type=float, default=DIGITS_SAMPLING["temperature"],
+                   help="recorded sampling default")
+    p.add_argument("--save-raw", action="store_true", help="also write the non-EMA weights to OUT/raw")
+    p.set_defaults(func=_run)
+    return p
