@@ -14,8 +14,10 @@ from .sampler import sample_tokens
 class MARModel:
     """What `engine.load` returns. `sample_tokens` has the published signature and results."""
 
-    def __init__(self, mar: MAR, backend="auto", num_sampling_steps: str | None = None):
+    def __init__(self, mar: MAR, backend="auto", num_sampling_steps: str | None = None,
+                 cuda_graphs: bool = True):
         self.mar = mar.eval().requires_grad_(False)
+        self.cuda_graphs = cuda_graphs
         self.config: MARConfig = mar.config
         if num_sampling_steps is not None:
             self.config.num_sampling_steps = str(num_sampling_steps)
@@ -31,6 +33,7 @@ class MARModel:
         self.head = PackedHead.from_head(self.mar.diffloss.net, tables, clip)
         self.backend = get_backend(self._backend_request, self.device)
         self.backend.prepare(self.head)
+        self._graph_cache = {}  # captured plans hold the old weights and backend: drop them
 
     @property
     def device(self) -> torch.device:
@@ -59,6 +62,15 @@ class MARModel:
         return self.mar.state_dict()
 
     # Sampling ------------------------------------------------------------------------------
+    def step_runner(self, plan, temperature):
+        """How plan steps run: CUDA graphs (captured once per plan, replayed after) when on CUDA
+        with a graph-safe backend and `cuda_graphs` on; eager otherwise."""
+        if self.device.type == "cuda" and self.cuda_graphs and getattr(self.backend, "graph_safe", False):
+            from .graphs import graphed_runner
+            return graphed_runner(self, plan, temperature)
+        from .sampler import EagerRunner
+        return EagerRunner(self, plan, temperature)
+
     def sample_tokens(self, bsz: int, num_iter: int = 64, cfg: float = 1.0, cfg_schedule: str = "linear",
                       labels=None, temperature: float = 1.0, progress: bool = False, generator=None):
         """Sample `[bsz, vae_embed_dim, h, w]` tokens (unpatchified latents, or pixels in [-1, 1]

@@ -74,12 +74,38 @@ def draw_step_noise(num_steps: int, rows: int, channels: int, generator, device)
     return torch.stack([randn((rows, channels), generator, device) for _ in range(num_steps)])
 
 
+def draw_step_inputs(head, plan, step, generator, device, dim):
+    """Start noise [n, C] and per-diffusion-step noise [T, R, C] of one plan step, drawn in the
+    published order: start noise first, then one draw per diffusion step for all R rows.
+    Without a generator the start noise comes from the CPU generator (published: torch.randn(...)
+    .cuda()) and the step noise from the device's (published: randn_like on the device)."""
+    n = plan.bsz * step.num_predict
+    rows = 2 * n if plan.use_cfg else n
+    x = randn((n, dim), generator, None if generator is None else device).to(device)
+    noise = draw_step_noise(head.num_steps, rows, dim, generator, device)
+    return x, noise
+
+
+def run_step(model, plan, step, tokens, orders, class_emb, x, noise, temperature) -> None:
+    """One plan step, in place on `tokens [B, L, C]`: gather known and predicted positions,
+    transformer pass, the backend's head loop, scatter. Static shapes, no host synchronisation:
+    this is what torch.compile(fullgraph=True) traces and what a CUDA graph captures."""
+    bsz, dim = plan.bsz, tokens.shape[-1]
+    known, predict = plan.indices(step, orders)
+    tokens_in = torch.cat([tokens, tokens]) if plan.use_cfg else tokens
+    z = model.mar.forward_step(tokens_in, known, predict, class_emb)
+    z = z.reshape(-1, z.shape[-1])
+    scale = step.cfg_scale if plan.use_cfg else None
+    out = model.backend.head_loop(model.head, z, x, noise, scale, temperature)
+    index = predict[:bsz].unsqueeze(-1).expand(-1, -1, dim)
+    tokens.scatter_(1, index, out.reshape(bsz, step.num_predict, dim).to(tokens.dtype))
+
+
 @torch.no_grad()
 def sample_tokens(model, bsz: int, num_iter: int = 64, cfg: float = 1.0, cfg_schedule: str = "linear",
                   labels=None, temperature: float = 1.0, progress: bool = False, generator=None):
     """Published-compatible sampling; see `MARModel.sample_tokens`."""
-    mar, head, backend, config = model.mar, model.head, model.backend, model.config
-    device = model.device
+    config, device = model.config, model.device
     plan = build_plan(bsz, num_iter, config.seq_len, cfg, cfg_schedule)
     labels = validate_labels(labels, bsz, config.class_num, device)
     temperature = validate_temperature(temperature)
@@ -87,24 +113,37 @@ def sample_tokens(model, bsz: int, num_iter: int = 64, cfg: float = 1.0, cfg_sch
         raise SamplingError(f"generator must be a torch.Generator, got {type(generator).__name__}")
 
     dim = config.token_dim
-    tokens = torch.zeros(bsz, config.seq_len, dim, device=device)
     orders = sample_orders(bsz, config.seq_len, generator, device)
-    class_emb = mar.class_embedding(labels, bsz, plan.use_cfg)
-    steps = plan.steps
+    class_emb = model.mar.class_embedding(labels, bsz, plan.use_cfg)
+    runner = model.step_runner(plan, temperature)
+    tokens = runner.start(orders, class_emb)
+    steps = list(enumerate(plan.steps))
     if progress:
         from tqdm.auto import tqdm
         steps = tqdm(steps, desc="sampling", unit="step")
-    for step in steps:
-        known, predict = plan.indices(step, orders)
-        tokens_in = torch.cat([tokens, tokens]) if plan.use_cfg else tokens
-        z = mar.forward_step(tokens_in, known, predict, class_emb)
-        z = z.reshape(-1, z.shape[-1])
-        n = bsz * step.num_predict
-        # Published draw order: start noise, then one draw per diffusion step (all rows).
-        x = randn((n, dim), generator, None if generator is None else device)
-        x = x.to(device)
-        noise = draw_step_noise(head.num_steps, z.shape[0], dim, generator, device)
-        x = backend.head_loop(head, z, x, noise, step.cfg_scale if plan.use_cfg else None, temperature)
-        index = predict[:bsz].unsqueeze(-1).expand(-1, -1, dim)
-        tokens.scatter_(1, index, x.reshape(bsz, step.num_predict, dim).to(tokens.dtype))
+    for k, step in steps:
+        x, noise = draw_step_inputs(model.head, plan, step, generator, device, dim)
+        runner.run(k, x, noise)
+    tokens = runner.finish()
     return unpatchify(tokens, config.patch_size, config.vae_embed_dim, config.seq_h)
+
+
+class EagerRunner:
+    """Runs plan steps eagerly (CPU, or CUDA without graphs)."""
+
+    def __init__(self, model, plan, temperature):
+        self.model, self.plan, self.temperature = model, plan, temperature
+
+    def start(self, orders, class_emb):
+        config = self.model.config
+        self.orders, self.class_emb = orders, class_emb
+        self.tokens = torch.zeros(self.plan.bsz, config.seq_len, config.token_dim, device=orders.device)
+        return self.tokens
+
+    def run(self, k, x, noise):
+        run_step(self.model, self.plan, self.plan.steps[k], self.tokens, self.orders, self.class_emb,
+                 x, noise, self.temperature)
+
+    def finish(self):
+        tokens, self.tokens = self.tokens, None
+        return tokens

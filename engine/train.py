@@ -229,7 +229,7 @@ def mar_loss(mar: MAR, tables: TrainTables, images, labels, generator=None,
     target = torch.gather(tokens, 1, masked.unsqueeze(-1).expand(-1, -1, dim))
     loss, mse, vb = diffusion_loss(mar.diffloss.net, tables, target.reshape(-1, dim),
                                    z.reshape(-1, z.shape[-1]), generator, repeat=diffusion_batch_mul)
-    return loss.mean(), {"mse": float(mse.mean()), "vb": float(vb.mean()),
+    return loss.mean(), {"mse": float(mse.detach().mean()), "vb": float(vb.detach().mean()),
                          "mask_ratio": num_masked / length}
 
 
@@ -276,7 +276,7 @@ def train(model_config: MARConfig, tc: TrainConfig, images=None, labels=None, lo
 
     n = images.shape[0]
     perm, cursor = torch.randperm(n, generator=generator), 0
-    history, window, start = [], [], time.time()
+    history, window, start, cpu_start = [], [], time.time(), time.process_time()
     for step in range(tc.steps):
         if cursor + tc.batch_size > n:
             perm, cursor = torch.randperm(n, generator=generator), 0
@@ -297,15 +297,17 @@ def train(model_config: MARConfig, tc: TrainConfig, images=None, labels=None, lo
         decay = min(tc.ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
             torch._foreach_lerp_(ema, [p.detach() for p in params], 1.0 - decay)
-        window.append((float(loss), stats["mse"], stats["vb"]))
+        window.append((loss.item(), stats["mse"], stats["vb"]))
         if (step + 1) % tc.log_every == 0 or step + 1 == tc.steps:
             mean = np.mean(window, axis=0)
             elapsed = time.time() - start
+            cpu = time.process_time() - cpu_start
             history.append({"step": step + 1, "loss": float(mean[0]), "mse": float(mean[1]),
-                            "vb": float(mean[2]), "lr": lr, "elapsed_s": round(elapsed, 1)})
+                            "vb": float(mean[2]), "lr": lr, "elapsed_s": round(elapsed, 1),
+                            "cpu_s": round(cpu, 1)})
             if log:
                 log(f"step {step + 1:6d}/{tc.steps}  loss {mean[0]:.4f}  mse {mean[1]:.4f}  "
-                    f"vb {mean[2]:.4f}  lr {lr:.2e}  {elapsed:7.1f}s", flush=True)
+                    f"vb {mean[2]:.4f}  lr {lr:.2e}  {elapsed:7.1f}s (cpu {cpu:.0f}s)", flush=True)
             window = []
     names = [name for name, _ in mar.named_parameters()]
     ema_state = {name: t.clone() for name, t in zip(names, ema)}

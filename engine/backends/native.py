@@ -1,0 +1,165 @@
+"""Native CPU backend: one C++ call (csrc/head_loop.cpp) runs a MAR step's whole diffusion loop.
+
+The extension is compiled lazily on first use (`engine.native_build`), never at import. When it
+cannot be built, `available()` is False and `unavailable_reason()` names the cause; "auto" then
+falls back to the reference backend with one RuntimeWarning, and asking for "native" by name
+raises ConfigError (see engine.backends.get_backend).
+
+What the native loop does differently from the eager reference (same math, same op order):
+  * cond_embed(z) once per call instead of once per diffusion step; time embeddings from the
+    packed per-step table instead of the timestep MLP;
+  * every adaLN modulation of a chunk of diffusion steps in ONE GEMM: they depend on the step and
+    the row only (silu(t_emb[i] + c) @ ada^T), never on x, so for few rows the 20*w x w adaLN
+    weight is streamed once per chunk instead of once per step (the chunk is bounded by
+    `mod_budget_bytes` of modulations);
+  * with CFG the input projection of the shared half once; only the n result rows get the update;
+  * LayerNorm + modulation, bias + SiLU, bias + gate + residual, CFG combine + DDPM update each
+    fused into one pass over the rows, parallel across rows (OpenMP).
+
+Options:
+  weight_dtype  torch.float32 (default: keeps the published tokens) or torch.bfloat16 (fc1/fc2/adaLN
+                weights and their activations in bfloat16; tokens then differ at bf16 precision).
+  gemm          "auto", "aten" (MKL sgemm via at::mm), "mkl_packed" (MKL packed weights, float32),
+                "onednn" (oneDNN with reordered weights) for the large products.
+"""
+from __future__ import annotations
+
+import sys
+import threading
+import warnings
+
+import torch
+
+from ..errors import ConfigError
+from .base import HeadBackend
+
+GEMM_MODES = {"aten": 0, "mkl_packed": 1, "onednn": 2}
+WEIGHT_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
+DEFAULT_MOD_BUDGET = 32 << 20
+
+_warned = False
+_warn_lock = threading.Lock()
+
+
+def _fallback_warning(cause: str) -> None:
+    """One RuntimeWarning per process when "auto" cannot use the native backend."""
+    global _warned
+    with _warn_lock:
+        if _warned:
+            return
+        _warned = True
+    warnings.warn(f"engine: the native CPU backend is unavailable ({cause}); using the "
+                  "reference backend (eager PyTorch, slower) instead", RuntimeWarning, stacklevel=4)
+
+
+def _asked_by_name() -> bool:
+    """Whether available() was called by get_backend for an explicit backend="native" (which
+    raises ConfigError itself), rather than by the "auto" selection."""
+    frame = sys._getframe(2)
+    return frame is not None and frame.f_code.co_name == "get_backend"
+
+
+def default_gemm(weight_dtype: torch.dtype) -> str:
+    """The GEMM path measured fastest on the development CPU (see benchmarks/README.md)."""
+    return "onednn" if weight_dtype == torch.bfloat16 else "aten"
+
+
+class NativeBackend(HeadBackend):
+    name = "native"
+
+    def __init__(self, weight_dtype: torch.dtype = torch.float32, gemm: str = "auto",
+                 small_gemm: str = "aten", mod_budget_bytes: int = DEFAULT_MOD_BUDGET,
+                 pack_rows: int = 64):
+        if isinstance(weight_dtype, str):
+            weight_dtype = {"float32": torch.float32, "fp32": torch.float32,
+                            "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}.get(weight_dtype, weight_dtype)
+        if weight_dtype not in WEIGHT_DTYPES:
+            raise ConfigError(f"native backend: weight_dtype must be torch.float32 or torch.bfloat16, "
+                              f"got {weight_dtype!r}")
+        if gemm == "auto":
+            gemm = default_gemm(weight_dtype)
+        for label, value in (("gemm", gemm), ("small_gemm", small_gemm)):
+            if value not in GEMM_MODES:
+                raise ConfigError(f"native backend: {label} must be one of {sorted(GEMM_MODES)} or "
+                                  f"'auto', got {value!r}")
+        self.weight_dtype = weight_dtype
+        self.gemm = gemm
+        self.small_gemm = small_gemm
+        self.mod_budget_bytes = int(mod_budget_bytes)
+        self.pack_rows = int(pack_rows)
+        self._plan = None
+        self._plan_head = None
+        self._plan_lock = threading.Lock()
+
+    # Availability ----------------------------------------------------------------------------
+    def _build_error(self) -> str | None:
+        from .. import native_build
+
+        return native_build.build_error()
+
+    def available(self, device) -> bool:
+        device = torch.device(device)
+        if device.type != "cpu":
+            return False
+        cause = self._build_error()
+        if cause is None:
+            return True
+        if not _asked_by_name():
+            _fallback_warning(cause)
+        return False
+
+    def unavailable_reason(self, device) -> str:
+        device = torch.device(device)
+        if device.type != "cpu":
+            return f"the native backend runs on the CPU only (model is on {device})"
+        return self._build_error() or "available"
+
+    # Plan --------------------------------------------------------------------------------------
+    def _module(self):
+        from .. import native_build
+
+        try:
+            return native_build.load_extension()
+        except native_build.NativeBuildError as exc:
+            raise ConfigError(f"backend 'native' cannot run: {exc}") from None
+
+    def _make_plan(self, head):
+        if head.in_weight.device.type != "cpu":
+            raise ConfigError(f"backend 'native' runs on the CPU only (head is on {head.in_weight.device})")
+        module = self._module()
+        tensors = [head.time_emb, head.table, head.cond_weight, head.cond_bias, head.in_weight,
+                   head.in_bias, head.ln_weight, head.ln_bias, head.fc1_weight, head.fc1_bias,
+                   head.fc2_weight, head.fc2_bias, head.ada_weight, head.ada_bias, head.out_weight,
+                   head.out_bias]
+        tensors = [t.detach().float().contiguous() for t in tensors]
+        clip = None if head.clip_range is None else [float(head.clip_range[0]), float(head.clip_range[1])]
+        with torch.no_grad():
+            return module.HeadPlan(tensors, clip, self.weight_dtype == torch.bfloat16,
+                                   GEMM_MODES[self.gemm], GEMM_MODES[self.small_gemm],
+                                   self.mod_budget_bytes, self.pack_rows)
+
+    def prepare(self, head) -> None:
+        with self._plan_lock:
+            self._plan = self._make_plan(head)
+            self._plan_head = head
+
+    def plan_for(self, head):
+        with self._plan_lock:
+            if self._plan is None or self._plan_head is not head:
+                self._plan = self._make_plan(head)
+                self._plan_head = head
+            return self._plan
+
+    def head_loop(self, head, z, x, noise, cfg_scale, temperature):
+        plan = self.plan_for(head)
+        return plan.run(z, x, noise, None if cfg_scale is None else float(cfg_scale),
+                        float(temperature))
+
+    def describe(self, head=None) -> str:
+        if head is not None:
+            return self.plan_for(head).describe()
+        return self._plan.describe() if self._plan is not None else repr(self)
+
+    def __repr__(self) -> str:
+        return (f"<NativeBackend 'native' weights={WEIGHT_DTYPES[self.weight_dtype]} "
+                f"gemm={self.gemm}>")

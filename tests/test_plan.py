@@ -1,0 +1,104 @@
+"""The static plan: every step traces with fullgraph=True (no host sync, capturable), the
+static-buffer (CUDA-graph) path gives the eager tokens, and the counting utility."""
+import numpy as np
+import pytest
+import torch
+
+from engine.backends import available_backends
+from engine.counting import count_ops
+from engine.graphs import GraphedRunner
+from engine.model import MARModel
+from engine.plan import build_plan
+from engine.sampler import draw_step_inputs, run_step, sample_orders
+from helpers import random_mar
+
+TINY = dict(img_size=48, encoder_depth=1, decoder_depth=2, diffloss_d=1, diffloss_w=32,
+            num_sampling_steps="3")  # 3x3 = 9 tokens: few distinct steps, quick to trace
+
+
+def compile_matrix():
+    """The full plan matrix for the fastest graph-safe backend; one plan for each other one."""
+    names = available_backends("cpu")
+    cases = [(names[0], bsz, cfg, (8, 64)) for bsz in (1, 4) for cfg in (1.0, 3.0)]
+    return cases + [(name, 2, 3.0, (8,)) for name in names[1:]]
+
+
+@pytest.fixture(scope="module")
+def tiny_mar():
+    return random_mar(0, **TINY)
+
+
+def test_plan_is_cached_and_static():
+    a, b = build_plan(4, 64, 256, 3.0, "linear"), build_plan(4, 64, 256, 3.0, "linear")
+    assert a is b
+    assert sum(s.num_predict for s in a.steps) == 256
+    assert all(s.num_predict > 0 for s in a.steps)
+    assert a.steps[-1].unknown_after == 0
+    # Linear CFG grows from ~1 towards cfg; the last step uses mask_len 1 (published).
+    assert a.steps[0].cfg_scale < a.steps[-1].cfg_scale == pytest.approx(1 + 2.0 * 255 / 256)
+
+
+@pytest.mark.parametrize("backend,bsz,cfg,iters", compile_matrix())
+def test_every_distinct_step_compiles_fullgraph(tiny_mar, backend, bsz, cfg, iters):
+    torch._dynamo.reset()
+    # Each distinct step is its own graph (shapes and the CFG scale are baked in).
+    with torch._dynamo.config.patch(recompile_limit=4096):
+        check_steps_compile(tiny_mar, backend, bsz, cfg, iters)
+
+
+def check_steps_compile(tiny_mar, backend, bsz, cfg, iters):
+    model = MARModel(tiny_mar, backend=backend)
+    seq_len, dim = model.config.seq_len, model.config.token_dim
+    gen = torch.Generator().manual_seed(0)
+    orders = sample_orders(bsz, seq_len, gen, "cpu")
+    labels = torch.arange(bsz) % model.config.class_num
+    seen = set()
+    for num_iter in iters:
+        plan = build_plan(bsz, num_iter, seq_len, cfg)
+        class_emb = model.mar.class_embedding(labels, bsz, plan.use_cfg)
+        for step in plan.steps:
+            if (step.unknown_before, step.unknown_after) in seen:
+                continue
+            seen.add((step.unknown_before, step.unknown_after))
+            x, noise = draw_step_inputs(model.head, plan, step, gen, "cpu", dim)
+            tokens = torch.randn(bsz, seq_len, dim, generator=gen)
+
+            def one_step(tokens, orders, class_emb, x, noise, plan=plan, step=step):
+                run_step(model, plan, step, tokens, orders, class_emb, x, noise, 0.9)
+                return tokens
+
+            compiled = torch.compile(one_step, fullgraph=True, backend="eager", dynamic=False)
+            got = compiled(tokens.clone(), orders, class_emb, x, noise)
+            (want, counter) = count_ops(one_step, tokens.clone(), orders, class_emb, x, noise)
+            assert counter.host_syncs == 0
+            assert not any("nonzero" in op or "item" in op for op in counter.counts)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert len(seen) >= (9 if 64 in iters else 7)
+
+
+@pytest.mark.parametrize("cfg", [1.0, 2.0])
+def test_static_buffer_runner_matches_eager(tiny_mar, cfg, monkeypatch):
+    model = MARModel(tiny_mar, backend="reference")
+    runs = {}
+    for label, factory in (("eager", None),
+                           ("static", lambda plan, t: GraphedRunner(model, plan, t, capture=False))):
+        if factory is not None:
+            runners = {}
+            monkeypatch.setattr(model, "step_runner",
+                                lambda plan, t: runners.setdefault(plan, factory(plan, t)))
+        outs = []
+        for seed in (0, 1):  # the second call reuses the static buffers
+            torch.manual_seed(seed)
+            np.random.seed(seed)
+            outs.append(model.sample_tokens(3, num_iter=6, cfg=cfg, labels=[0, 1, 2]))
+        runs[label] = outs
+    for a, b in zip(runs["eager"], runs["static"]):
+        assert torch.equal(a, b)
+
+
+def test_counter_counts_ops_and_syncs():
+    x = torch.arange(6.0)
+    _, counter = count_ops(lambda: (x * 2 + 1).sum().item())
+    assert counter.counts["aten.mul.Tensor"] == 1 and counter.host_syncs == 1
+    _, counter = count_ops(lambda: x.view(2, 3)[0].nonzero())
+    assert counter.host_syncs == 1 and "aten.view.default" not in counter.counts
