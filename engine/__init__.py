@@ -26,6 +26,7 @@ def load(path, ema: bool = True, device="cpu", backend="auto", num_sampling_step
 
     if num_sampling_steps is not None:
         config["num_sampling_steps"] = str(num_sampling_steps)
+    check_device(device)
     state, cfg, sampling_defaults = read_checkpoint(path, ema=ema, **config)
     mar = build_mar(state, cfg, str(path)).to(device)
     model = MARModel(mar, backend=backend)
@@ -33,10 +34,22 @@ def load(path, ema: bool = True, device="cpu", backend="auto", num_sampling_step
     return model
 
 
+def check_device(device) -> torch.device:
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ConfigError(f"bad device {device!r}: {err}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {str(device)!r} requested but no CUDA device is available "
+                          "(torch.cuda.is_available() is False); use device='cpu'")
+    return device
+
+
 def load_vae(path, device="cpu", dtype=torch.float32):
     """Load the KL-16 VAE decoder from `kl16.ckpt`."""
     from .models.vae import load_vae as _load_vae
 
+    check_device(device)
     return _load_vae(path, device=device, dtype=dtype)
 
 

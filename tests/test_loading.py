@@ -183,3 +183,12 @@ def test_bad_engine_directories(tmp_path):
     (out2 / "model.safetensors").write_bytes(data[: len(data) // 3])
     with pytest.raises(CheckpointError, match="not a readable safetensors file"):
         engine.load(out2)
+
+
+def test_unavailable_device_is_named():
+    if torch.cuda.is_available():
+        return
+    with pytest.raises(ConfigError, match="'cuda' requested but no CUDA device is available"):
+        engine.load(CHECKPOINT, device="cuda")
+    with pytest.raises(ConfigError, match="bad device 'gpu0'"):
+        engine.load(CHECKPOINT, device="gpu0")
