@@ -69,11 +69,13 @@ def mask_schedule(seq_len: int, num_iter: int) -> list[tuple[int, int, int]]:
 
 
 def cfg_scale(cfg: float, schedule: str, mask_len: int, seq_len: int) -> float:
+    """The step's guidance scale, rounded as the published float32 tensor arithmetic rounds
+    `1 + (cfg - 1) * (L - mask_len) / L` (each operation in float32)."""
+    f32 = np.float32
     if schedule == "constant":
-        return float(torch.tensor(cfg, dtype=torch.float32))
-    # Published: float32 tensor arithmetic 1 + (cfg - 1) * (L - mask_len) / L.
-    remaining = torch.tensor([float(seq_len)], dtype=torch.float32) - torch.tensor([float(mask_len)])
-    return float(1 + (cfg - 1) * remaining / seq_len)
+        return float(f32(cfg))
+    remaining = f32(seq_len) - f32(mask_len)
+    return float(f32(1) + f32(f32(f32(cfg - 1) * remaining) / f32(seq_len)))
 
 
 def validate_plan_args(bsz, num_iter, seq_len, cfg, cfg_schedule) -> None:

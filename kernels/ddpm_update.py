@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import check_rows, count_launch, interpret, pow2
+from .utils import check_rows, interpret, launch, pow2
 
 
 @triton.jit
@@ -82,14 +82,15 @@ def launch_ddpm(x, out, noise, coeffs, cfg_scale, temperature, clip_lo, clip_hi,
         return new
     cfg = dict(config or ddpm_config(n, C))
     num_warps = cfg.pop("num_warps", 4)
-    _ddpm_kernel[(triton.cdiv(n, cfg["BM"]),)](
-        x, out, noise, coeffs.contiguous(), new, n, C,
-        x.stride(0), out.stride(0), noise.stride(0), new.stride(0),
-        1.0 if cfg_scale is None else float(cfg_scale), float(temperature),
-        0.0 if clip_lo is None else float(clip_lo), 0.0 if clip_hi is None else float(clip_hi),
-        HAS_CFG=cfg_scale is not None, HAS_CLIP=clip_lo is not None,
-        num_warps=num_warps, enable_fp_fusion=False, **cfg)
-    count_launch("ddpm_update")
+    # No FMA contraction: every product and sum rounds as in the torch reference.
+    launch("ddpm_update", _ddpm_kernel, (triton.cdiv(n, cfg["BM"]),),
+           x, out, noise, coeffs.contiguous(), new, n, C,
+           x.stride(0), out.stride(0), noise.stride(0), new.stride(0),
+           1.0 if cfg_scale is None else float(cfg_scale), float(temperature),
+           0.0 if clip_lo is None else float(clip_lo),
+           0.0 if clip_hi is None else float(clip_hi),
+           HAS_CFG=cfg_scale is not None, HAS_CLIP=clip_lo is not None,
+           num_warps=num_warps, enable_fp_fusion=False, **cfg)
     return new
 
 

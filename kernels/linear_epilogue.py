@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import check_rows, count_launch, dot_precision, interpret, pow2, silu
+from .utils import check_rows, dot_precision, interpret, launch, pow2, silu
 
 PRO_NONE, PRO_SILU = 0, 1
 EPI_BIAS, EPI_SILU, EPI_GATE_RES = 0, 1, 2
@@ -58,7 +58,7 @@ def _linear_kernel(x_ptr, row_ptr, w_ptr, b_ptr, res_ptr, gate_ptr, out_ptr,
 
 def linear_config(M: int, N: int, K: int) -> dict:
     if interpret():  # a single fixed shape rule, large tiles: fewer interpreted programs
-        return dict(BM=pow2(M, hi=64), BN=pow2(N, hi=256), BK=pow2(K, hi=256), num_warps=4)
+        return dict(BM=pow2(M, hi=64), BN=pow2(N, hi=1024), BK=pow2(K, hi=256), num_warps=4)
     # Small M is the common case (one MAR step's rows): memory bound on W, so many N tiles.
     return dict(BM=pow2(M, hi=64), BN=64, BK=32 if M > 16 else 64, num_warps=4)
 
@@ -85,12 +85,12 @@ def launch_linear(x, weight, bias, *, row=None, prologue=PRO_NONE, epilogue=EPI_
     grid = (triton.cdiv(N, cfg["BN"]), triton.cdiv(M, cfg["BM"]))
     res_t = res if res is not None else x   # placeholders are never read
     gate_t = gate if gate is not None else x
-    _linear_kernel[grid](
-        x, row if row is not None else x, weight, bias.contiguous(), res_t, gate_t, out,
-        M, N, K, x.stride(0), res_t.stride(0), gate_t.stride(0), out.stride(0),
-        PROLOGUE=prologue, HAS_ROW=row is not None, EPILOGUE=epilogue,
-        PRECISION=dot_precision(weight.dtype), num_warps=num_warps, **cfg)
-    count_launch("linear_epilogue")
+    launch("linear_epilogue", _linear_kernel, grid,
+           x, row if row is not None else x, weight, bias.contiguous(), res_t, gate_t, out,
+           M, N, K, x.stride(0), res_t.stride(0), gate_t.stride(0), out.stride(0),
+           PROLOGUE=prologue, HAS_ROW=row is not None, EPILOGUE=epilogue,
+           PRECISION=dot_precision(weight.dtype), num_warps=num_warps,
+           enable_fp_fusion=True, **cfg)
     return out
 
 

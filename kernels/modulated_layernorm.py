@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .utils import check_rows, count_launch, interpret, pow2, row_moments
+from .utils import check_rows, interpret, launch, pow2, row_moments
 
 
 @triton.jit
@@ -66,11 +66,11 @@ def launch_modln(h, shift, scale, weight, bias, eps, config=None):
     num_warps = cfg.pop("num_warps", 4)
     affine = weight is not None
     dummy = h  # never read when AFFINE is False
-    _modln_kernel[(triton.cdiv(M, cfg["BM"]),)](
-        h, shift, scale, weight.contiguous() if affine else dummy, bias.contiguous() if affine else dummy,
-        out, M, N, h.stride(0), shift.stride(0), scale.stride(0), out.stride(0), eps,
-        AFFINE=affine, num_warps=num_warps, **cfg)
-    count_launch("modulated_layernorm")
+    launch("modulated_layernorm", _modln_kernel, (triton.cdiv(M, cfg["BM"]),),
+           h, shift, scale, weight.contiguous() if affine else dummy,
+           bias.contiguous() if affine else dummy, out, M, N,
+           h.stride(0), shift.stride(0), scale.stride(0), out.stride(0), eps,
+           AFFINE=affine, num_warps=num_warps, enable_fp_fusion=False, **cfg)
     return out
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
+from contextlib import nullcontext
 
 import torch
 import triton
@@ -20,7 +21,25 @@ def interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def count_launch(name: str) -> None:
+_BLAS = []
+
+
+def _one_blas_thread():
+    """The interpreter runs tl.dot as tiny numpy matmuls, where a multi-threaded BLAS only
+    adds overhead (a lot of it on a busy machine): use one thread while interpreting."""
+    if not _BLAS:
+        try:
+            from threadpoolctl import ThreadpoolController
+            _BLAS.append(ThreadpoolController())
+        except Exception:  # optional dependency
+            _BLAS.append(None)
+    return nullcontext() if _BLAS[0] is None else _BLAS[0].limit(limits=1, user_api="blas")
+
+
+def launch(name: str, kernel, grid, *args, **kwargs) -> None:
+    """kernel[grid](*args, **kwargs), counted in LAUNCHES under `name`."""
+    with _one_blas_thread() if interpret() else nullcontext():
+        kernel[grid](*args, **kwargs)
     LAUNCHES[name] += 1
 
 
@@ -61,13 +80,14 @@ def row_moments(ptr, rows, stride, rmask, N, eps, BM: tl.constexpr, BK: tl.const
     acc = tl.zeros([BM, BK], dtype=tl.float32)
     for k0 in range(0, N, BK):
         m = rmask[:, None] & (k0 + cols < N)[None, :]
-        acc += tl.load(ptr + rows[:, None] * stride + k0 + cols[None, :], mask=m, other=0.0).to(tl.float32)
+        x = tl.load(ptr + rows[:, None] * stride + k0 + cols[None, :], mask=m, other=0.0)
+        acc += x.to(tl.float32)
     mean = tl.sum(acc, axis=1) / N
     acc = tl.zeros([BM, BK], dtype=tl.float32)
     for k0 in range(0, N, BK):
         m = rmask[:, None] & (k0 + cols < N)[None, :]
-        x = tl.load(ptr + rows[:, None] * stride + k0 + cols[None, :], mask=m, other=0.0).to(tl.float32)
-        d = tl.where(m, x - mean[:, None], 0.0)
+        x = tl.load(ptr + rows[:, None] * stride + k0 + cols[None, :], mask=m, other=0.0)
+        d = tl.where(m, x.to(tl.float32) - mean[:, None], 0.0)
         acc += d * d
     var = tl.sum(acc, axis=1) / N
     # IEEE-rounded sqrt and division (the defaults are approximate on GPU).

@@ -18,8 +18,12 @@ RUNS = json.loads((DATA / "runs.json").read_text())
 TOKENS = load_file(str(DATA / "tokens.safetensors"))
 
 
-@pytest.mark.parametrize("backend", available_backends("cpu"))
-@pytest.mark.parametrize("name", ["p2", "sec", "buf1"])
+# Triton runs in its (slow) interpreter here: one configuration, with CFG runs and patch size 2.
+CASES = [(name, backend) for backend in available_backends("cpu") for name in ("p2", "sec", "buf1")]
+CASES += [("p2", "triton")]
+
+
+@pytest.mark.parametrize("name,backend", CASES)
 def test_published_outputs(name, backend):
     model = engine.load(DATA / f"ck_{name}.pth", backend=backend)
     for k, run in enumerate(RUNS):

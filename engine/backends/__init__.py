@@ -1,8 +1,6 @@
 """Head backends by name: reference (eager PyTorch), native (C++ CPU), triton (GPU kernels)."""
 from __future__ import annotations
 
-import warnings
-
 import torch
 
 from ..errors import ConfigError
@@ -24,11 +22,15 @@ def _make(name: str) -> HeadBackend:
     raise ConfigError(f"unknown backend {name!r}; expected one of {BACKENDS + ('auto',)}")
 
 
-def available_backends(device) -> list[str]:
-    """Backends that can run on `device`, fastest first (checked at call time, not import)."""
+def available_backends(device, include_interpreted: bool = False) -> list[str]:
+    """Backends that can run on `device`, fastest first (checked at call time, not import).
+
+    Triton counts on CUDA only: on CPU it runs in Triton's interpreter, a test tool far slower
+    than eager PyTorch, used only when asked for by name (or with include_interpreted)."""
     device = torch.device(device)
     names = []
-    for name in ("triton", "native"):
+    candidates = ("triton", "native") if device.type == "cuda" or include_interpreted else ("native",)
+    for name in candidates:
         try:
             if _make(name).available(device):
                 names.append(name)
@@ -48,7 +50,3 @@ def get_backend(name: str | HeadBackend, device) -> HeadBackend:
         reason = getattr(backend, "unavailable_reason", lambda d: "not available")(torch.device(device))
         raise ConfigError(f"backend {name!r} cannot run on {device}: {reason}")
     return backend
-
-
-def warn_fallback(message: str) -> None:
-    warnings.warn(message, RuntimeWarning, stacklevel=3)

@@ -19,6 +19,9 @@ class HeadBackend:
     """
 
     name = "base"
+    # Whether head_loop may be captured in a CUDA graph: no host syncs, no allocations whose
+    # size depends on data, no host-to-device copies of fresh host memory.
+    graph_safe = False
 
     def available(self, device: torch.device) -> bool:
         """Whether this backend can run on `device` now (checked lazily, never at import)."""

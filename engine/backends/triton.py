@@ -24,6 +24,7 @@ _WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 class TritonBackend(HeadBackend):
     name = "triton"
+    graph_safe = True
 
     def __init__(self, weight_dtype: torch.dtype = torch.float32):
         if weight_dtype not in _WEIGHT_DTYPES:
@@ -44,7 +45,12 @@ class TritonBackend(HeadBackend):
             import triton  # noqa: F401
         except Exception as exc:  # not installed, or broken install
             return f"triton cannot be imported: {exc}"
-        if device.type == "cpu":
+        if device.type == "cuda":
+            if not torch.cuda.is_available():
+                return "CUDA is not available"
+            if torch.cuda.get_device_capability(device) < (8, 0):
+                return "Triton needs an NVIDIA GPU of compute capability 8.0 or newer"
+        else:
             from ..kernels import linear_epilogue as mod
             if type(mod._linear_kernel).__name__ != "InterpretedFunction":
                 return ("the kernels were imported before TRITON_INTERPRET=1 was set, so they "
@@ -60,7 +66,7 @@ class TritonBackend(HeadBackend):
     # Packing -------------------------------------------------------------------------------
     def prepare(self, head) -> None:
         """Pack once: matrices in weight_dtype (no copy for fp32), everything else fp32."""
-        from ..kernels.head_block import final_ddpm, resblock
+        from ..kernels.head_block import final_ddpm, resblock, ticket_counters
         from ..kernels.linear_epilogue import PRO_SILU, linear_epilogue
 
         def mat(t):
@@ -83,6 +89,7 @@ class TritonBackend(HeadBackend):
         # The custom ops, kept here so head_loop has no imports (cleaner torch.compile traces).
         self._ops = SimpleNamespace(linear=linear_epilogue, silu=PRO_SILU, resblock=resblock,
                                     final=final_ddpm)
+        ticket_counters(head.in_weight.device)   # not lazily inside a CUDA-graph capture
         self._head = head
 
     # The loop ------------------------------------------------------------------------------

@@ -1,0 +1,36 @@
+"""Device operations per sample_tokens call: the engine's Triton path (run in Triton's
+interpreter) against the published sampler, counted on the same golden configuration.
+
+The published counts were measured with engine.counting on the published code itself
+(tests/data/published/pub_counts.json); the re-statement of the published loop in helpers.py is
+counted live as a cross-check that the two counts are of the same kind."""
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import engine
+from engine.counting import count_ops
+from helpers import CHECKPOINT, spec_sample_tokens
+
+PUBLISHED = json.loads((Path(__file__).parent / "data" / "published" / "pub_counts.json").read_text())
+
+
+def test_triton_path_needs_a_tenth_of_the_published_operations():
+    bsz, num_iter, cfg = 1, 8, 3.0
+    model = engine.load(CHECKPOINT, backend="triton")
+    torch.manual_seed(0)
+    np.random.seed(0)
+    _, engine_count = count_ops(model.sample_tokens, bsz, num_iter, cfg, "linear", [0], 1.0)
+    torch.manual_seed(0)
+    np.random.seed(0)
+    _, spec_count = count_ops(spec_sample_tokens, model.mar, bsz, num_iter, cfg, "linear", [0], 1.0)
+    published = PUBLISHED[f"{bsz},{num_iter},{cfg}"]
+    assert abs(spec_count.total - published["total"]) < 0.25 * published["total"]
+    assert published["syncs"] > 0 and engine_count.host_syncs == 0
+    assert engine_count.total * 10 <= published["total"], (engine_count.total, published["total"])
+    # depth + 3 fused launches per diffusion step, one cond_embed per MAR step.
+    depth, steps = model.config.diffloss_d, model.head.num_steps
+    fused = sum(n for op, n in engine_count.counts.items() if op.startswith("engine."))
+    assert fused == num_iter * (steps * (depth + 3) + 1)
