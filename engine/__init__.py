@@ -19,9 +19,12 @@ __all__ = ["load", "load_vae", "generate", "accelerate", "patch", "convert", "ma
 
 
 def load(path, ema: bool = True, device="cpu", backend="auto", num_sampling_steps=None,
-         **config) -> MARModel:
+         precision: str = "fp32", cuda_graphs: bool = True, **config) -> MARModel:
     """Load a published `checkpoint-last.pth`, an engine model directory, or a built-in model
-    ("digits"). Keyword arguments supply or override configuration fields."""
+    ("digits"). Keyword arguments supply or override configuration fields.
+
+    backend: "auto" (fastest available), "reference", "native" (CPU), "triton" (GPU), or a
+    HeadBackend instance. precision "bf16"/"fp16" and cuda_graphs apply on CUDA."""
     from .loading import build_mar, read_checkpoint
 
     if num_sampling_steps is not None:
@@ -29,7 +32,7 @@ def load(path, ema: bool = True, device="cpu", backend="auto", num_sampling_step
     check_device(device)
     state, cfg, sampling_defaults = read_checkpoint(path, ema=ema, **config)
     mar = build_mar(state, cfg, str(path)).to(device)
-    model = MARModel(mar, backend=backend)
+    model = MARModel(mar, backend=backend, cuda_graphs=cuda_graphs, precision=precision)
     model.sampling_defaults = dict(sampling_defaults)
     return model
 

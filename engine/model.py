@@ -5,19 +5,28 @@ import torch
 
 from .backends import get_backend
 from .config import MARConfig
+from .errors import ConfigError
 from .diffusion import make_tables
 from .models.head import PackedHead
 from .models.mar import MAR
 from .sampler import sample_tokens
 
 
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 class MARModel:
     """What `engine.load` returns. `sample_tokens` has the published signature and results."""
 
     def __init__(self, mar: MAR, backend="auto", num_sampling_steps: str | None = None,
-                 cuda_graphs: bool = True):
+                 cuda_graphs: bool = True, precision: str = "fp32"):
+        """`precision` "bf16"/"fp16" (CUDA only): the transformer runs under autocast and the
+        Triton head kernels read weights in that type (fp32 accumulation and DDPM math)."""
         self.mar = mar.eval().requires_grad_(False)
         self.cuda_graphs = cuda_graphs
+        if precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+        self.precision = precision
         self.config: MARConfig = mar.config
         if num_sampling_steps is not None:
             self.config.num_sampling_steps = str(num_sampling_steps)
@@ -31,13 +40,21 @@ class MARModel:
         tables = make_tables(self.config.num_sampling_steps)
         clip = self.config.clip_range if self.config.clip_denoised else None
         self.head = PackedHead.from_head(self.mar.diffloss.net, tables, clip)
-        self.backend = get_backend(self._backend_request, self.device)
+        if self.precision != "fp32" and self.device.type != "cuda":
+            raise ConfigError(f"precision {self.precision!r} is for CUDA devices; on CPU the engine "
+                              "samples in float32 (the native backend also takes bf16 weights: "
+                              "backend=engine.backends.native.NativeBackend(weight_dtype=torch.bfloat16))")
+        self.backend = get_backend(self._backend_request, self.device, PRECISIONS[self.precision])
         self.backend.prepare(self.head)
         self._graph_cache = {}  # captured plans hold the old weights and backend: drop them
 
     @property
     def device(self) -> torch.device:
         return self.mar.fake_latent.device
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        return None if self.precision == "fp32" else PRECISIONS[self.precision]
 
     @property
     def backend_name(self) -> str:

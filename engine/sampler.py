@@ -93,8 +93,10 @@ def run_step(model, plan, step, tokens, orders, class_emb, x, noise, temperature
     bsz, dim = plan.bsz, tokens.shape[-1]
     known, predict = plan.indices(step, orders)
     tokens_in = torch.cat([tokens, tokens]) if plan.use_cfg else tokens
-    z = model.mar.forward_step(tokens_in, known, predict, class_emb)
-    z = z.reshape(-1, z.shape[-1])
+    autocast = model.autocast_dtype
+    with torch.autocast(tokens.device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
+        z = model.mar.forward_step(tokens_in, known, predict, class_emb)
+    z = z.reshape(-1, z.shape[-1]).float()
     scale = step.cfg_scale if plan.use_cfg else None
     out = model.backend.head_loop(model.head, z, x, noise, scale, temperature)
     index = predict[:bsz].unsqueeze(-1).expand(-1, -1, dim)

@@ -158,3 +158,10 @@ def test_generate_output_types():
     latent_model = MARModel(random_mar(10), backend="reference")
     with pytest.raises(SamplingError, match="pass vae=engine.load_vae"):
         engine.generate(latent_model, [0], num_iter=2)
+
+
+def test_reduced_precision_is_for_cuda_only():
+    with pytest.raises(engine.ConfigError, match="precision 'bf16' is for CUDA devices"):
+        MARModel(random_mar(11), backend="reference", precision="bf16")
+    with pytest.raises(engine.ConfigError, match="precision must be one of"):
+        MARModel(random_mar(11), backend="reference", precision="half")

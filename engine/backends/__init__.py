@@ -9,7 +9,8 @@ from .base import HeadBackend
 BACKENDS = ("reference", "native", "triton")
 
 
-def _make(name: str) -> HeadBackend:
+def _make(name: str, weight_dtype: torch.dtype = torch.float32) -> HeadBackend:
+    """A backend by name; `weight_dtype` (bf16/fp16 precision) applies to the Triton kernels."""
     if name == "reference":
         from .reference import ReferenceBackend
         return ReferenceBackend()
@@ -18,7 +19,7 @@ def _make(name: str) -> HeadBackend:
         return NativeBackend()
     if name == "triton":
         from .triton import TritonBackend
-        return TritonBackend()
+        return TritonBackend(weight_dtype=weight_dtype)
     raise ConfigError(f"unknown backend {name!r}; expected one of {BACKENDS + ('auto',)}")
 
 
@@ -39,13 +40,13 @@ def available_backends(device, include_interpreted: bool = False) -> list[str]:
     return names + ["reference"]
 
 
-def get_backend(name: str | HeadBackend, device) -> HeadBackend:
+def get_backend(name: str | HeadBackend, device, weight_dtype: torch.dtype = torch.float32) -> HeadBackend:
     if isinstance(name, HeadBackend):
         return name
     if name == "auto":
         best = available_backends(device)[0]
-        return _make(best)
-    backend = _make(name)
+        return _make(best, weight_dtype)
+    backend = _make(name, weight_dtype)
     if hasattr(backend, "available") and not backend.available(torch.device(device)):
         reason = getattr(backend, "unavailable_reason", lambda d: "not available")(torch.device(device))
         raise ConfigError(f"backend {name!r} cannot run on {device}: {reason}")
