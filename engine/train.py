@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .config import MARConfig
 from .diffusion import NUM_TRAIN_TIMESTEPS, cosine_betas
@@ -163,7 +164,8 @@ def head_forward(net, x, t, c_emb, time_table=None):
     """The head's forward with its conditions given as already embedded `c_emb` = cond_embed(c)
     and the time embedding looked up from `time_table` (time_embed of all 1000 steps, computed
     once per batch). Same function as `DiffusionHead.forward`; cheaper when rows share t or c."""
-    t_emb = net.time_embed(t) if time_table is None else time_table[t]
+    # F.embedding's CPU backward is deterministic (indexing's accumulate is not).
+    t_emb = net.time_embed(t) if time_table is None else F.embedding(t, time_table)
     y = t_emb + c_emb
     h = net.input_proj(x)
     for block in net.res_blocks:
@@ -250,10 +252,12 @@ def lr_at(step: int, tc: TrainConfig) -> float:
     return tc.min_lr + (tc.lr - tc.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def train(model_config: MARConfig, tc: TrainConfig, images=None, labels=None, log=print):
+def train(model_config: MARConfig, tc: TrainConfig, images=None, labels=None, log=print,
+          on_snapshot=None, snapshot_every: int = 0):
     """Train a MAR from scratch. `images [N, C, H, W]` (token range) and `labels [N]` default to
     the digits train split at the config's resolution. Returns a dict with the EMA state dict
-    ("ema"), the raw weights ("model") and the loss history."""
+    ("ema"), the raw weights ("model") and the loss history. With `snapshot_every`,
+    `on_snapshot(step, ema_state)` is called every that many steps."""
     tc.validate()
     if model_config.tokenizer != "pixels" or model_config.vae_stride != 1:
         raise ConfigError("training is implemented for pixel-token models (tokenizer='pixels', "
@@ -271,6 +275,7 @@ def train(model_config: MARConfig, tc: TrainConfig, images=None, labels=None, lo
     mar = init_weights(MAR(model_config)).train()
     tables = TrainTables()
     opt = torch.optim.AdamW(param_groups(mar, tc.weight_decay), lr=tc.lr, betas=(tc.beta1, tc.beta2))
+    names = [name for name, _ in mar.named_parameters()]
     params = [p for p in mar.parameters()]
     ema = [p.detach().clone() for p in params]
 
@@ -309,7 +314,8 @@ def train(model_config: MARConfig, tc: TrainConfig, images=None, labels=None, lo
                 log(f"step {step + 1:6d}/{tc.steps}  loss {mean[0]:.4f}  mse {mean[1]:.4f}  "
                     f"vb {mean[2]:.4f}  lr {lr:.2e}  {elapsed:7.1f}s (cpu {cpu:.0f}s)", flush=True)
             window = []
-    names = [name for name, _ in mar.named_parameters()]
+        if on_snapshot and snapshot_every and (step + 1) % snapshot_every == 0 and step + 1 < tc.steps:
+            on_snapshot(step + 1, {name: t.clone() for name, t in zip(names, ema)})
     ema_state = {name: t.clone() for name, t in zip(names, ema)}
     return {"ema": ema_state, "model": {k: v.detach().clone() for k, v in mar.state_dict().items()},
             "history": history, "seconds": time.time() - start}
@@ -335,12 +341,20 @@ def _run(args) -> int:
           f"{config.seq_len} tokens of {config.token_dim} ({config.img_size}x{config.img_size}, "
           f"patch {config.patch_size}), {tc.steps} steps of batch {tc.batch_size}, seed {tc.seed}",
           flush=True)
-    result = train(config, tc)
+    extra = {"sampling": {"cfg": args.cfg, "num_iter": args.num_iter, "temperature": args.temperature}}
+
+    def snapshot(step, state):
+        save_engine_dir(state, config, Path(args.out) / f"step{step}", extra)
+
+    result = train(config, tc, on_snapshot=snapshot, snapshot_every=args.snapshot_every)
     sampling = {"cfg": args.cfg, "num_iter": args.num_iter, "temperature": args.temperature}
     training = {**dataclasses.asdict(tc), "data": "sklearn digits, engine.digits train split",
                 "final_loss": result["history"][-1]["loss"], "seconds": round(result["seconds"], 1),
                 "weights": "ema"}
-    out = save_engine_dir(result["ema"], config, args.out, {"sampling": sampling, "training": training})
+    dtype = getattr(torch, args.weights_dtype)
+    ema = {k: v.to(dtype) for k, v in result["ema"].items()}
+    training["weights_dtype"] = args.weights_dtype
+    out = save_engine_dir(ema, config, args.out, {"sampling": sampling, "training": training})
     if args.save_raw:
         save_engine_dir(result["model"], config, Path(args.out) / "raw", {"sampling": sampling})
     (Path(args.out) / "history.json").write_text(json.dumps(result["history"], indent=1) + "\n")
@@ -376,6 +390,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--num-iter", type=int, default=DIGITS_SAMPLING["num_iter"], help="recorded sampling default")
     p.add_argument("--temperature", type=float, default=DIGITS_SAMPLING["temperature"],
                    help="recorded sampling default")
+    p.add_argument("--weights-dtype", default="float16", choices=["float16", "float32"],
+                   help="storage precision of the saved EMA weights (loaded as float32; default float16, "
+                        "half the file size)")
     p.add_argument("--save-raw", action="store_true", help="also write the non-EMA weights to OUT/raw")
+    p.add_argument("--snapshot-every", type=int, default=0, help="also write EMA snapshots to OUT/stepN")
     p.set_defaults(func=_run)
     return p

@@ -61,7 +61,7 @@ def _asked_by_name() -> bool:
 
 def default_gemm(weight_dtype: torch.dtype) -> str:
     """The GEMM path measured fastest on the development CPU (see benchmarks/README.md)."""
-    return "onednn" if weight_dtype == torch.bfloat16 else "aten"
+    return "onednn"
 
 
 class NativeBackend(HeadBackend):

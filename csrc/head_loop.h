@@ -1,0 +1,87 @@
+// Native CPU head loop of MAR's diffusion head (SimpleMLPAdaLN): declarations.
+//
+// One `HeadPlan::run` call runs a MAR step's whole reverse-diffusion loop for its rows:
+//   * cond_embed(z) once per call, time embeddings read from the packed table;
+//   * the adaLN modulations of every block and of the final layer for a chunk of diffusion steps in
+//     ONE GEMM (they depend on (step, row) only, never on x): silu(t_emb[i] + c) @ ada^T;
+//   * per diffusion step: input projection (computed once for the shared half under CFG), per block
+//     fused modulated LayerNorm -> fc1 -> fused bias+SiLU -> fc2 -> fused bias+gate+residual, final
+//     fused LayerNorm+modulation -> output projection -> fused CFG combine + DDPM update;
+//   * GEMMs through ATen / MKL (optionally prepacked weights), elementwise passes parallel across
+//     rows with at::parallel_for (OpenMP).
+#pragma once
+
+#include <torch/extension.h>
+
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace engine_native {
+
+// How one weight matrix W [N, K] is multiplied: out[M, N] = A[M, K] @ W^T.
+enum class GemmMode : int {
+  kAten = 0,       // at::mm_out (MKL sgemm for float32, oneDNN for bfloat16)
+  kMklPacked = 1,  // MKL cblas_sgemm_compute on weights packed once (float32 only)
+  kOneDnn = 2,     // oneDNN matmul on weights reordered once (mkldnn::_linear_pointwise)
+};
+
+class Gemm {
+ public:
+  Gemm() = default;
+  Gemm(const at::Tensor& weight, GemmMode mode, int64_t pack_rows);
+  // Returns the product: `out` itself, or (oneDNN) a new tensor of the same shape.
+  at::Tensor run(const at::Tensor& a, const at::Tensor& out) const;
+  GemmMode mode() const { return mode_; }
+  int64_t n() const { return n_; }
+  int64_t k() const { return k_; }
+
+ private:
+  at::Tensor weight_;   // [N, K] contiguous, the GEMM dtype
+  at::Tensor weight_t_; // its transpose view [K, N]
+  at::Tensor packed_;   // MKL packed bytes, or the oneDNN (mkldnn layout) weight
+  GemmMode mode_ = GemmMode::kAten;
+  int64_t n_ = 0, k_ = 0;
+};
+
+struct PlanOptions {
+  bool bf16 = false;               // fc1/fc2/adaLN weights and activations in bfloat16
+  GemmMode gemm = GemmMode::kAten; // fc1/fc2/adaLN and cond_embed (the large products)
+  GemmMode small_gemm = GemmMode::kAten; // input/output projections (K or N = 2C: tiny)
+  int64_t mod_budget_bytes = 32 << 20;   // modulation buffer size that bounds the step chunk
+};
+
+class HeadPlan {
+ public:
+  HeadPlan(std::vector<at::Tensor> tensors, std::optional<std::vector<double>> clip_range,
+           bool bf16, int64_t gemm_mode, int64_t small_gemm_mode, int64_t mod_budget_bytes,
+           int64_t pack_rows);
+
+  // z [R, D], x [n, C], noise [T, R, C]; R = 2n with CFG (cfg_scale given), else n. -> [n, C]
+  at::Tensor run(const at::Tensor& z, const at::Tensor& x, const at::Tensor& noise,
+                 std::optional<double> cfg_scale, double temperature) const;
+
+  std::string describe() const;
+  int64_t width() const { return width_; }
+  int64_t depth() const { return depth_; }
+  int64_t token_dim() const { return token_dim_; }
+  int64_t num_steps() const { return num_steps_; }
+  int64_t chunk_steps(int64_t rows) const;
+
+ private:
+  template <typename T>
+  at::Tensor run_impl(const at::Tensor& z, const at::Tensor& x, const at::Tensor& noise,
+                      std::optional<double> cfg_scale, double temperature) const;
+
+  int64_t width_, depth_, token_dim_, cond_dim_, num_steps_;
+  PlanOptions opts_;
+  bool clip_ = false;
+  float clip_lo_ = 0.f, clip_hi_ = 0.f;
+  at::Tensor time_emb_;  // [T, w] float32
+  at::Tensor table_;     // [T, 7] float32
+  at::Tensor cond_b_, in_b_, ln_w_, ln_b_, fc1_b_, fc2_b_, ada_b_, out_b_;  // float32
+  Gemm cond_, in_, out_, ada_;
+  std::vector<Gemm> fc1_, fc2_;
+};
+
+}  // namespace engine_native

@@ -1,0 +1,101 @@
+"""The quality report: Fréchet distance, the digit classifier, every available backend against the
+reference at a fixed seed, and the `evaluate` command."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import engine
+from engine.backends import available_backends
+from engine.digits import load_split
+from engine.evaluate import (classify, evaluate_samples, frechet_distance, generate_digits,
+                             load_classifier, make_reference)
+
+PER_CLASS = 5      # 50 samples per backend: a few seconds each on CPU
+SEED = 0
+
+
+def test_frechet_distance_known_values():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(4000, 3))
+    assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
+    shifted = a + np.array([1.0, 2.0, 0.0])
+    assert frechet_distance(a, shifted) == pytest.approx(5.0, abs=1e-6)
+    # N(0, I) vs N(0, 4I) in 3-d: 3 * (1 + 4 - 2*2) = 3.
+    b = rng.normal(size=(200000, 3)) * 2.0
+    c = rng.normal(size=(200000, 3))
+    assert frechet_distance(c, b) == pytest.approx(3.0, rel=0.03)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return engine.load("digits", backend="reference")
+
+
+@pytest.fixture(scope="module")
+def reference(model):
+    return make_reference(model.config.img_size, PER_CLASS, seed=SEED)
+
+
+def test_classifier_is_accurate_on_held_out_real_digits(model):
+    clf, info = load_classifier(model.config.img_size)
+    images, labels = load_split("heldout", model.config.img_size)
+    pred, feats = classify(clf, images)
+    accuracy = float((pred == labels).float().mean())
+    assert accuracy >= 0.96
+    assert info["heldout_accuracy"] == pytest.approx(accuracy)
+    assert feats.shape == (len(labels), 64)
+
+
+def test_real_vs_real_floor_is_small(reference):
+    assert reference.real_vs_real_accuracy >= 0.9
+    assert reference.floor_count == 10 * PER_CLASS
+    assert np.isfinite(reference.real_vs_real_fd) and reference.real_vs_real_fd > 0
+
+
+@pytest.fixture(scope="module")
+def reference_quality(model, reference):
+    d = model.sampling_defaults
+    images, labels = generate_digits(model, PER_CLASS, d["cfg"], d["num_iter"], d.get("temperature", 1.0), SEED)
+    return evaluate_samples(reference, images, labels)
+
+
+def test_noise_images_are_rejected(reference):
+    """What a broken kernel would produce scores far from the trained model (the check below has teeth)."""
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.arange(10).repeat_interleave(PER_CLASS)
+    noise = evaluate_samples(reference, torch.rand(len(labels), 1, reference.size, reference.size,
+                                                   generator=gen) * 2 - 1, labels)
+    assert noise["accuracy"] < 0.4
+    assert noise["fd"] > 5 * reference.real_vs_real_fd
+
+
+@pytest.mark.parametrize("backend", available_backends("cpu"))
+def test_backend_matches_reference_quality(backend, model, reference, reference_quality):
+    """Same seed and sample count: each backend's samples score like the reference backend's."""
+    d = model.sampling_defaults
+    other = engine.load("digits", backend=backend)
+    images, labels = generate_digits(other, PER_CLASS, d["cfg"], d["num_iter"], d.get("temperature", 1.0), SEED)
+    quality = evaluate_samples(reference, images, labels)
+    # With 50 samples the accuracy's binomial noise is a few points; FD noise is tens of percent.
+    assert abs(quality["accuracy"] - reference_quality["accuracy"]) <= 0.12, (quality, reference_quality)
+    assert quality["fd"] <= 1.5 * reference_quality["fd"] + reference.real_vs_real_fd, (quality, reference_quality)
+    assert quality["accuracy"] >= 0.8
+
+
+def test_evaluate_command_writes_report(tmp_path):
+    from engine.cli import main
+
+    png, js = tmp_path / "report.png", tmp_path / "report.json"
+    assert main(["evaluate", "--samples-per-class", "2", "--cfg", "1", "3", "--num-iter", "4",
+                 "--backends", "reference", "--out", str(png), "--json", str(js)]) == 0
+    report = json.loads(js.read_text())
+    assert [(r["cfg"], r["num_iter"], r["backend"]) for r in report["results"]] == \
+        [(1.0, 4, "reference"), (3.0, 4, "reference")]
+    for r in report["results"]:
+        assert len(r["per_class"]) == 10 and 0 <= r["accuracy"] <= 1 and np.isfinite(r["fd"])
+        assert r["count"] == 20
+    assert report["classifier"]["heldout_accuracy"] >= 0.96
+    assert np.isfinite(report["real_vs_real_fd"])
+    assert png.exists() and png.stat().st_size > 1000

@@ -1,0 +1,314 @@
+"""The native CPU backend (csrc/head_loop.cpp): same tokens as the reference backend and the
+published sampler, for the golden model and random heads of other shapes, and a clear fallback
+when the extension cannot be built.
+
+All tests share one build of the extension (session fixture); it is cached under the user cache
+directory, so only the very first run on a machine compiles (about a minute)."""
+import os
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import engine
+from engine import native_build
+from engine.backends import native as native_mod
+from engine.backends.native import NativeBackend
+from engine.backends.reference import ReferenceBackend
+from engine.diffusion import make_tables
+from engine.errors import ConfigError
+from engine.models.head import DiffusionHead, PackedHead
+from engine.sampler import draw_step_noise
+from helpers import CHECKPOINT, golden_cases, golden_tensors, rel_err
+
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Tiny shapes: one thread is faster, and on a shared machine two OpenMP threads can stall
+    # each other for milliseconds per op. test_parallel_rows_match_serial covers two threads.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def native_ext():
+    cause = native_build.build_error()
+    if cause is not None:
+        if os.environ.get("ENGINE_REQUIRE_NATIVE", "") not in ("", "0"):
+            pytest.fail(f"native extension unavailable: {cause}")
+        pytest.skip(f"native extension unavailable: {cause}")
+    return native_build.load_extension()
+
+
+@pytest.fixture(scope="module")
+def golden_model(native_ext):
+    return engine.load(CHECKPOINT, backend="reference")
+
+
+@pytest.fixture(scope="module")
+def golden_native(native_ext):
+    return engine.load(CHECKPOINT, backend="native")
+
+
+@pytest.fixture(scope="module")
+def golden_raw_native(native_ext):
+    return engine.load(CHECKPOINT, ema=False, backend="native")
+
+
+def _inputs(head, n, cfg, seed=0, cond_dim=None):
+    gen = torch.Generator().manual_seed(seed)
+    rows = 2 * n if cfg is not None else n
+    cond_dim = cond_dim or head.cond_weight.shape[1]
+    z = torch.randn(rows, cond_dim, generator=gen)
+    x = torch.randn(n, head.token_dim, generator=gen)
+    noise = torch.randn(head.num_steps, rows, head.token_dim, generator=gen)
+    return z, x, noise
+
+
+def _both(head, n, cfg, temperature=1.0, seed=0, backend=None):
+    z, x, noise = _inputs(head, n, cfg, seed)
+    want = ReferenceBackend().head_loop(head, z, x, noise, cfg, temperature)
+    backend = backend or NativeBackend()
+    got = backend.head_loop(head, z, x, noise, cfg, temperature)
+    assert got.shape == want.shape and got.dtype == torch.float32
+    return got, want
+
+
+# --- the golden model's head ---------------------------------------------------------------
+
+@pytest.mark.parametrize("cfg", [None, 3.0])
+@pytest.mark.parametrize("n", [1, 5, 16])
+def test_golden_head_loop_matches_reference(golden_model, cfg, n):
+    head = golden_model.head
+    assert (head.depth, head.width, head.token_dim) == (2, 96, 16)
+    got, want = _both(head, n, cfg, temperature=0.9, seed=n)
+    assert rel_err(got, want) <= TOL
+
+
+@pytest.mark.parametrize("cfg", [None, 2.0])
+def test_golden_head_loop_with_clip_range(golden_model, cfg):
+    base = golden_model.head
+    head = PackedHead.from_head(golden_model.mar.diffloss.net, base.tables, clip_range=(-1.0, 1.0))
+    got, want = _both(head, 6, cfg, seed=3)
+    assert rel_err(got, want) <= TOL
+    # the clamp really acts here: without it the result differs
+    unclipped, _ = _both(base, 6, cfg, seed=3)
+    assert rel_err(unclipped, want) > 1e-2
+
+
+@pytest.mark.parametrize("case", golden_cases("diffloss_sample"), ids=lambda c: c["name"])
+def test_golden_head_sampling_cases(golden_native, case):
+    g, p = golden_tensors(), case["params"]
+    z, want = g[f"{case['name']}.z"], g[f"{case['name']}.tokens"]
+    cfg = p["cfg"]
+    n = z.shape[0] // 2 if cfg != 1.0 else z.shape[0]
+    torch.manual_seed(p["torch_seed"])
+    x = torch.randn(n, golden_native.config.token_dim)
+    noise = draw_step_noise(golden_native.head.num_steps, z.shape[0], golden_native.config.token_dim,
+                            None, "cpu")
+    out = golden_native.backend.head_loop(golden_native.head, z, x, noise,
+                                          cfg if cfg != 1.0 else None, p["temperature"])
+    assert rel_err(out, want[:n]) <= TOL
+
+
+# --- random heads of other shapes ----------------------------------------------------------
+
+def _random_head(depth, width, token_dim=16, cond_dim=48, steps="10", seed=0, clip=None):
+    torch.manual_seed(seed)
+    net = DiffusionHead(token_dim, cond_dim, width, depth).eval()
+    with torch.no_grad():  # no zero-initialised layers: every path must matter
+        for p in net.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    return PackedHead.from_head(net, make_tables(steps), clip)
+
+
+@pytest.mark.parametrize("depth,width,token_dim", [(0, 64, 16), (1, 80, 16), (3, 64, 4), (1, 1024, 16),
+                                                   (2, 80, 3)])
+@pytest.mark.parametrize("n", [1, 3, 17])
+@pytest.mark.parametrize("cfg", [None, 4.0])
+def test_random_heads(depth, width, token_dim, n, cfg):
+    if width == 1024 and n == 17 and cfg is not None:
+        n = 9  # keep the suite fast; 2n = 18 rows still exercises the parallel row split
+    head = _random_head(depth, width, token_dim, seed=depth * 7 + width)
+    got, want = _both(head, n, cfg, temperature=0.8, seed=n)
+    assert rel_err(got, want) <= TOL
+
+
+def test_parallel_rows_match_serial():
+    # wide rows split across threads (the passes run rows in parallel, 16 rows per task at w=1024)
+    head = _random_head(1, 1024, seed=4)
+    z, x, noise = _inputs(head, 17, 2.0, seed=4)
+    serial = NativeBackend().head_loop(head, z, x, noise, 2.0, 1.0)
+    torch.set_num_threads(2)
+    try:
+        parallel = NativeBackend().head_loop(head, z, x, noise, 2.0, 1.0)
+    finally:
+        torch.set_num_threads(1)
+    assert rel_err(parallel, serial) <= 1e-5
+    want = ReferenceBackend().head_loop(head, z, x, noise, 2.0, 1.0)
+    assert rel_err(parallel, want) <= TOL
+
+
+def test_random_head_with_clip_and_odd_schedule():
+    head = _random_head(2, 64, steps="7,3", seed=11, clip=(-0.5, 0.5))
+    for cfg in (None, 1.5):
+        got, want = _both(head, 3, cfg)
+        assert rel_err(got, want) <= TOL
+
+
+@pytest.mark.parametrize("budget", [1, 3 * 8 * 8 * 64 * 4, 1 << 30])
+def test_step_chunking_does_not_change_results(budget):
+    # the adaLN modulations are computed for chunks of diffusion steps; the chunk size only
+    # changes which rows share a GEMM (1 step, 3 steps with a partial last chunk, all 10 steps);
+    # 8 rows x (3*2+2)*64 modulations x 4 bytes per step
+    head = _random_head(2, 64, seed=5)
+    backend = NativeBackend(mod_budget_bytes=budget)
+    assert backend.plan_for(head).chunk_steps(8) in (1, 3, 10)
+    got, want = _both(head, 4, 2.0, backend=backend)
+    assert rel_err(got, want) <= TOL
+
+
+@pytest.mark.parametrize("gemm", ["aten", "mkl_packed", "onednn"])
+def test_gemm_paths_agree(golden_model, gemm):
+    got, want = _both(golden_model.head, 5, 2.5, backend=NativeBackend(gemm=gemm, small_gemm=gemm))
+    assert rel_err(got, want) <= TOL
+
+
+def test_bf16_weights_are_close(golden_model):
+    backend = NativeBackend(weight_dtype=torch.bfloat16)
+    assert "bfloat16" in backend.describe(golden_model.head)
+    got, want = _both(golden_model.head, 8, 3.0, backend=backend)
+    assert torch.isfinite(got).all()
+    assert rel_err(got, want) <= 0.1  # documented precision: bf16 weights and activations
+
+
+def test_bad_options_and_inputs(golden_model):
+    with pytest.raises(ConfigError, match="weight_dtype"):
+        NativeBackend(weight_dtype=torch.float16)
+    with pytest.raises(ConfigError, match="gemm"):
+        NativeBackend(gemm="cublas")
+    head = golden_model.head
+    z, x, noise = _inputs(head, 4, 2.0)
+    with pytest.raises(RuntimeError, match="rows"):
+        NativeBackend().head_loop(head, z, x, noise, None, 1.0)  # 8 rows of z for 4 tokens, no CFG
+    with pytest.raises(RuntimeError, match="noise"):
+        NativeBackend().head_loop(head, z, x, noise[:-1], 2.0, 1.0)
+
+
+def test_plan_follows_the_head(golden_model):
+    backend = NativeBackend()
+    backend.prepare(golden_model.head)
+    other = _random_head(1, 64, cond_dim=64, seed=2)
+    got, want = _both(other, 3, None, backend=backend)  # a different head: re-planned, not reused
+    assert rel_err(got, want) <= TOL
+
+
+# --- end to end: the golden sample_tokens cases --------------------------------------------
+
+def _run_case(model, case):
+    p = case["params"]
+    torch.manual_seed(p["seed"])
+    np.random.seed(p["seed"])
+    labels = None if p["labels"] is None else torch.tensor(p["labels"])
+    return model.sample_tokens(p["bsz"], p["num_iter"], p["cfg"], p["cfg_schedule"], labels,
+                               p["temperature"])
+
+
+@pytest.mark.parametrize("case", golden_cases("sample_tokens"), ids=lambda c: c["name"])
+def test_sample_tokens_golden(golden_native, golden_raw_native, case):
+    model = golden_raw_native if case["params"].get("weights") == "model" else golden_native
+    assert model.backend_name == "native"
+    out = _run_case(model, case)
+    assert rel_err(out, golden_tensors()[f"{case['name']}.tokens"]) <= TOL
+
+
+@pytest.mark.parametrize("name", ["run1", "run3"])
+def test_sample_tokens_same_as_reference(native_ext, name):
+    case = next(c for c in golden_cases("sample_tokens") if c["name"] == name)
+    model = engine.load(CHECKPOINT, backend="reference")
+    want = _run_case(model, case)
+    model.set_backend("native")
+    assert model.backend_name == "native"
+    got = _run_case(model, case)
+    assert rel_err(got, want) <= TOL
+    # and the random-number stream is left where the reference leaves it
+    model.set_backend("reference")
+    _run_case(model, case)
+    after_ref = torch.randn(3)
+    model.set_backend("native")
+    _run_case(model, case)
+    assert torch.equal(torch.randn(3), after_ref)
+
+
+# --- fallback when the extension cannot be built -------------------------------------------
+
+@pytest.fixture
+def broken_build(monkeypatch, native_ext):
+    def fail(name, directory):
+        raise RuntimeError("Error building extension 'engine_native':\n"
+                           "head_loop.cpp:1:10: fatal error: simulated compiler failure")
+
+    monkeypatch.setattr(native_build, "_compile", fail)
+    monkeypatch.setattr(native_mod, "_warned", False)
+    native_build.reset()
+    yield
+    monkeypatch.undo()
+    native_build.reset()
+    assert native_build.build_error() is None  # the real build is back for later tests
+
+
+def test_auto_falls_back_with_one_warning(broken_build):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = engine.load(CHECKPOINT, backend="auto")
+        again = engine.load(CHECKPOINT, backend="auto")
+    # (a GPU backend could be picked instead where one exists; never the broken native one)
+    assert model.backend_name != "native" and again.backend_name != "native"
+    ours = [w for w in caught if issubclass(w.category, RuntimeWarning) and "native" in str(w.message)]
+    assert len(ours) == 1, [str(w.message) for w in caught]
+    message = str(ours[0].message)
+    assert "simulated compiler failure" in message and "reference" in message
+    assert not NativeBackend().available("cpu")
+
+
+def test_native_by_name_raises_config_error(broken_build):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(ConfigError, match="simulated compiler failure"):
+            engine.load(CHECKPOINT, backend="native")
+    assert not [w for w in caught if "native CPU backend" in str(w.message)]
+
+
+def test_missing_compiler_is_named(monkeypatch, native_ext):
+    monkeypatch.setenv("CXX", "no-such-compiler-xyz")
+    monkeypatch.setattr(native_mod, "_warned", True)
+    native_build.reset()
+    try:
+        cause = native_build.build_error()
+        assert cause is not None and "no C++ compiler" in cause and "no-such-compiler-xyz" in cause
+        assert "no C++ compiler" in NativeBackend().unavailable_reason("cpu")
+    finally:
+        monkeypatch.undo()
+        native_build.reset()
+    assert native_build.build_error() is None
+
+
+def test_disabled_by_environment(monkeypatch, native_ext):
+    monkeypatch.setenv("ENGINE_NATIVE", "0")
+    native_build.reset()
+    try:
+        assert "ENGINE_NATIVE=0" in native_build.build_error()
+    finally:
+        monkeypatch.undo()
+        native_build.reset()
+
+
+def test_not_for_other_devices():
+    backend = NativeBackend()
+    assert not backend.available(torch.device("meta"))
+    assert "CPU only" in backend.unavailable_reason(torch.device("meta"))
