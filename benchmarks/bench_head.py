@@ -1,6 +1,6 @@
 """One MAR step's diffusion loop (the head loop) at the MAR-B, -L and -H head shapes.
 
-    python -m pytest benchmarks/bench_head.py --benchmark-group-by=group \
+    python -m pytest benchmarks/bench_head.py --benchmark-enable --benchmark-group-by=group \
         --benchmark-json=benchmarks/results/head.json
     python benchmarks/report.py benchmarks/results/head.json
 
@@ -12,7 +12,9 @@ whether they pay) and triton where a GPU exists.
 Diffusion steps: the published 100 for 2 and 8 rows; fewer for 64 and 512 rows so that one round
 stays within seconds on a 2-core CPU (the group name says how many; the cost per step does not
 depend on the count: the native loop's adaLN chunk covers at most a few steps at those row
-counts). `report.py` scales every time to 100 steps. ENGINE_BENCH_STEPS=100 forces 100 everywhere.
+counts). `report.py` scales every time to 100 steps. ENGINE_BENCH_STEPS=100 forces 100 everywhere;
+ENGINE_BENCH_THREADS sets torch's thread count (default: torch's, 2 on the 2-core machine).
+pytest.ini disables benchmarks by default: pass --benchmark-enable.
 """
 from __future__ import annotations
 
@@ -40,6 +42,8 @@ def steps_for(rows: int) -> int:
 
 
 _heads: dict = {}
+if os.environ.get("ENGINE_BENCH_THREADS"):
+    torch.set_num_threads(int(os.environ["ENGINE_BENCH_THREADS"]))
 
 
 def packed_head(shape: str, steps: int, device: str = "cpu") -> PackedHead:

@@ -1,6 +1,6 @@
 """End-to-end `sample_tokens` with a MAR-B-shaped model on random weights, CFG on.
 
-    python -m pytest benchmarks/bench_sample.py --benchmark-group-by=group \
+    python -m pytest benchmarks/bench_sample.py --benchmark-enable --benchmark-group-by=group \
         --benchmark-json=benchmarks/results/sample.json
 
 MAR-B: 12+12 transformer blocks of width 768, head 6 x 1024, 256 tokens of 16 channels, class
@@ -10,12 +10,15 @@ labels, cfg 3.0 (linear schedule), temperature 1. One round per backend (a round
   * batch 16, reduced to num_iter 4 and 10 diffusion steps (the published settings would take
     about an hour per round on 2 cores); set ENGINE_BENCH_SAMPLE_FULL=1 for num_iter 64 / 100 steps.
 After the native round the tokens are compared with the reference round's (relative error
-recorded as extra_info "rel_err_vs_reference"; the test fails above 1e-4).
+recorded as extra_info "rel_err_vs_reference"; the test fails above 1e-4). extra_info "head_loop_s"
+is the part of the round spent in the head loops (the rest is the transformer and bookkeeping).
+ENGINE_BENCH_THREADS sets torch's thread count (default: torch's, 2 on the 2-core machine).
 """
 from __future__ import annotations
 
 import math
 import os
+import time
 
 import numpy as np
 import pytest
@@ -32,6 +35,8 @@ BACKENDS = ("reference", "native")
 CFG = 3.0
 
 _tokens: dict = {}
+if os.environ.get("ENGINE_BENCH_THREADS"):
+    torch.set_num_threads(int(os.environ["ENGINE_BENCH_THREADS"]))
 
 
 def mar_b(steps: str) -> MARModel:
@@ -68,8 +73,19 @@ def test_sample_tokens(benchmark, models, bsz, num_iter, steps, backend):
             pytest.skip(f"native backend unavailable: {NativeBackend().unavailable_reason('cpu')}")
     model.set_backend(backend)
     labels = [(7 * i + 3) % 1000 for i in range(bsz)]
+    head_time = [0.0]
+    head_loop = model.backend.head_loop
+
+    def timed_head_loop(*args, **kwargs):  # to split the time: head loops vs the rest
+        start = time.perf_counter()
+        out = head_loop(*args, **kwargs)
+        head_time[0] += time.perf_counter() - start
+        return out
+
+    model.backend.head_loop = timed_head_loop
 
     def run():
+        head_time[0] = 0.0
         torch.manual_seed(0)
         np.random.seed(0)
         return model.sample_tokens(bsz, num_iter=num_iter, cfg=CFG, labels=labels)
@@ -78,6 +94,7 @@ def test_sample_tokens(benchmark, models, bsz, num_iter, steps, backend):
     benchmark.extra_info.update(bsz=bsz, num_iter=num_iter, steps=int(steps), backend=backend,
                                 threads=torch.get_num_threads())
     out = benchmark.pedantic(run, rounds=1, iterations=1, warmup_rounds=0)
+    benchmark.extra_info["head_loop_s"] = head_time[0]
     key = (bsz, num_iter, steps)
     if backend == "reference":
         _tokens[key] = out

@@ -55,8 +55,11 @@ def table(report: dict, title: str) -> list[str]:
             threads = e["info"].get("threads", threads)
     lines.append(f"Machine: {cpu}, {threads or '?'} torch threads; run {report['datetime']}.")
     lines.append("")
-    lines.append("| group | backend | rounds | min | median | min per 100 steps | speedup (min) | speedup (median) |")
-    lines.append("|---|---|---:|---:|---:|---:|---:|---:|")
+    split = any("head_loop_s" in e["info"] for es in report["groups"].values() for e in es.values())
+    extra = " of which head loops |" if split else ""
+    lines.append("| group | backend | rounds | min | median | min per 100 steps | speedup (min) | "
+                 f"speedup (median) |{extra}")
+    lines.append("|---|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if split else ""))
     for group, entries in report["groups"].items():
         ref = entries.get("reference")
         for backend in _backends(entries):
@@ -68,8 +71,12 @@ def table(report: dict, title: str) -> list[str]:
                 s_med = f"{ref['median'] / e['median']:.2f}x"
             else:
                 s_min = s_med = ""
+            cell = ""
+            if split:
+                head = e["info"].get("head_loop_s")
+                cell = f" {_fmt_time(head)} |" if head is not None else " |"
             lines.append(f"| {group} | {backend} | {e['rounds']} | {_fmt_time(e['min'])} | "
-                         f"{_fmt_time(e['median'])} | {per100} | {s_min} | {s_med} |")
+                         f"{_fmt_time(e['median'])} | {per100} | {s_min} | {s_med} |{cell}")
     lines.append("")
     return lines
 

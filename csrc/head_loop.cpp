@@ -303,7 +303,7 @@ at::Tensor HeadPlan::run(const at::Tensor& z_in, const at::Tensor& x_in, const a
                   noise_in.size(2) == token_dim_,
               "engine native: noise must be [", num_steps_, ", ", rows, ", ", token_dim_, "], got ",
               noise_in.sizes());
-  c10::InferenceMode guard;
+  at::NoGradGuard no_grad;
   const at::Tensor z = z_in.to(at::kFloat).contiguous();
   const at::Tensor x = x_in.to(at::kFloat).contiguous();
   const at::Tensor noise = noise_in.to(at::kFloat).contiguous();
@@ -350,8 +350,7 @@ at::Tensor HeadPlan::run_impl(const at::Tensor& z, const at::Tensor& x_start,
 
   // cond_embed(z) once, bias included (published: c_emb = Linear(z)).
   {
-    at::Tensor c = cond_.run(z, cemb);
-    if (!c.is_same(cemb)) cemb.copy_(c);
+    cemb = cond_.run(z, cemb);  // oneDNN returns its own (contiguous) output
     float* cp = cemb.data_ptr<float>();
     const float* cb = cond_b_.data_ptr<float>();
     at::parallel_for(0, R, grain, [&](int64_t r0, int64_t r1) {

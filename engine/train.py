@@ -322,6 +322,17 @@ def train(model_config: MARConfig, tc: TrainConfig, images=None, labels=None, lo
 
 
 # Command line ---------------------------------------------------------------------------------
+def _command_line(args) -> str:
+    """The equivalent `python -m engine train` command with every option spelled out."""
+    parts = ["python -m engine train"]
+    for key, value in vars(args).items():
+        if key in ("func", "command") or value is None or value is False:
+            continue
+        flag = "--" + key.replace("_", "-")
+        parts.append(flag if value is True else f"{flag} {value}")
+    return " ".join(parts)
+
+
 def _run(args) -> int:
     from .loading import save_engine_dir
 
@@ -348,7 +359,8 @@ def _run(args) -> int:
 
     result = train(config, tc, on_snapshot=snapshot, snapshot_every=args.snapshot_every)
     sampling = {"cfg": args.cfg, "num_iter": args.num_iter, "temperature": args.temperature}
-    training = {**dataclasses.asdict(tc), "data": "sklearn digits, engine.digits train split",
+    training = {**dataclasses.asdict(tc), "command": _command_line(args),
+                "data": "sklearn digits, engine.digits train split",
                 "final_loss": result["history"][-1]["loss"], "seconds": round(result["seconds"], 1),
                 "weights": "ema"}
     dtype = getattr(torch, args.weights_dtype)

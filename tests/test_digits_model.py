@@ -74,6 +74,6 @@ def test_sample_command_default_grid(tmp_path):
     from engine.cli import main
 
     out = tmp_path / "grid.png"
-    assert main(["sample", "--out", str(out), "--per-class", "2"]) == 0
+    assert main(["sample", "--out", str(out)]) == 0
     with Image.open(out) as im:
         assert im.width > 100 and im.height > 100

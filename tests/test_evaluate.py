@@ -61,6 +61,11 @@ def reference_quality(model, reference):
     return evaluate_samples(reference, images, labels)
 
 
+def test_reference_backend_quality(reference, reference_quality):
+    assert reference_quality["accuracy"] >= 0.8, reference_quality
+    assert reference_quality["fd"] < 5 * reference.real_vs_real_fd, reference_quality
+
+
 def test_noise_images_are_rejected(reference):
     """What a broken kernel would produce scores far from the trained model (the check below has teeth)."""
     gen = torch.Generator().manual_seed(0)
@@ -71,11 +76,19 @@ def test_noise_images_are_rejected(reference):
     assert noise["fd"] > 5 * reference.real_vs_real_fd
 
 
-@pytest.mark.parametrize("backend", available_backends("cpu"))
-def test_backend_matches_reference_quality(backend, model, reference, reference_quality):
-    """Same seed and sample count: each backend's samples score like the reference backend's."""
+def _backend_cases():
+    cases = [("cpu", b) for b in available_backends("cpu") if b != "reference"]
+    if torch.cuda.is_available():
+        cases += [("cuda", b) for b in available_backends("cuda")]
+    return cases
+
+
+@pytest.mark.parametrize("device,backend", _backend_cases())
+def test_backend_matches_reference_quality(device, backend, model, reference, reference_quality):
+    """Same seed and sample count: each backend's samples score like the reference backend's on
+    CPU (which is `reference_quality`)."""
     d = model.sampling_defaults
-    other = engine.load("digits", backend=backend)
+    other = engine.load("digits", backend=backend, device=device)
     images, labels = generate_digits(other, PER_CLASS, d["cfg"], d["num_iter"], d.get("temperature", 1.0), SEED)
     quality = evaluate_samples(reference, images, labels)
     # With 50 samples the accuracy's binomial noise is a few points; FD noise is tens of percent.
