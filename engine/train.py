@@ -39,13 +39,13 @@ from .diffusion import NUM_TRAIN_TIMESTEPS, cosine_betas
 from .errors import ConfigError
 from .models.mar import MAR, patchify
 
-# The built-in digits model. Tokens are 2x2 patches of 16x16 pixel images (64 tokens of 4
+# The built-in digits model. Tokens are 4x4 patches of 16x16 pixel images (16 tokens of 16
 # values in [-1, 1]); x0 is clipped to that range while sampling (see config.clip_denoised).
 DIGITS_MODEL = dict(
-    img_size=16, vae_stride=1, patch_size=2, vae_embed_dim=1, tokenizer="pixels",
+    img_size=16, vae_stride=1, patch_size=4, vae_embed_dim=1, tokenizer="pixels",
     encoder_embed_dim=128, encoder_depth=3, encoder_num_heads=4,
     decoder_embed_dim=128, decoder_depth=3, decoder_num_heads=4,
-    mlp_ratio=4.0, class_num=10, buffer_size=4, diffloss_d=3, diffloss_w=256,
+    mlp_ratio=4.0, class_num=10, buffer_size=4, diffloss_d=3, diffloss_w=128,
     num_sampling_steps="50", clip_denoised=True, clip_range=(-1.0, 1.0),
 )
 # Sampling settings recorded with the shipped model (the CLI's defaults for it).

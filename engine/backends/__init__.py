@@ -45,6 +45,9 @@ def get_backend(name: str | HeadBackend, device, weight_dtype: torch.dtype = tor
         return name
     if name == "auto":
         best = available_backends(device)[0]
+        if torch.device(device).type == "cpu" and best != "native":
+            from .native import NativeBackend, fallback_warning
+            fallback_warning(NativeBackend().unavailable_reason(torch.device(device)))
         return _make(best, weight_dtype)
     backend = _make(name, weight_dtype)
     if hasattr(backend, "available") and not backend.available(torch.device(device)):

@@ -24,7 +24,6 @@ Options:
 """
 from __future__ import annotations
 
-import sys
 import threading
 import warnings
 
@@ -41,7 +40,7 @@ _warned = False
 _warn_lock = threading.Lock()
 
 
-def _fallback_warning(cause: str) -> None:
+def fallback_warning(cause: str) -> None:
     """One RuntimeWarning per process when "auto" cannot use the native backend."""
     global _warned
     with _warn_lock:
@@ -52,11 +51,22 @@ def _fallback_warning(cause: str) -> None:
                   "reference backend (eager PyTorch, slower) instead", RuntimeWarning, stacklevel=4)
 
 
-def _asked_by_name() -> bool:
-    """Whether available() was called by get_backend for an explicit backend="native" (which
-    raises ConfigError itself), rather than by the "auto" selection."""
-    frame = sys._getframe(2)
-    return frame is not None and frame.f_code.co_name == "get_backend"
+# Built plans by id: the custom op below takes the id, so torch.compile traces one opaque call
+# per MAR step (the C++ object itself cannot be an operator argument).
+_PLANS: dict[int, object] = {}
+_next_plan_id = iter(range(1, 1 << 62))
+
+
+@torch.library.custom_op("engine::native_head_loop", mutates_args=())
+def native_head_loop(plan_id: int, z: torch.Tensor, x: torch.Tensor, noise: torch.Tensor,
+                     cfg_scale: float | None, temperature: float) -> torch.Tensor:
+    out = _PLANS[plan_id].run(z, x, noise, cfg_scale, temperature)
+    return out.clone() if out.data_ptr() == x.data_ptr() else out
+
+
+@native_head_loop.register_fake
+def _native_head_loop_fake(plan_id, z, x, noise, cfg_scale, temperature):
+    return torch.empty_like(x)
 
 
 def default_gemm(weight_dtype: torch.dtype) -> str:
@@ -90,6 +100,7 @@ class NativeBackend(HeadBackend):
         self._plan = None
         self._plan_head = None
         self._plan_lock = threading.Lock()
+        self._plan_id = 0
 
     # Availability ----------------------------------------------------------------------------
     def _build_error(self) -> str | None:
@@ -101,12 +112,7 @@ class NativeBackend(HeadBackend):
         device = torch.device(device)
         if device.type != "cpu":
             return False
-        cause = self._build_error()
-        if cause is None:
-            return True
-        if not _asked_by_name():
-            _fallback_warning(cause)
-        return False
+        return self._build_error() is None
 
     def unavailable_reason(self, device) -> str:
         device = torch.device(device)
@@ -139,21 +145,23 @@ class NativeBackend(HeadBackend):
                                    self.mod_budget_bytes, self.pack_rows)
 
     def prepare(self, head) -> None:
-        with self._plan_lock:
-            self._plan = self._make_plan(head)
-            self._plan_head = head
+        self.plan_for(head)
 
     def plan_for(self, head):
         with self._plan_lock:
             if self._plan is None or self._plan_head is not head:
+                _PLANS.pop(self._plan_id, None)
                 self._plan = self._make_plan(head)
                 self._plan_head = head
+                self._plan_id = next(_next_plan_id)
+                _PLANS[self._plan_id] = self._plan
             return self._plan
 
     def head_loop(self, head, z, x, noise, cfg_scale, temperature):
-        plan = self.plan_for(head)
-        return plan.run(z, x, noise, None if cfg_scale is None else float(cfg_scale),
-                        float(temperature))
+        if self._plan_head is not head:  # bound in prepare(); traced calls skip the lock
+            self.plan_for(head)
+        return native_head_loop(self._plan_id, z, x, noise,
+                                None if cfg_scale is None else float(cfg_scale), float(temperature))
 
     def describe(self, head=None) -> str:
         if head is not None:
