@@ -49,7 +49,7 @@ DIGITS_MODEL = dict(
     num_sampling_steps="50", clip_denoised=True, clip_range=(-1.0, 1.0),
 )
 # Sampling settings recorded with the shipped model (the CLI's defaults for it).
-DIGITS_SAMPLING = dict(cfg=2.0, num_iter=16, temperature=1.0)
+DIGITS_SAMPLING = dict(cfg=2.0, num_iter=8, temperature=1.0)
 
 
 def digits_config(**overrides) -> MARConfig:
@@ -253,11 +253,13 @@ def lr_at(step: int, tc: TrainConfig) -> float:
 
 
 def train(model_config: MARConfig, tc: TrainConfig, images=None, labels=None, log=print,
-          on_snapshot=None, snapshot_every: int = 0):
+          on_snapshot=None, snapshot_every: int = 0, resume_path=None, resume_every: int = 0):
     """Train a MAR from scratch. `images [N, C, H, W]` (token range) and `labels [N]` default to
     the digits train split at the config's resolution. Returns a dict with the EMA state dict
     ("ema"), the raw weights ("model") and the loss history. With `snapshot_every`,
-    `on_snapshot(step, ema_state)` is called every that many steps."""
+    `on_snapshot(step, ema_state)` is called every that many steps. With `resume_path`, the
+    whole training state is saved there every `resume_every` steps and, if the file exists at
+    the start, training continues from it exactly (same result as an uninterrupted run)."""
     tc.validate()
     if model_config.tokenizer != "pixels" or model_config.vae_stride != 1:
         raise ConfigError("training is implemented for pixel-token models (tokenizer='pixels', "
@@ -282,7 +284,36 @@ def train(model_config: MARConfig, tc: TrainConfig, images=None, labels=None, lo
     n = images.shape[0]
     perm, cursor = torch.randperm(n, generator=generator), 0
     history, window, start, cpu_start = [], [], time.time(), time.process_time()
-    for step in range(tc.steps):
+    first = 0
+    if resume_path is not None and Path(resume_path).exists():
+        saved = torch.load(resume_path, map_location="cpu", weights_only=True)
+        if saved["train_config"] != json.dumps(dataclasses.asdict(tc), sort_keys=True) or \
+                saved["model_config"] != json.dumps(model_config.to_dict(), sort_keys=True):
+            raise ConfigError(f"{resume_path} was written by a run with other settings; remove it "
+                              "to start afresh")
+        mar.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["opt"])
+        for e, v in zip(ema, saved["ema"]):
+            e.copy_(v)
+        generator.set_state(saved["generator"])
+        perm, cursor, first = saved["perm"], saved["cursor"], saved["step"]
+        history, window = saved["history"], [tuple(w) for w in saved["window"]]
+        start -= saved["elapsed"]
+        cpu_start -= saved["cpu"]
+        if log:
+            log(f"resumed from {resume_path} at step {first}", flush=True)
+
+    def save_resume(step_done):
+        tmp = Path(str(resume_path) + ".tmp")
+        torch.save({"step": step_done, "model": mar.state_dict(), "opt": opt.state_dict(), "ema": ema,
+                    "generator": generator.get_state(), "perm": perm, "cursor": cursor,
+                    "history": history, "window": [list(w) for w in window],
+                    "elapsed": time.time() - start, "cpu": time.process_time() - cpu_start,
+                    "train_config": json.dumps(dataclasses.asdict(tc), sort_keys=True),
+                    "model_config": json.dumps(model_config.to_dict(), sort_keys=True)}, tmp)
+        tmp.replace(resume_path)
+
+    for step in range(first, tc.steps):
         if cursor + tc.batch_size > n:
             perm, cursor = torch.randperm(n, generator=generator), 0
         idx = perm[cursor:cursor + tc.batch_size]
@@ -316,6 +347,8 @@ def train(model_config: MARConfig, tc: TrainConfig, images=None, labels=None, lo
             window = []
         if on_snapshot and snapshot_every and (step + 1) % snapshot_every == 0 and step + 1 < tc.steps:
             on_snapshot(step + 1, {name: t.clone() for name, t in zip(names, ema)})
+        if resume_path is not None and resume_every and (step + 1) % resume_every == 0 and step + 1 < tc.steps:
+            save_resume(step + 1)
     ema_state = {name: t.clone() for name, t in zip(names, ema)}
     return {"ema": ema_state, "model": {k: v.detach().clone() for k, v in mar.state_dict().items()},
             "history": history, "seconds": time.time() - start}
@@ -357,7 +390,10 @@ def _run(args) -> int:
     def snapshot(step, state):
         save_engine_dir(state, config, Path(args.out) / f"step{step}", extra)
 
-    result = train(config, tc, on_snapshot=snapshot, snapshot_every=args.snapshot_every)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    resume = Path(args.out) / "resume.pt"
+    result = train(config, tc, on_snapshot=snapshot, snapshot_every=args.snapshot_every,
+                   resume_path=resume if args.resume_every else None, resume_every=args.resume_every)
     sampling = {"cfg": args.cfg, "num_iter": args.num_iter, "temperature": args.temperature}
     training = {**dataclasses.asdict(tc), "command": _command_line(args),
                 "data": "sklearn digits, engine.digits train split",
@@ -370,6 +406,7 @@ def _run(args) -> int:
     if args.save_raw:
         save_engine_dir(result["model"], config, Path(args.out) / "raw", {"sampling": sampling})
     (Path(args.out) / "history.json").write_text(json.dumps(result["history"], indent=1) + "\n")
+    resume.unlink(missing_ok=True)
     print(f"wrote {out} (EMA weights) after {result['seconds']:.0f}s")
     return 0
 
@@ -407,5 +444,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "half the file size)")
     p.add_argument("--save-raw", action="store_true", help="also write the non-EMA weights to OUT/raw")
     p.add_argument("--snapshot-every", type=int, default=0, help="also write EMA snapshots to OUT/stepN")
+    p.add_argument("--resume-every", type=int, default=100,
+                   help="save the training state to OUT/resume.pt every N steps (0: never); a run "
+                        "started again with the same options continues from it")
     p.set_defaults(func=_run)
     return p

@@ -187,6 +187,15 @@ def test_bf16_weights_are_close(golden_model):
     assert rel_err(got, want) <= 0.1  # documented precision: bf16 weights and activations
 
 
+def test_bf16_through_load(native_ext):
+    model = engine.load(CHECKPOINT, backend=NativeBackend(weight_dtype=torch.bfloat16))
+    assert model.backend_name == "native" and model.backend.weight_dtype == torch.bfloat16
+    case = next(c for c in golden_cases("sample_tokens") if c["name"] == "run0")
+    out = _run_case(model, case)
+    assert torch.isfinite(out).all()
+    assert rel_err(out, golden_tensors()["run0.tokens"]) <= 0.2
+
+
 def test_bad_options_and_inputs(golden_model):
     with pytest.raises(ConfigError, match="weight_dtype"):
         NativeBackend(weight_dtype=torch.float16)

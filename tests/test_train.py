@@ -19,6 +19,15 @@ TINY = dict(img_size=8, patch_size=2, encoder_embed_dim=32, decoder_embed_dim=32
             diffloss_w=32, num_sampling_steps="10")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models train faster on one thread (and do not suffer from a busy machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def data():
     images, labels = load_split("train", size=8)
@@ -52,6 +61,31 @@ def test_training_is_reproducible_from_seed(data):
     assert [h["loss"] for h in a["history"]] == [h["loss"] for h in b["history"]]
     for key, value in a["ema"].items():
         assert torch.equal(value, b["ema"][key]), key
+
+
+def test_interrupted_run_resumes_exactly(data, tmp_path):
+    config = digits_config(**TINY)
+    tc = TrainConfig(steps=6, batch_size=16, log_every=1, threads=0)
+    whole = train(config, tc, *data, log=None)
+
+    class Interrupt(Exception):
+        pass
+
+    def stop(step, state):
+        raise Interrupt
+
+    resume = tmp_path / "resume.pt"
+    with pytest.raises(Interrupt):
+        train(config, tc, *data, log=None, on_snapshot=stop, snapshot_every=4, resume_path=resume,
+              resume_every=3)
+    assert resume.exists()
+    resumed = train(config, tc, *data, log=None, resume_path=resume, resume_every=3)
+    assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in whole["history"]]
+    for key, value in whole["ema"].items():
+        assert torch.equal(value, resumed["ema"][key]), key
+    other = TrainConfig(steps=7, batch_size=16, log_every=1, threads=0)
+    with pytest.raises(engine.ConfigError):
+        train(config, other, *data, log=None, resume_path=resume, resume_every=3)
 
 
 def test_ema_state_matches_model_keys(trained):

@@ -78,7 +78,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--samples-per-class", type=int, default=100)
     parser.add_argument("--cfg", type=float, nargs="+", default=[1.0, 1.5, 2.0, 3.0, 4.0])
-    parser.add_argument("--num-iter", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--num-iter", type=int, nargs="+", default=[1, 4, 8, 16])
     parser.add_argument("--backends", nargs="+", default=None)
     parser.add_argument("--grid-per-class", type=int, default=8)
     parser.add_argument("--threads", type=int, default=None)
