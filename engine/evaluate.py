@@ -329,6 +329,7 @@ def plot_report(report: dict, path) -> Path:
     fig, (ax_acc, ax_fd) = plt.subplots(1, 2, figsize=(10, 4))
     results = report["results"]
     styles = ["-", "--", ":", "-."]
+    markers = ["o", "x", "+", "s"]  # distinct, so backends with identical numbers stay visible
     backends = sorted({r["backend"] for r in results}, key=[r["backend"] for r in results].index)
     iters = sorted({r["num_iter"] for r in results})
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -340,7 +341,8 @@ def plot_report(report: dict, path) -> Path:
                 continue
             cfgs = [r["cfg"] for r in sel]
             label = f"num_iter {num_iter}" + (f" ({backend})" if len(backends) > 1 else "")
-            kw = dict(color=colors[ii % len(colors)], linestyle=styles[bi % len(styles)], marker="o", label=label)
+            kw = dict(color=colors[ii % len(colors)], linestyle=styles[bi % len(styles)],
+                      marker=markers[bi % len(markers)], label=label)
             ax_acc.plot(cfgs, [100 * r["accuracy"] for r in sel], **kw)
             ax_fd.plot(cfgs, [r["fd"] for r in sel], **kw)
     ax_acc.axhline(100 * report["classifier"]["heldout_accuracy"], color="gray", linestyle="--",
@@ -348,9 +350,11 @@ def plot_report(report: dict, path) -> Path:
     ax_fd.axhline(report["real_vs_real_fd"], color="gray", linestyle="--", label="real vs real (floor)")
     ax_acc.set(xlabel="cfg", ylabel="classified as requested class (%)", title="Accuracy")
     ax_fd.set(xlabel="cfg", ylabel="Fréchet distance (classifier features)", title="Fréchet distance (lower is better)")
+    ax_fd.set_yscale("log")  # one-step sampling is far off; keep the good settings readable
     for ax in (ax_acc, ax_fd):
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+    ax_acc.legend(fontsize=8)  # the curves are the same on both panels: one legend for them
+    ax_fd.legend(handles=ax_fd.get_lines()[-1:], fontsize=8, loc="lower right")
     fig.suptitle(f"{report['checkpoint']}: {report['samples_per_class']} samples per class, seed {report['seed']}")
     fig.tight_layout()
     path = Path(path)

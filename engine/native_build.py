@@ -165,6 +165,9 @@ def _compile(name: str, directory: Path):
         except ImportError:
             pass  # a stale or partial library: rebuild it below
     src = source_dir()
+    # A one-time cost the user should not mistake for a hang.
+    print(f"engine: compiling the native CPU head loop once (about a minute; cached in {directory}; "
+          "ENGINE_NATIVE=0 skips it)", file=sys.stderr, flush=True)
     return cpp.load(
         name=name,
         sources=[str(src / s) for s in SOURCES],

@@ -1,6 +1,5 @@
 """The built-in digits model: data split, loading, a quick grid of 0-9, and sample quality."""
 import json
-import time
 
 import numpy as np
 import torch
@@ -41,20 +40,17 @@ def test_builtin_model_files_are_small_and_configured():
     assert {"cfg", "num_iter", "temperature"} <= set(meta["sampling"])
 
 
-def test_load_and_generate_grid_quickly():
+def test_load_and_generate_grid():
     model = engine.load("digits")
     d = model.sampling_defaults
-    start = time.time()
     images = engine.generate(model, list(range(10)), num_iter=d["num_iter"], cfg=d["cfg"],
                              temperature=d["temperature"], output_type="np",
                              generator=torch.Generator().manual_seed(0))
-    seconds = time.time() - start
     size = model.config.img_size
     assert images.shape == (10, size, size, 1)
     assert np.isfinite(images).all() and images.min() >= 0 and images.max() <= 1
     # Digits are light strokes on a dark background.
     assert 0.05 < images.mean() < 0.6
-    assert seconds < 60, seconds  # a few seconds on an idle CPU; generous for a busy CI machine
 
 
 def test_samples_are_classified_as_requested():
