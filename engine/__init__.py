@@ -10,11 +10,12 @@ import torch
 
 from .config import MARConfig, PRESETS
 from .errors import CheckpointError, ConfigError, EngineError, SamplingError
+from .images import labelled_grid, make_grid, save_grid
 from .model import MARModel
 
 __version__ = "0.1.0"
 __all__ = ["load", "load_vae", "generate", "accelerate", "patch", "convert", "make_grid",
-           "save_grid", "MARModel", "MARConfig", "PRESETS", "EngineError", "CheckpointError",
+           "save_grid", "labelled_grid", "MARModel", "MARConfig", "PRESETS", "EngineError", "CheckpointError",
            "ConfigError", "SamplingError"]
 
 
@@ -102,15 +103,3 @@ def convert(src, out_dir, ema: bool = True, **config):
     from .loading import convert as _convert
 
     return _convert(src, out_dir, ema=ema, **config)
-
-
-def make_grid(images, nrow=None, padding=2, scale=1):
-    from .images import make_grid as _make_grid
-
-    return _make_grid(images, nrow=nrow, padding=padding, scale=scale)
-
-
-def save_grid(images, path, nrow=None, scale=1):
-    from .images import save_grid as _save_grid
-
-    return _save_grid(images, path, nrow=nrow, scale=scale)

@@ -13,7 +13,7 @@ def _sample(args) -> int:
     import torch
 
     import engine
-    from .images import save_grid
+    from .images import labelled_grid
 
     model = engine.load(args.checkpoint, device=args.device, backend=args.backend,
                         num_sampling_steps=args.steps)
@@ -48,7 +48,7 @@ def _sample(args) -> int:
         from .images import tokens_to_images
         images = tokens_to_images(model, tokens, vae).permute(0, 2, 3, 1).cpu().numpy()
         scale = max(1, 256 // images.shape[1])
-        save_grid(images, out, nrow=args.per_class if args.per_class > 1 else None, scale=scale)
+        labelled_grid(images, labels, scale=scale).save(out)
     print(f"wrote {len(labels)} samples of classes {classes} to {out} "
           f"(backend {model.backend_name}, {args.num_iter} steps, cfg {args.cfg})")
     return 0
@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="published .pth, engine model directory, or built-in name (default: digits)")
     s.add_argument("--vae", default=None, help="kl16.ckpt for latent-token models")
     s.add_argument("--classes", type=int, nargs="+", default=None, help="class labels (default 0-9)")
-    s.add_argument("--per-class", type=int, default=1, help="samples per class (grid columns)")
+    s.add_argument("--per-class", type=int, default=1, help="samples per class (one grid row per class when > 1)")
     s.add_argument("--num-iter", type=int, default=None, help="MAR steps (default: the model's, or 64)")
     s.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the model's, or 1)")
     s.add_argument("--cfg-schedule", default="linear", choices=["linear", "constant"])

@@ -364,38 +364,6 @@ def plot_report(report: dict, path) -> Path:
     return path
 
 
-def labelled_grid(images: np.ndarray, labels, scale: int = 8, padding: int = 2):
-    """A PIL grid with one row per class and the class written at the left of each row.
-    `images` [N, H, W, 1] in [0, 1] (engine.generate's "np" output), grouped by label."""
-    from PIL import Image, ImageDraw
-
-    from .images import make_grid
-
-    labels = [int(x) for x in labels]
-    classes = list(dict.fromkeys(labels))
-    per_row = max(labels.count(c) for c in classes)
-    h, w = images.shape[1:3]
-    blank = np.zeros((h, w, images.shape[3]), np.float32)
-    ordered = []
-    for c in classes:
-        row = [images[i] for i, lbl in enumerate(labels) if lbl == c]
-        ordered += row + [blank] * (per_row - len(row))
-    grid = make_grid(np.stack(ordered), nrow=per_row, padding=padding, scale=scale).convert("L")
-    margin = 12 * scale // 4 + 8
-    out = Image.new("L", (grid.width + margin, grid.height), 255)
-    out.paste(grid, (margin, 0))
-    draw = ImageDraw.Draw(out)
-    try:
-        from PIL import ImageFont
-        font = ImageFont.load_default(size=max(10, 5 * scale // 2))
-    except TypeError:  # Pillow < 10.1: fixed-size bitmap font
-        font = None
-    for r, c in enumerate(classes):
-        y = (padding + r * (h + padding)) * scale + h * scale // 2
-        draw.text((margin // 2, y), str(c), fill=0, anchor="mm", font=font)
-    return out
-
-
 def _run(args) -> int:
     torch.set_num_threads(args.threads) if args.threads else None
     report = run_sweep(args.checkpoint, args.samples_per_class, args.cfg, args.num_iter, args.backends,

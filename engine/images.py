@@ -68,3 +68,57 @@ def save_grid(images, path, nrow: int | None = None, scale: int = 1):
     grid = make_grid(images, nrow=nrow, scale=scale)
     grid.save(path)
     return grid
+
+
+LABELLED_ROW = 10
+
+
+def labelled_grid(images, labels, scale: int = 1, padding: int = 2):
+    """A PIL grid of `images` ([N, H, W, C] in [0, 1], engine.generate's "np" output) with their
+    class labels written on it: one row per class with the label at its left when a class has
+    several samples, else rows of up to ten images with each label above its image."""
+    from PIL import Image, ImageDraw
+
+    images = np.asarray(images, dtype=np.float32)
+    labels = [int(x) for x in labels]
+    if len(labels) != len(images):
+        raise SamplingError(f"{len(images)} images but {len(labels)} labels")
+    classes = list(dict.fromkeys(labels))
+    per_class = max(labels.count(c) for c in classes)
+    h, w, c = images.shape[1:]
+    cell_h, cell_w = (h + padding) * scale, (w + padding) * scale
+    font_size = max(12, min(cell_h, cell_w) // 4)
+    if per_class == 1:  # rows of up to `LABELLED_ROW` images, each under a band with its label
+        band = font_size + 8
+        rows = [make_grid(images[k:k + LABELLED_ROW], nrow=min(len(images), LABELLED_ROW),
+                          padding=padding, scale=scale) for k in range(0, len(images), LABELLED_ROW)]
+        grid = Image.new(rows[0].mode, (rows[0].width, len(rows) * (rows[0].height + band)), "white")
+        centers = []
+        for r, row in enumerate(rows):
+            grid.paste(row, (0, r * (row.height + band) + band))
+            centers += [(padding * scale + k * cell_w + w * scale // 2, r * (row.height + band) + band // 2)
+                        for k in range(min(LABELLED_ROW, len(labels) - r * LABELLED_ROW))]
+        origin = (0, 0)
+        texts = [str(lbl) for lbl in labels]
+    else:
+        blank = np.zeros((h, w, c), np.float32)
+        ordered = []
+        for cls in classes:
+            row = [images[i] for i, lbl in enumerate(labels) if lbl == cls]
+            ordered += row + [blank] * (per_class - len(row))
+        grid = make_grid(np.stack(ordered), nrow=per_class, padding=padding, scale=scale)
+        width = max(len(str(cls)) for cls in classes)
+        origin = (width * font_size * 2 // 3 + 12, 0)
+        centers = [(origin[0] // 2, padding * scale + r * cell_h + h * scale // 2) for r in range(len(classes))]
+        texts = [str(cls) for cls in classes]
+    out = Image.new(grid.mode, (grid.width + origin[0], grid.height + origin[1]), "white")
+    out.paste(grid, origin)
+    draw = ImageDraw.Draw(out)
+    try:
+        from PIL import ImageFont
+        font = ImageFont.load_default(size=font_size)
+    except (TypeError, OSError):  # Pillow < 10.1 (or no FreeType): the fixed bitmap font
+        font = None
+    for (x, y), text in zip(centers, texts):
+        draw.text((x, y), text, fill="black", anchor="mm", font=font)
+    return out

@@ -3,6 +3,7 @@
     python docs/digits/make_docs.py [--samples-per-class 100] [--threads 2]
 
 writes, next to this file,
+  real.png      the same grid of real held-out digits, for comparison
   samples.png   a labelled grid of `python -m engine sample --per-class 8` (the CLI defaults:
                 seed 0, the model's recorded cfg / num_iter / temperature)
   quality.md    the sweep table of `python -m engine evaluate` (accuracy and Fréchet distance vs
@@ -25,7 +26,7 @@ HERE = Path(__file__).resolve().parent
 
 
 def make_samples(per_class: int) -> None:
-    from engine.evaluate import labelled_grid
+    from engine.images import labelled_grid
 
     with tempfile.TemporaryDirectory() as tmp:
         npz = Path(tmp) / "samples.npz"
@@ -34,6 +35,19 @@ def make_samples(per_class: int) -> None:
         data = np.load(npz)
         labelled_grid(data["images"], data["labels"], scale=8).save(HERE / "samples.png")
     print(f"wrote {HERE / 'samples.png'}")
+
+
+def make_real(per_class: int) -> None:
+    """The first held-out real digits of each class at the model's resolution, for comparison."""
+    import engine
+    from engine.digits import load_split
+    from engine.images import labelled_grid
+
+    images, labels = load_split("heldout", engine.load("digits", backend="reference").config.img_size)
+    pick = [i for c in range(10) for i in np.flatnonzero(labels.numpy() == c)[:per_class]]
+    arr = ((images[pick].permute(0, 2, 3, 1).numpy() + 1) / 2).clip(0, 1)
+    labelled_grid(arr, labels[pick].tolist(), scale=8).save(HERE / "real.png")
+    print(f"wrote {HERE / 'real.png'}")
 
 
 def markdown(report: dict, command: str) -> str:
@@ -93,6 +107,7 @@ def main() -> int:
         torch.set_num_threads(args.threads)
     if not args.skip_samples:
         make_samples(args.grid_per_class)
+        make_real(args.grid_per_class)
     report = run_sweep("digits", args.samples_per_class, args.cfg, args.num_iter, args.backends)
     (HERE / "quality.json").write_text(json.dumps(report, indent=1) + "\n")
     plot_report(report, HERE / "quality.png")
