@@ -72,7 +72,7 @@ class TrainConfig:
     diffusion_batch_mul: int = 4
     mask_ratio_min: float = 0.7
     seed: int = 0
-    threads: int = 2
+    threads: int = 2  # both cores of the 2-core target machine: 1.4x one thread
     log_every: int = 100
 
     def validate(self) -> None:

@@ -8,7 +8,7 @@ import engine
 from engine.digits import load_split, split_indices
 from engine.loading import BUILTIN_MODELS
 
-# Measured at the shipped defaults with 5 per class at seed 0 (and ~97% over 100 per class);
+# Measured at the shipped defaults with 5 per class at seed 0 (and 98% over 100 per class, docs/digits/quality.md);
 # the bar sits far enough below that sampling noise cannot fail it, and far above what a
 # broken model reaches (untrained or unclipped models score 10-40%).
 MIN_ACCURACY = 0.8
