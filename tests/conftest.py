@@ -15,3 +15,15 @@ GOLDEN_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "golden" / 
 def golden_dir() -> Path:
     assert GOLDEN_DIR.is_dir(), f"golden outputs not found at {GOLDEN_DIR} (../shared beside the checkout)"
     return GOLDEN_DIR
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny shapes run faster on one thread, and on a shared machine two OpenMP threads can stall
+    each other for milliseconds per op. Modules opt in with pytest.mark.usefixtures."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

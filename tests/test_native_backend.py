@@ -25,14 +25,7 @@ from helpers import CHECKPOINT, golden_cases, golden_tensors, rel_err
 TOL = 1e-4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny shapes: one thread is faster, and on a shared machine two OpenMP threads can stall
-    # each other for milliseconds per op. test_parallel_rows_match_serial covers two threads.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # test_parallel_rows_match_serial covers two threads
 
 
 @pytest.fixture(scope="session")

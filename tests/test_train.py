@@ -19,13 +19,7 @@ TINY = dict(img_size=8, patch_size=2, encoder_embed_dim=32, decoder_embed_dim=32
             diffloss_w=32, num_sampling_steps="10")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models train faster on one thread (and do not suffer from a busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
