@@ -15,8 +15,8 @@ from .model import MARModel
 
 __version__ = "0.1.0"
 __all__ = ["load", "load_vae", "generate", "accelerate", "patch", "convert", "make_grid",
-           "save_grid", "labelled_grid", "MARModel", "MARConfig", "PRESETS", "EngineError", "CheckpointError",
-           "ConfigError", "SamplingError"]
+           "save_grid", "labelled_grid", "MARModel", "MARConfig", "PRESETS", "EngineError",
+           "CheckpointError", "ConfigError", "SamplingError"]
 
 
 def load(path, ema: bool = True, device="cpu", backend="auto", num_sampling_steps=None,
