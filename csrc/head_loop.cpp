@@ -555,10 +555,11 @@ template at::Tensor HeadPlan::run_impl<c10::BFloat16>(const at::Tensor&, const a
 }  // namespace engine_native
 
 // ---------------------------------------------------------------------------------------------
-// Python bindings
+// Build capabilities (bound to Python in bindings.cpp)
 
-namespace {
-bool has_mkl_packed() { return engine_native::mkl_packed_available(); }
+namespace engine_native {
+
+bool has_mkl_packed() { return mkl_packed_available(); }
 
 bool has_sleef_exp() {
 #if defined(__AVX512F__)
@@ -569,25 +570,5 @@ bool has_sleef_exp() {
 #endif
   return false;
 }
-}  // namespace
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "engine native CPU head loop (MAR diffusion head)";
-  pybind11::class_<engine_native::HeadPlan>(m, "HeadPlan")
-      .def(pybind11::init<std::vector<at::Tensor>, std::optional<std::vector<double>>, bool,
-                          int64_t, int64_t, int64_t, int64_t>(),
-           pybind11::arg("tensors"), pybind11::arg("clip_range"), pybind11::arg("bf16"),
-           pybind11::arg("gemm_mode"), pybind11::arg("small_gemm_mode"),
-           pybind11::arg("mod_budget_bytes"), pybind11::arg("pack_rows"))
-      .def("run", &engine_native::HeadPlan::run, pybind11::arg("z"), pybind11::arg("x"),
-           pybind11::arg("noise"), pybind11::arg("cfg_scale"), pybind11::arg("temperature"),
-           pybind11::call_guard<pybind11::gil_scoped_release>())
-      .def("chunk_steps", &engine_native::HeadPlan::chunk_steps)
-      .def("describe", &engine_native::HeadPlan::describe)
-      .def_property_readonly("width", &engine_native::HeadPlan::width)
-      .def_property_readonly("depth", &engine_native::HeadPlan::depth)
-      .def_property_readonly("token_dim", &engine_native::HeadPlan::token_dim)
-      .def_property_readonly("num_steps", &engine_native::HeadPlan::num_steps);
-  m.def("has_mkl_packed", &has_mkl_packed);
-  m.def("has_sleef_exp", &has_sleef_exp);
-}
+}  // namespace engine_native

@@ -1,0 +1,27 @@
+// Python binding of the native head loop (head_loop.h). Kept apart from head_loop.cpp so that
+// only this file parses torch/extension.h (pybind11 and all of torch's C++ API, the slowest
+// part of the build) while the other compiles in parallel.
+#include <torch/extension.h>
+
+#include "head_loop.h"
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "engine native CPU head loop (MAR diffusion head)";
+  pybind11::class_<engine_native::HeadPlan>(m, "HeadPlan")
+      .def(pybind11::init<std::vector<at::Tensor>, std::optional<std::vector<double>>, bool,
+                          int64_t, int64_t, int64_t, int64_t>(),
+           pybind11::arg("tensors"), pybind11::arg("clip_range"), pybind11::arg("bf16"),
+           pybind11::arg("gemm_mode"), pybind11::arg("small_gemm_mode"),
+           pybind11::arg("mod_budget_bytes"), pybind11::arg("pack_rows"))
+      .def("run", &engine_native::HeadPlan::run, pybind11::arg("z"), pybind11::arg("x"),
+           pybind11::arg("noise"), pybind11::arg("cfg_scale"), pybind11::arg("temperature"),
+           pybind11::call_guard<pybind11::gil_scoped_release>())
+      .def("chunk_steps", &engine_native::HeadPlan::chunk_steps)
+      .def("describe", &engine_native::HeadPlan::describe)
+      .def_property_readonly("width", &engine_native::HeadPlan::width)
+      .def_property_readonly("depth", &engine_native::HeadPlan::depth)
+      .def_property_readonly("token_dim", &engine_native::HeadPlan::token_dim)
+      .def_property_readonly("num_steps", &engine_native::HeadPlan::num_steps);
+  m.def("has_mkl_packed", &engine_native::has_mkl_packed);
+  m.def("has_sleef_exp", &engine_native::has_sleef_exp);
+}
