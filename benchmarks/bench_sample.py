@@ -9,8 +9,9 @@ labels, cfg 3.0 (linear schedule), temperature 1. One round per backend (a round
   * batch 1, the published num_iter 64 and 100 diffusion steps;
   * batch 16, reduced to num_iter 4 and 10 diffusion steps (the published settings would take
     about an hour per round on 2 cores); set ENGINE_BENCH_SAMPLE_FULL=1 for num_iter 64 / 100 steps.
-After the native round the tokens are compared with the reference round's (relative error
-recorded as extra_info "rel_err_vs_reference"; the test fails above 1e-4). extra_info "head_loop_s"
+After the native rounds the tokens are compared with the reference round's (relative error
+recorded as extra_info "rel_err_vs_reference"; the test fails above 1e-4 for float32 and above
+0.1 for "native-bf16", precision="bf16"). extra_info "head_loop_s"
 is the part of the round spent in the head loops (the rest is the transformer and bookkeeping).
 ENGINE_BENCH_THREADS sets torch's thread count (default: torch's, 2 on the 2-core machine).
 """
@@ -31,7 +32,10 @@ from engine.models.mar import MAR
 FULL = os.environ.get("ENGINE_BENCH_SAMPLE_FULL", "") not in ("", "0")
 # (batch, num_iter, diffusion steps)
 CASES = [(1, 64, "100"), (16, 64, "100") if FULL else (16, 4, "10")]
-BACKENDS = ("reference", "native")
+# "native-bf16": the native backend with precision="bf16" (transformer under bf16 autocast, bf16
+# head weights): not the published tokens, so it is checked against a looser bound.
+BACKENDS = ("reference", "native", "native-bf16")
+BF16_MAX_REL_ERR = 0.1
 CFG = 3.0
 
 _tokens: dict = {}
@@ -66,12 +70,13 @@ def test_sample_tokens(benchmark, models, bsz, num_iter, steps, backend):
         models.clear()
         models[steps] = mar_b(steps)
     model = models[steps]
+    precision = "bf16" if backend.endswith("-bf16") else "fp32"
     if backend != "reference":
         from engine.backends.native import NativeBackend
 
         if not NativeBackend().available("cpu"):
             pytest.skip(f"native backend unavailable: {NativeBackend().unavailable_reason('cpu')}")
-    model.set_backend(backend)
+    model = MARModel(model.mar, backend=backend.removesuffix("-bf16"), precision=precision)
     labels = [(7 * i + 3) % 1000 for i in range(bsz)]
     head_time = [0.0]
     head_loop = model.backend.head_loop
@@ -102,4 +107,4 @@ def test_sample_tokens(benchmark, models, bsz, num_iter, steps, backend):
         ref = _tokens[key].double()
         err = float((out.double() - ref).norm() / ref.norm())
         benchmark.extra_info["rel_err_vs_reference"] = err
-        assert err <= 1e-4, err
+        assert err <= (1e-4 if precision == "fp32" else BF16_MAX_REL_ERR), err

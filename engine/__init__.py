@@ -25,7 +25,8 @@ def load(path, ema: bool = True, device="cpu", backend="auto", num_sampling_step
     ("digits"). Keyword arguments supply or override configuration fields.
 
     backend: "auto" (fastest available), "reference", "native" (CPU), "triton" (GPU), or a
-    HeadBackend instance. precision "bf16"/"fp16" and cuda_graphs apply on CUDA."""
+    HeadBackend instance. precision: "fp32" (published tokens), "bf16" (CPU or CUDA) or "fp16"
+    (CUDA); cuda_graphs applies on CUDA."""
     from .loading import build_mar, read_checkpoint
 
     if num_sampling_steps is not None:

@@ -16,7 +16,7 @@ def _sample(args) -> int:
     from .images import labelled_grid
 
     model = engine.load(args.checkpoint, device=args.device, backend=args.backend,
-                        num_sampling_steps=args.steps)
+                        num_sampling_steps=args.steps, precision=args.precision)
     vae = engine.load_vae(args.vae, device=args.device) if args.vae else None
     if model.config.tokenizer == "vae" and vae is None and not str(args.out).endswith(".npz"):
         raise EngineError("this model generates KL-16 latents: pass --vae kl16.ckpt, or --out x.npz "
@@ -81,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=64)
     s.add_argument("--backend", default="auto", choices=["auto", "reference", "native", "triton"])
     s.add_argument("--device", default="cpu")
+    s.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
+                   help="fp32 keeps the published tokens; bf16 (CPU or CUDA) / fp16 (CUDA) are faster")
     s.add_argument("--out", default="samples.png", help=".png grid or .npz arrays")
     s.set_defaults(func=_sample)
 

@@ -20,8 +20,10 @@ class MARModel:
 
     def __init__(self, mar: MAR, backend="auto", num_sampling_steps: str | None = None,
                  cuda_graphs: bool = True, precision: str = "fp32"):
-        """`precision` "bf16"/"fp16" (CUDA only): the transformer runs under autocast and the
-        Triton head kernels read weights in that type (fp32 accumulation and DDPM math)."""
+        """`precision` "bf16" (CUDA or CPU) / "fp16" (CUDA): the transformer runs under autocast
+        and the head's large weights are read in that type (Triton kernels on CUDA, the native
+        loop on CPU), with float32 accumulation and DDPM math. Tokens then differ from the
+        published float32 ones at that precision's level; "fp32" (the default) keeps them."""
         self.mar = mar.eval().requires_grad_(False)
         self.cuda_graphs = cuda_graphs
         if precision not in PRECISIONS:
@@ -40,10 +42,9 @@ class MARModel:
         tables = make_tables(self.config.num_sampling_steps)
         clip = self.config.clip_range if self.config.clip_denoised else None
         self.head = PackedHead.from_head(self.mar.diffloss.net, tables, clip)
-        if self.precision != "fp32" and self.device.type != "cuda":
-            raise ConfigError(f"precision {self.precision!r} is for CUDA devices; on CPU the engine "
-                              "samples in float32 (the native backend also takes bf16 weights: "
-                              "backend=engine.backends.native.NativeBackend(weight_dtype=torch.bfloat16))")
+        if self.precision == "fp16" and self.device.type != "cuda":
+            raise ConfigError("precision 'fp16' is for CUDA devices; on CPU use precision='bf16' "
+                              "(or 'fp32', which keeps the published tokens)")
         self.backend = get_backend(self._backend_request, self.device, PRECISIONS[self.precision])
         self.backend.prepare(self.head)
         self._graph_cache = {}  # captured plans hold the old weights and backend: drop them

@@ -92,30 +92,33 @@ INTERPRETED_NUM_ITER = 4
 
 
 def _backend_cases():
-    cases = [("cpu", b, None) for b in available_backends("cpu") if b != "reference"]
+    """(device, backend, precision, num_iter or None for the model's default)."""
+    cpu = available_backends("cpu")
+    cases = [("cpu", b, "fp32", None) for b in cpu if b != "reference"]
+    cases += [("cpu", b, "bf16", None) for b in cpu]
     if "triton" in available_backends("cpu", include_interpreted=True):
-        cases.append(("cpu", "triton", INTERPRETED_NUM_ITER))
+        cases.append(("cpu", "triton", "fp32", INTERPRETED_NUM_ITER))
     if torch.cuda.is_available():
-        cases += [("cuda", b, None) for b in available_backends("cuda")]
+        cases += [("cuda", b, p, None) for b in available_backends("cuda") for p in ("fp32", "bf16")]
     return cases
 
 
-@pytest.mark.parametrize("device,backend,num_iter", _backend_cases())
-def test_backend_matches_reference_quality(device, backend, num_iter, model, reference):
-    """Same seed, settings and sample count: each backend's samples score like the reference
-    backend's on CPU."""
+@pytest.mark.parametrize("device,backend,precision,num_iter", _backend_cases())
+def test_backend_matches_reference_quality(device, backend, precision, num_iter, model, reference):
+    """Same seed, settings and sample count: each backend's samples, at each precision, score
+    like the float32 reference backend's on CPU."""
     d = model.sampling_defaults
     num_iter = num_iter or d["num_iter"]
     want_images, want = _reference_run(model, reference, num_iter)
-    other = engine.load("digits", backend=backend, device=device)
+    other = engine.load("digits", backend=backend, device=device, precision=precision)
     images, labels = generate_digits(other, PER_CLASS, d["cfg"], num_iter, d.get("temperature", 1.0), SEED)
     quality = evaluate_samples(reference, images, labels)
     # With 50 samples the accuracy's binomial noise is a few points; FD noise is tens of percent.
     assert abs(quality["accuracy"] - want["accuracy"]) <= 0.12, (quality, want)
     assert quality["fd"] <= 1.5 * want["fd"] + reference.real_vs_real_fd, (quality, want)
     assert quality["accuracy"] >= 0.8
-    if device == "cpu":
-        # fp32 everywhere on CPU: the same random draws give the same digits, not just similar ones.
+    if device == "cpu" and precision == "fp32":
+        # The same random draws give the same digits, not just similar ones.
         assert (images - want_images).abs().max() < 1e-3
 
 

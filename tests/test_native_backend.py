@@ -180,13 +180,21 @@ def test_bf16_weights_are_close(golden_model):
     assert rel_err(got, want) <= 0.1  # documented precision: bf16 weights and activations
 
 
-def test_bf16_through_load(native_ext):
-    model = engine.load(CHECKPOINT, backend=NativeBackend(weight_dtype=torch.bfloat16))
-    assert model.backend_name == "native" and model.backend.weight_dtype == torch.bfloat16
-    case = next(c for c in golden_cases("sample_tokens") if c["name"] == "run0")
-    out = _run_case(model, case)
-    assert torch.isfinite(out).all()
-    assert rel_err(out, golden_tensors()["run0.tokens"]) <= 0.2
+@pytest.mark.parametrize("backend", ["native", "reference"])
+def test_bf16_precision_on_cpu(native_ext, backend):
+    """precision="bf16" on CPU: transformer under bf16 autocast (and bf16 head weights for the
+    native loop). Tokens move off the published float32 ones, but only at bf16's level
+    (measured: <= 0.027 native, <= 0.008 reference, over the golden cases)."""
+    model = engine.load(CHECKPOINT, backend=backend, precision="bf16")
+    if backend == "native":
+        assert model.backend.weight_dtype == torch.bfloat16
+    for case in golden_cases("sample_tokens"):
+        if case["params"].get("weights") == "model":  # the non-EMA weights: not loaded here
+            continue
+        out = _run_case(model, case)
+        err = rel_err(out, golden_tensors()[case["name"] + ".tokens"])
+        assert torch.isfinite(out).all()
+        assert 1e-4 < err <= 0.06, (case["name"], err)  # reduced precision really ran, and stayed close
 
 
 def test_bad_options_and_inputs(golden_model):

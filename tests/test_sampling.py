@@ -160,8 +160,10 @@ def test_generate_output_types():
         engine.generate(latent_model, [0], num_iter=2)
 
 
-def test_reduced_precision_is_for_cuda_only():
-    with pytest.raises(engine.ConfigError, match="precision 'bf16' is for CUDA devices"):
-        MARModel(random_mar(11), backend="reference", precision="bf16")
+def test_precision_options_on_cpu():
+    with pytest.raises(engine.ConfigError, match="precision 'fp16' is for CUDA devices; on CPU use"):
+        MARModel(random_mar(11), backend="reference", precision="fp16")
     with pytest.raises(engine.ConfigError, match="precision must be one of"):
         MARModel(random_mar(11), backend="reference", precision="half")
+    model = MARModel(random_mar(11), backend="reference", precision="bf16")
+    assert model.autocast_dtype == torch.bfloat16

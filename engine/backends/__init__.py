@@ -10,13 +10,15 @@ BACKENDS = ("reference", "native", "triton")
 
 
 def _make(name: str, weight_dtype: torch.dtype = torch.float32) -> HeadBackend:
-    """A backend by name; `weight_dtype` (bf16/fp16 precision) applies to the Triton kernels."""
+    """A backend by name; `weight_dtype` (the model's bf16/fp16 precision) sets the type the
+    native loop and the Triton kernels read weights in. The reference stays float32."""
     if name == "reference":
         from .reference import ReferenceBackend
         return ReferenceBackend()
     if name == "native":
         from .native import NativeBackend
-        return NativeBackend()
+        # bf16 or float32 (fp16 is a CUDA precision, where this backend does not run anyway)
+        return NativeBackend(weight_dtype=torch.bfloat16 if weight_dtype == torch.bfloat16 else torch.float32)
     if name == "triton":
         from .triton import TritonBackend
         return TritonBackend(weight_dtype=weight_dtype)

@@ -133,7 +133,8 @@ class MAR(nn.Module):
         buf = self.config.buffer_size
         x = self.decoder_embed(x)
         b, _, d = x.shape
-        full = self.mask_token.expand(b, buf + self.config.seq_len, d).clone()
+        # In x's type: under bf16/fp16 autocast the decoder embedding's output is low precision.
+        full = self.mask_token.to(x.dtype).expand(b, buf + self.config.seq_len, d).clone()
         full[:, :buf] = x[:, :buf]
         full.scatter_(1, (known + buf).unsqueeze(-1).expand(-1, -1, d), x[:, buf:])
         x = full + self.decoder_pos_embed_learned
