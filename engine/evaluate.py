@@ -233,10 +233,10 @@ def evaluate_samples(ref: Reference, images: torch.Tensor, labels: torch.Tensor)
     return {"accuracy": acc, "per_class": per_class, "fd": frechet_distance(feats, ref.heldout_features)}
 
 
-def _load_model(checkpoint, backend: str, device: str):
+def _load_model(checkpoint, backend: str, device: str, precision: str = "fp32"):
     import engine
 
-    model = engine.load(checkpoint, device=device, backend=backend)
+    model = engine.load(checkpoint, device=device, backend=backend, precision=precision)
     if model.config.tokenizer != "pixels" or model.config.vae_embed_dim != 1 or model.config.class_num < NUM_CLASSES:
         raise EngineError("evaluate needs a class-conditional single-channel pixel model with "
                           "classes 0-9 (such as the built-in 'digits')")
@@ -244,12 +244,14 @@ def _load_model(checkpoint, backend: str, device: str):
 
 
 def run_sweep(checkpoint="digits", samples_per_class: int = 20, cfgs=(1.0, 2.0, 4.0), num_iters=None,
-              backends=None, temperature=None, seed: int = 0, device: str = "cpu", log=print) -> dict:
-    """Every (backend, cfg, num_iter); returns the report dict (also what --json writes)."""
+              backends=None, temperature=None, seed: int = 0, device: str = "cpu", log=print,
+              precision: str = "fp32") -> dict:
+    """Every (backend, cfg, num_iter); returns the report dict (also what --json writes).
+    With a reduced `precision` the backends are labelled e.g. "native-bf16"."""
     from .backends import available_backends
 
     backends = list(backends) if backends else available_backends(device)
-    first = _load_model(checkpoint, backends[0], device)
+    first = _load_model(checkpoint, backends[0], device, precision)
     defaults = first.sampling_defaults
     num_iters = list(num_iters) if num_iters else [int(defaults.get("num_iter", 16))]
     temperature = float(defaults.get("temperature", 1.0)) if temperature is None else float(temperature)
@@ -263,7 +265,8 @@ def run_sweep(checkpoint="digits", samples_per_class: int = 20, cfgs=(1.0, 2.0, 
             f"held-out digits), classifier accuracy on them {ref.real_vs_real_accuracy:.2%}")
     results = []
     for backend in backends:
-        model = first if backend == backends[0] else _load_model(checkpoint, backend, device)
+        model = first if backend == backends[0] else _load_model(checkpoint, backend, device, precision)
+        label = model.backend_name + ("" if precision == "fp32" else f"-{precision}")
         for num_iter in num_iters:
             for cfg in cfgs:
                 start = time.time()
@@ -271,14 +274,15 @@ def run_sweep(checkpoint="digits", samples_per_class: int = 20, cfgs=(1.0, 2.0, 
                                                  temperature, seed)
                 seconds = time.time() - start
                 m = evaluate_samples(ref, images, labels)
-                r = SweepResult(model.backend_name, float(cfg), int(num_iter), temperature, m["accuracy"],
+                r = SweepResult(label, float(cfg), int(num_iter), temperature, m["accuracy"],
                                 m["per_class"], m["fd"], round(seconds, 2), len(labels))
                 results.append(r)
                 if log:
-                    log(f"  {r.backend:>9s}  num_iter {r.num_iter:3d}  cfg {r.cfg:4.1f}  accuracy "
+                    log(f"  {r.backend:>14s}  num_iter {r.num_iter:3d}  cfg {r.cfg:4.1f}  accuracy "
                         f"{r.accuracy:6.1%}  FD {r.fd:7.2f}  ({r.seconds:.1f}s)")
     return {
         "checkpoint": str(checkpoint), "samples_per_class": samples_per_class, "seed": seed,
+        "precision": precision,
         "temperature": temperature, "sampling_defaults": defaults,
         "num_sampling_steps": first.config.num_sampling_steps, "image_size": size,
         "classifier": ref.classifier_info, "real_vs_real_fd": ref.real_vs_real_fd,
@@ -367,7 +371,7 @@ def plot_report(report: dict, path) -> Path:
 def _run(args) -> int:
     torch.set_num_threads(args.threads) if args.threads else None
     report = run_sweep(args.checkpoint, args.samples_per_class, args.cfg, args.num_iter, args.backends,
-                       args.temperature, args.seed, args.device)
+                       args.temperature, args.seed, args.device, precision=args.precision)
     print()
     print(format_table(report))
     print()
@@ -399,6 +403,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=None, help="(default: the model's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
+                   help="sampling precision of every backend (see engine.load)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--out", default="report.png", help="PNG plot (accuracy and FD vs cfg)")
     p.add_argument("--json", default=None, help="also write the full report as JSON")

@@ -137,3 +137,14 @@ def test_evaluate_command_writes_report(tmp_path):
     assert report["classifier"]["heldout_accuracy"] >= 0.96
     assert np.isfinite(report["real_vs_real_fd"])
     assert png.exists() and png.stat().st_size > 1000
+
+
+def test_evaluate_command_reduced_precision(tmp_path):
+    from engine.cli import main
+
+    js = tmp_path / "report.json"
+    assert main(["evaluate", "--samples-per-class", "2", "--cfg", "2", "--backends", "reference",
+                 "--precision", "bf16", "--out", "", "--json", str(js)]) == 0
+    report = json.loads(js.read_text())
+    assert report["precision"] == "bf16"
+    assert [r["backend"] for r in report["results"]] == ["reference-bf16"]
