@@ -8,7 +8,7 @@ from .config import MARConfig
 from .errors import ConfigError
 from .diffusion import make_tables
 from .models.head import PackedHead
-from .models.mar import MAR
+from .models.mar import MAR, onednn_linear_available
 from .sampler import sample_tokens
 
 
@@ -47,6 +47,8 @@ class MARModel:
                               "(or 'fp32', which keeps the published tokens)")
         self.backend = get_backend(self._backend_request, self.device, PRECISIONS[self.precision])
         self.backend.prepare(self.head)
+        self.mar.pack_linears(self.backend.packs_transformer and self.device.type == "cpu"
+                              and self.precision == "fp32" and onednn_linear_available())
         self._graph_cache = {}  # captured plans hold the old weights and backend: drop them
 
     @property

@@ -322,3 +322,36 @@ def test_not_for_other_devices():
     backend = NativeBackend()
     assert not backend.available(torch.device("meta"))
     assert "CPU only" in backend.unavailable_reason(torch.device("meta"))
+
+
+def test_transformer_products_on_reordered_weights(native_ext):
+    """The native backend also runs the transformer blocks' products on oneDNN-reordered
+    weights: the step's transformer pass matches plain F.linear to float32 rounding, the
+    reference backend and reduced precision leave the blocks unpacked."""
+    from engine.models.mar import Linear, onednn_linear_available
+
+    if not onednn_linear_available():
+        pytest.skip("this torch build has no oneDNN")  # environment guard; CI's torch has it
+    model = engine.load(CHECKPOINT, backend="native")
+    layers = [m for m in model.mar.modules() if isinstance(m, Linear)]
+    assert layers and all(m.packs for m in layers)
+    gen = torch.Generator().manual_seed(0)
+    layer = model.mar.decoder_blocks[0].attn.qkv
+    x = torch.randn(3, 7, layer.in_features, generator=gen)
+    d = layer.in_features
+    for start, stop in ((0, None), (0, d), (d, None)):
+        want = torch.nn.functional.linear(x, layer.weight[start:stop], layer.bias[start:stop])
+        torch.testing.assert_close(layer.rows(x, start, stop), want, rtol=1e-5, atol=1e-5)
+    c = model.config
+    tokens = torch.randn(2, c.seq_len, c.token_dim, generator=gen)
+    order = torch.argsort(torch.rand(2, c.seq_len, generator=gen), dim=1)
+    known, predict = order[:, :5].sort(dim=1).values, order[:, 5:].sort(dim=1).values
+    class_emb = model.mar.class_embedding(torch.tensor([1, 2]), 2, False)
+    packed = model.mar.forward_step(tokens, known, predict, class_emb)
+    model.mar.pack_linears(False)
+    plain = model.mar.forward_step(tokens, known, predict, class_emb)
+    torch.testing.assert_close(packed, plain, rtol=1e-4, atol=1e-5)
+    assert not (packed == plain).all()  # the packed path really ran
+    for other in (engine.load(CHECKPOINT, backend="reference"),
+                  engine.load(CHECKPOINT, backend="native", precision="bf16")):
+        assert not any(m.packs for m in other.mar.modules() if isinstance(m, Linear))

@@ -76,6 +76,7 @@ def default_gemm(weight_dtype: torch.dtype) -> str:
 
 class NativeBackend(HeadBackend):
     name = "native"
+    packs_transformer = True
 
     def __init__(self, weight_dtype: torch.dtype = torch.float32, gemm: str = "auto",
                  small_gemm: str = "aten", mod_budget_bytes: int = DEFAULT_MOD_BUDGET,

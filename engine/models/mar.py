@@ -28,12 +28,45 @@ def unpatchify(x: torch.Tensor, p: int, c: int, h: int) -> torch.Tensor:
     return x.reshape(n, c, h * p, h * p)
 
 
+def onednn_linear_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters and state-dict keys) that can also hold row ranges of its
+    weight reordered once for oneDNN. On the development CPU that float32 product is 2.3x faster
+    than F.linear's MKL sgemm for the transformer's shapes, and equal up to summation order.
+    MARModel packs the blocks for the native CPU backend; everything else uses F.linear."""
+
+    packs: dict | None = None  # {(start, stop): reordered weight rows start:stop}
+
+    def pack(self, ranges=((0, None),)) -> None:
+        weight = self.weight.detach()
+        self.packs = {(a, b): torch.ops.mkldnn._reorder_linear_weight(weight[a:b].contiguous(), None)
+                      for a, b in ranges}
+
+    def unpack(self) -> None:
+        self.packs = None
+
+    def rows(self, x: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """x @ weight[start:stop].T + bias[start:stop]."""
+        bias = None if self.bias is None else self.bias[start:stop]
+        packed = None if self.packs is None else self.packs.get((start, stop))
+        if (packed is not None and x.dtype == torch.float32 and x.device.type == "cpu"
+                and not torch.is_autocast_enabled("cpu")):
+            return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+        return F.linear(x, self.weight[start:stop], bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.rows(x)
+
+
 class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
         self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
+        self.qkv = Linear(dim, 3 * dim)
+        self.proj = Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, query_index: torch.Tensor | None = None) -> torch.Tensor:
         """Bidirectional attention; with `query_index [B, n]` only those rows are computed."""
@@ -42,11 +75,9 @@ class Attention(nn.Module):
         if query_index is None:
             q, k, v = self.qkv(x).reshape(b, length, 3, self.num_heads, hd).permute(2, 0, 3, 1, 4)
         else:
-            w_q, w_kv = self.qkv.weight.split([dim, 2 * dim])
-            b_q, b_kv = self.qkv.bias.split([dim, 2 * dim])
-            k, v = F.linear(x, w_kv, b_kv).reshape(b, length, 2, self.num_heads, hd).permute(2, 0, 3, 1, 4)
+            k, v = self.qkv.rows(x, dim).reshape(b, length, 2, self.num_heads, hd).permute(2, 0, 3, 1, 4)
             rows = torch.gather(x, 1, query_index.unsqueeze(-1).expand(-1, -1, dim))
-            q = F.linear(rows, w_q, b_q).reshape(b, -1, self.num_heads, hd).transpose(1, 2)
+            q = self.qkv.rows(rows, 0, dim).reshape(b, -1, self.num_heads, hd).transpose(1, 2)
         out = attention(q, k, v)
         return self.proj(out.transpose(1, 2).reshape(b, -1, dim))
 
@@ -54,8 +85,8 @@ class Attention(nn.Module):
 class Mlp(nn.Module):
     def __init__(self, dim: int, hidden: int):
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
+        self.fc1 = Linear(dim, hidden)
+        self.fc2 = Linear(hidden, dim)
 
     def forward(self, x):
         return self.fc2(F.gelu(self.fc1(x)))
@@ -109,6 +140,15 @@ class MAR(nn.Module):
         self.decoder_norm = nn.LayerNorm(d, eps=LN_EPS)
         self.diffusion_pos_embed_learned = nn.Parameter(torch.zeros(1, length, d))
         self.diffloss = DiffLoss(c.token_dim, d, c.diffloss_w, c.diffloss_d)
+
+    def pack_linears(self, enable: bool) -> None:
+        """Reorder the transformer blocks' weights for oneDNN (CPU float32), or drop them."""
+        for block in [*self.encoder_blocks, *self.decoder_blocks]:
+            d = block.attn.proj.in_features
+            layers = [(block.attn.qkv, ((0, None), (0, d), (d, None))), (block.attn.proj, ((0, None),)),
+                      (block.mlp.fc1, ((0, None),)), (block.mlp.fc2, ((0, None),))]
+            for layer, ranges in layers:
+                layer.pack(ranges) if enable else layer.unpack()
 
     def class_embedding(self, labels: torch.Tensor | None, bsz: int, cfg: bool) -> torch.Tensor:
         """[B', E]: class rows (fake_latent without labels), then with CFG the unconditional half."""
