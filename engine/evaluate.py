@@ -5,7 +5,7 @@
                               [--json report.json]
 
 A small CNN is trained on the real *train* split of the scikit-learn digits (at the model's
-resolution; cached under ~/.cache/engine, or $ENGINE_CACHE) and its accuracy on the real
+resolution; cached under ~/.cache/engine, or $ENGINE_CACHE_DIR) and its accuracy on the real
 *held-out* split is reported. For every (backend, cfg, num_iter) of the sweep the model draws
 N samples per class from one fixed generator seed, and the report gives
   (a) the fraction of samples the classifier assigns to the requested class, overall and per class;
@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from .digits import NUM_CLASSES, load_split, per_class_subset
 from .errors import EngineError
 
-CLASSIFIER_VERSION = 1
+CLASSIFIER_VERSION = 2  # 2: always trained on one thread (v1 depended on the thread count)
 FEATURE_DIM = 64
 
 
@@ -77,6 +77,15 @@ def train_classifier(size: int, epochs: int = 30, seed: int = 0, log=None) -> Di
     if size % 4:
         raise EngineError(f"the digit classifier needs a size divisible by 4, got {size}")
     images, labels = load_split("train", size)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the same classifier, bit for bit, whatever the caller's threads
+    try:
+        return _train_classifier(images, labels, size, epochs, seed, log)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_classifier(images, labels, size: int, epochs: int, seed: int, log) -> DigitClassifier:
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     clf = DigitClassifier(size)
@@ -100,10 +109,9 @@ def train_classifier(size: int, epochs: int = 30, seed: int = 0, log=None) -> Di
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("ENGINE_CACHE")
-    if root:
-        return Path(root)
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "engine"
+    from .native_build import cache_root
+
+    return cache_root()  # one cache for the package ($ENGINE_CACHE_DIR, else the user cache)
 
 
 def load_classifier(size: int, cache: bool = True, log=None) -> tuple[DigitClassifier, dict]:
@@ -121,14 +129,13 @@ def load_classifier(size: int, cache: bool = True, log=None) -> tuple[DigitClass
         except Exception:  # a stale or corrupt cache entry: retrain
             clf = None
     if clf is None:
-        threads = torch.get_num_threads()
         start = time.time()
         clf = train_classifier(size, log=log)
         held_x, held_y = load_split("heldout", size)
         pred, _ = classify(clf, held_x)
         info = {"size": size, "version": CLASSIFIER_VERSION, "heldout_accuracy": float((pred == held_y).float().mean()),
                 "heldout_count": len(held_y), "train_seconds": round(time.time() - start, 1),
-                "arch": "CNN 16-32-32 conv, 64-d features", "threads": threads}
+                "arch": "CNN 16-32-32 conv, 64-d features", "train_threads": 1}
         if cache:
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)

@@ -48,6 +48,21 @@ def test_classifier_is_accurate_on_held_out_real_digits(model):
     assert feats.shape == (len(labels), 64)
 
 
+def test_classifier_does_not_depend_on_the_callers_threads():
+    from engine.evaluate import train_classifier
+
+    before = torch.get_num_threads()
+    try:
+        weights = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            weights.append(train_classifier(8, epochs=1).state_dict())
+            assert torch.get_num_threads() == threads  # restored
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
 def test_real_vs_real_floor_is_small(reference):
     assert reference.real_vs_real_accuracy >= 0.9
     assert reference.floor_count == 10 * PER_CLASS
