@@ -336,10 +336,13 @@ def test_transformer_products_on_reordered_weights(native_ext):
     layers = [m for m in model.mar.modules() if isinstance(m, Linear)]
     assert layers and all(m.packs for m in layers)
     gen = torch.Generator().manual_seed(0)
-    layer = model.mar.decoder_blocks[0].attn.qkv
-    x = torch.randn(3, 7, layer.in_features, generator=gen)
-    d = layer.in_features
+    first, last = model.mar.decoder_blocks[0].attn.qkv, model.mar.decoder_blocks[-1].attn.qkv
+    assert set(first.packs) == {(0, None)}  # a weight is packed once, as it is used
+    assert set(last.packs) == {(0, first.in_features), (first.in_features, None)}
+    x = torch.randn(3, 7, first.in_features, generator=gen)
+    d = first.in_features
     for start, stop in ((0, None), (0, d), (d, None)):
+        layer = first if stop is None and start == 0 else last
         want = torch.nn.functional.linear(x, layer.weight[start:stop], layer.bias[start:stop])
         torch.testing.assert_close(layer.rows(x, start, stop), want, rtol=1e-5, atol=1e-5)
     c = model.config

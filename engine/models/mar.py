@@ -143,9 +143,12 @@ class MAR(nn.Module):
 
     def pack_linears(self, enable: bool) -> None:
         """Reorder the transformer blocks' weights for oneDNN (CPU float32), or drop them."""
-        for block in [*self.encoder_blocks, *self.decoder_blocks]:
+        blocks = [*self.encoder_blocks, *self.decoder_blocks]
+        for block in blocks:
             d = block.attn.proj.in_features
-            layers = [(block.attn.qkv, ((0, None), (0, d), (d, None))), (block.attn.proj, ((0, None),)),
+            # Only the last decoder block attends from a subset of rows: q and kv products apart.
+            qkv = ((0, d), (d, None)) if block is blocks[-1] and len(self.decoder_blocks) else ((0, None),)
+            layers = [(block.attn.qkv, qkv), (block.attn.proj, ((0, None),)),
                       (block.mlp.fc1, ((0, None),)), (block.mlp.fc2, ((0, None),))]
             for layer, ranges in layers:
                 layer.pack(ranges) if enable else layer.unpack()
