@@ -205,3 +205,19 @@ def published_standin(mar: MAR) -> torch.nn.Module:
         use_timesteps=set(space_timesteps(1000, c.num_sampling_steps)))
     obj.sample_tokens = lambda *a, **k: "published sample_tokens"
     return obj
+
+
+def run_golden_head_case(model, case) -> tuple[torch.Tensor, torch.Tensor]:
+    """(model's head loop output, the published tokens) for a golden "diffloss_sample" case,
+    with its start noise drawn as the published code does."""
+    from engine.sampler import draw_step_noise
+
+    g, p = golden_tensors(), case["params"]
+    z, want = g[f"{case['name']}.z"], g[f"{case['name']}.tokens"]
+    cfg = p["cfg"]
+    n = z.shape[0] // 2 if cfg != 1.0 else z.shape[0]
+    torch.manual_seed(p["torch_seed"])
+    x = torch.randn(n, model.config.token_dim)
+    noise = draw_step_noise(model.head.num_steps, z.shape[0], model.config.token_dim, None, "cpu")
+    out = model.backend.head_loop(model.head, z, x, noise, cfg if cfg != 1.0 else None, p["temperature"])
+    return out, want[:n]

@@ -7,7 +7,8 @@ import engine
 from engine.diffusion import make_tables
 from engine.plan import build_plan, mask_schedule
 from engine.sampler import draw_step_noise
-from helpers import CHECKPOINT, golden_cases, golden_json, golden_tensors, published_standin, rel_err
+from helpers import (CHECKPOINT, golden_cases, golden_json, golden_tensors, published_standin, rel_err,
+                     run_golden_head_case)
 
 TOL = 1e-4
 
@@ -56,15 +57,8 @@ def test_head_forward(model):
 
 @pytest.mark.parametrize("case", golden_cases("diffloss_sample"), ids=lambda c: c["name"])
 def test_head_sampling(model, case):
-    g, p = golden_tensors(), case["params"]
-    z, want = g[f"{case['name']}.z"], g[f"{case['name']}.tokens"]
-    cfg = p["cfg"]
-    n = z.shape[0] // 2 if cfg != 1.0 else z.shape[0]
-    torch.manual_seed(p["torch_seed"])
-    x = torch.randn(n, model.config.token_dim)
-    noise = draw_step_noise(model.head.num_steps, z.shape[0], model.config.token_dim, None, "cpu")
-    out = model.backend.head_loop(model.head, z, x, noise, cfg if cfg != 1.0 else None, p["temperature"])
-    assert rel_err(out, want[:n]) <= TOL
+    out, want = run_golden_head_case(model, case)
+    assert rel_err(out, want) <= TOL
 
 
 @pytest.mark.parametrize("case", golden_cases("transformer"), ids=lambda c: c["name"])

@@ -19,8 +19,7 @@ from engine.backends.reference import ReferenceBackend
 from engine.diffusion import make_tables
 from engine.errors import ConfigError
 from engine.models.head import DiffusionHead, PackedHead
-from engine.sampler import draw_step_noise
-from helpers import CHECKPOINT, golden_cases, golden_tensors, rel_err
+from helpers import CHECKPOINT, golden_cases, golden_tensors, rel_err, run_golden_head_case
 
 TOL = 1e-4
 
@@ -96,17 +95,8 @@ def test_golden_head_loop_with_clip_range(golden_model, cfg):
 
 @pytest.mark.parametrize("case", golden_cases("diffloss_sample"), ids=lambda c: c["name"])
 def test_golden_head_sampling_cases(golden_native, case):
-    g, p = golden_tensors(), case["params"]
-    z, want = g[f"{case['name']}.z"], g[f"{case['name']}.tokens"]
-    cfg = p["cfg"]
-    n = z.shape[0] // 2 if cfg != 1.0 else z.shape[0]
-    torch.manual_seed(p["torch_seed"])
-    x = torch.randn(n, golden_native.config.token_dim)
-    noise = draw_step_noise(golden_native.head.num_steps, z.shape[0], golden_native.config.token_dim,
-                            None, "cpu")
-    out = golden_native.backend.head_loop(golden_native.head, z, x, noise,
-                                          cfg if cfg != 1.0 else None, p["temperature"])
-    assert rel_err(out, want[:n]) <= TOL
+    out, want = run_golden_head_case(golden_native, case)
+    assert rel_err(out, want) <= TOL
 
 
 # --- random heads of other shapes ----------------------------------------------------------
