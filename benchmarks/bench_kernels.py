@@ -82,7 +82,10 @@ def test_final_ddpm(benchmark, shape, rows, dtype):
     x = torch.randn(M // 2, C, device="cuda")
     noise = torch.randn(M, C, device="cuda")
     coeffs = make_tables("100").as_tensor("cuda")[50]
-    timed(benchmark, final_ddpm, h, mods, p["out"], p["out_b"], x, noise, coeffs, 3.0, 1.0, None, None)
+    n = M // 2   # per-row settings: one cfg scale and temperature per result row
+    cfg, temperature = torch.full((n,), 3.0, device="cuda"), torch.ones(n, device="cuda")
+    timed(benchmark, final_ddpm, h, mods, p["out"], p["out_b"], x, noise, coeffs, cfg, temperature,
+          None, None)
 
 
 def packed_head(shape, steps="100"):

@@ -289,7 +289,7 @@ std::string HeadPlan::describe() const {
 }
 
 at::Tensor HeadPlan::run(const at::Tensor& z_in, const at::Tensor& x_in, const at::Tensor& noise_in,
-                         std::optional<double> cfg_scale, double temperature) const {
+                         const std::optional<at::Tensor>& cfg_in, const at::Tensor& temp_in) const {
   TORCH_CHECK(z_in.device().is_cpu() && x_in.device().is_cpu() && noise_in.device().is_cpu(),
               "engine native: tensors must be on the CPU");
   TORCH_CHECK(z_in.dim() == 2 && z_in.size(1) == cond_dim_, "engine native: z must be [R, ",
@@ -297,31 +297,38 @@ at::Tensor HeadPlan::run(const at::Tensor& z_in, const at::Tensor& x_in, const a
   TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) == token_dim_, "engine native: x must be [n, ",
               token_dim_, "], got ", x_in.sizes());
   const int64_t rows = z_in.size(0), n = x_in.size(0);
-  TORCH_CHECK(rows == (cfg_scale.has_value() ? 2 * n : n), "engine native: z has ", rows,
-              " rows for ", n, " tokens", cfg_scale.has_value() ? " with CFG" : "");
+  const bool use_cfg = cfg_in.has_value();
+  TORCH_CHECK(rows == (use_cfg ? 2 * n : n), "engine native: z has ", rows, " rows for ", n,
+              " tokens", use_cfg ? " with CFG" : "");
   TORCH_CHECK(noise_in.dim() == 3 && noise_in.size(0) == num_steps_ && noise_in.size(1) == rows &&
                   noise_in.size(2) == token_dim_,
               "engine native: noise must be [", num_steps_, ", ", rows, ", ", token_dim_, "], got ",
               noise_in.sizes());
+  TORCH_CHECK(temp_in.device().is_cpu() && temp_in.dim() == 1 && temp_in.size(0) == n,
+              "engine native: temperature must be a CPU tensor [", n, "], got ", temp_in.sizes());
+  TORCH_CHECK(!use_cfg || (cfg_in->device().is_cpu() && cfg_in->dim() == 1 && cfg_in->size(0) == n),
+              "engine native: cfg_scale must be a CPU tensor [", n, "], got ", cfg_in->sizes());
   at::NoGradGuard no_grad;
   const at::Tensor z = z_in.to(at::kFloat).contiguous();
   const at::Tensor x = x_in.to(at::kFloat).contiguous();
   const at::Tensor noise = noise_in.to(at::kFloat).contiguous();
+  const at::Tensor temp = temp_in.to(at::kFloat).contiguous();
+  const at::Tensor cfg = use_cfg ? cfg_in->to(at::kFloat).contiguous() : at::Tensor();
   if (n == 0) return x.clone().to(x_in.scalar_type());
-  at::Tensor result = opts_.bf16 ? run_impl<c10::BFloat16>(z, x, noise, cfg_scale, temperature)
-                                 : run_impl<float>(z, x, noise, cfg_scale, temperature);
+  const float* cfgp = use_cfg ? cfg.data_ptr<float>() : nullptr;
+  const float* tempp = temp.data_ptr<float>();
+  at::Tensor result = opts_.bf16 ? run_impl<c10::BFloat16>(z, x, noise, cfgp, tempp)
+                                 : run_impl<float>(z, x, noise, cfgp, tempp);
   return result.to(x_in.scalar_type());
 }
 
 template <typename T>
 at::Tensor HeadPlan::run_impl(const at::Tensor& z, const at::Tensor& x_start,
-                              const at::Tensor& noise, std::optional<double> cfg_scale,
-                              double temperature) const {
+                              const at::Tensor& noise, const float* cfgp,
+                              const float* tempp) const {
   const int64_t R = z.size(0), n = x_start.size(0), C = token_dim_, w = width_, d = depth_;
   const int64_t NA = (3 * d + 2) * w, T_ = num_steps_;
-  const bool use_cfg = cfg_scale.has_value();
-  const float cfg = use_cfg ? static_cast<float>(*cfg_scale) : 0.0f;
-  const float temp = static_cast<float>(temperature);
+  const bool use_cfg = cfgp != nullptr;
   const auto f32 = z.options().dtype(at::kFloat);
   const auto tT = z.options().dtype(c10::CppTypeToScalarType<T>::value);
   const int64_t grain = row_grain(w);
@@ -509,6 +516,7 @@ at::Tensor HeadPlan::run_impl(const at::Tensor& z, const at::Tensor& x_start,
                        [&](int64_t r0, int64_t r1) {
         float std_dev[kBlock];
         for (int64_t r = r0; r < r1; ++r) {
+          const float cfg = use_cfg ? cfgp[r] : 0.0f, temp = tempp[r];  // this row's settings
           const float* oc = op + r * 2 * C;
           const float* ou = op + (n + r) * 2 * C;
           float* xr = xp + r * C;
@@ -546,11 +554,10 @@ at::Tensor HeadPlan::run_impl(const at::Tensor& z, const at::Tensor& x_start,
 }
 
 template at::Tensor HeadPlan::run_impl<float>(const at::Tensor&, const at::Tensor&,
-                                              const at::Tensor&, std::optional<double>,
-                                              double) const;
+                                              const at::Tensor&, const float*, const float*) const;
 template at::Tensor HeadPlan::run_impl<c10::BFloat16>(const at::Tensor&, const at::Tensor&,
-                                                      const at::Tensor&, std::optional<double>,
-                                                      double) const;
+                                                      const at::Tensor&, const float*,
+                                                      const float*) const;
 
 }  // namespace engine_native
 

@@ -61,8 +61,9 @@ class HeadPlan {
            int64_t pack_rows);
 
   // z [R, D], x [n, C], noise [T, R, C]; R = 2n with CFG (cfg_scale given), else n. -> [n, C]
+  // cfg_scale and temperature: float32 [n], one value per result row.
   at::Tensor run(const at::Tensor& z, const at::Tensor& x, const at::Tensor& noise,
-                 std::optional<double> cfg_scale, double temperature) const;
+                 const std::optional<at::Tensor>& cfg_scale, const at::Tensor& temperature) const;
 
   std::string describe() const;
   int64_t width() const { return width_; }
@@ -74,7 +75,7 @@ class HeadPlan {
  private:
   template <typename T>
   at::Tensor run_impl(const at::Tensor& z, const at::Tensor& x, const at::Tensor& noise,
-                      std::optional<double> cfg_scale, double temperature) const;
+                      const float* cfg, const float* temperature) const;  // cfg: nullptr = none
 
   int64_t width_, depth_, token_dim_, cond_dim_, num_steps_;
   PlanOptions opts_;

@@ -11,30 +11,36 @@ import torch
 from .config import MARConfig, PRESETS
 from .errors import CheckpointError, ConfigError, EngineError, SamplingError
 from .images import labelled_grid, make_grid, save_grid
-from .model import MARModel
+from .model import MARModel, Model
 
 __version__ = "0.1.0"
-__all__ = ["load", "load_vae", "generate", "accelerate", "patch", "convert", "make_grid",
-           "save_grid", "labelled_grid", "MARModel", "MARConfig", "PRESETS", "EngineError",
+__all__ = ["load", "load_vae", "load_text_encoder", "generate", "accelerate", "patch", "convert", "make_grid",
+           "save_grid", "labelled_grid", "Model", "MARModel", "MARConfig", "PRESETS", "EngineError",
            "CheckpointError", "ConfigError", "SamplingError"]
 
 
 def load(path, ema: bool = True, device="cpu", backend="auto", num_sampling_steps=None,
-         precision: str = "fp32", cuda_graphs: bool = True, **config) -> MARModel:
-    """Load a published `checkpoint-last.pth`, an engine model directory, or a built-in model
-    ("digits"). Keyword arguments supply or override configuration fields.
+         precision: str = "fp32", cuda_graphs: bool = True, family: str | None = None,
+         **config) -> Model:
+    """Load a published checkpoint (MAR's `checkpoint-last.pth`, a LightGen Fluid checkpoint),
+    an engine model directory, or a built-in model ("digits"). The family is recognised from the
+    checkpoint (its args' preset name, its keys) unless `family=` names it ("mar", "fluid").
+    Keyword arguments supply or override configuration fields (named as the published
+    constructor's arguments).
 
     backend: "auto" (fastest available), "reference", "native" (CPU), "triton" (GPU), or a
     HeadBackend instance. precision: "fp32" (published tokens), "bf16" (CPU or CUDA) or "fp16"
     (CUDA); cuda_graphs applies on CUDA."""
-    from .loading import build_mar, read_checkpoint
+    from .families import family_of_config
+    from .loading import build_module, read_checkpoint
 
     if num_sampling_steps is not None:
         config["num_sampling_steps"] = str(num_sampling_steps)
     check_device(device)
-    state, cfg, sampling_defaults = read_checkpoint(path, ema=ema, **config)
-    mar = build_mar(state, cfg, str(path)).to(device)
-    model = MARModel(mar, backend=backend, cuda_graphs=cuda_graphs, precision=precision)
+    state, cfg, sampling_defaults = read_checkpoint(path, ema=ema, family=family, **config)
+    module = build_module(state, cfg, str(path)).to(device)
+    model_cls = family_of_config(cfg).model_cls
+    model = model_cls(module, backend=backend, cuda_graphs=cuda_graphs, precision=precision)
     model.sampling_defaults = dict(sampling_defaults)
     return model
 
@@ -51,38 +57,102 @@ def check_device(device) -> torch.device:
 
 
 def load_vae(path, device="cpu", dtype=torch.float32):
-    """Load the KL-16 VAE decoder from `kl16.ckpt`."""
-    from .models.vae import load_vae as _load_vae
+    """A VAE decoder: MAR's KL-16 from `kl16.ckpt`, or a diffusers AutoencoderKL directory (the
+    SD-3.5 VAE Fluid / LightGen decode with; a pipeline directory with `vae/` works too)."""
+    from pathlib import Path
 
     check_device(device)
+    if isinstance(path, (str, Path)) and Path(path).is_dir():
+        from .models.sd_vae import load_sd_vae
+        return load_sd_vae(path, device=device, dtype=dtype)
+    from .models.vae import load_vae as _load_vae
     return _load_vae(path, device=device, dtype=dtype)
 
 
-def generate(model: MARModel, labels=None, vae=None, num_images: int | None = None, num_iter: int = 64,
-             cfg: float = 1.0, cfg_schedule: str = "linear", temperature: float = 1.0,
-             generator=None, progress: bool = False, output_type: str = "pil"):
-    """Images for `labels` (one per label; or `num_images` unconditional ones with labels=None).
+def load_text_encoder(path, max_length: int = 128, device="cpu", dtype=torch.float32):
+    """A local Hugging Face T5 encoder directory as LightGen uses it: prompts -> [B, max_length,
+    d_model] (`last_hidden_state`, padded to max_length). Never downloads."""
+    from .text import load_text_encoder as _load
 
-    output_type "pil": list of PIL images; "np": float array [N, H, W, channels] in [0, 1];
-    "pt": float tensor [N, channels, H, W] in [0, 1]. `vae` decodes latent-token models; pixel
-    models need none."""
+    check_device(device)
+    return _load(path, max_length=max_length, device=device, dtype=dtype)
+
+
+SAMPLING_DEFAULTS = {"num_iter": 64, "cfg": 1.0, "cfg_schedule": "linear", "temperature": 1.0}
+
+
+def sampling_settings(model, **given) -> dict:
+    """The caller's settings; where one is None, the model's recorded default (engine model
+    directories record them), else the published sampler's."""
+    defaults = {**SAMPLING_DEFAULTS, **getattr(model, "sampling_defaults", {})}
+    return {k: defaults[k] if v is None else v for k, v in given.items()}
+
+
+def generate(model: Model, labels=None, vae=None, num_images: int | None = None, num_iter=None,
+             cfg=None, cfg_schedule=None, temperature=None, generator=None, progress: bool = False,
+             output_type: str = "pil", prompts=None, text_encoder=None, texts=None,
+             height: int | None = None, width: int | None = None):
+    """Images for `labels` (class-conditional models; labels=None with `num_images` for
+    unconditional ones) or for `prompts` (text-to-image models: encoded by `text_encoder`, or
+    the model's own; or pass the encoder output as `texts`).
+
+    Settings left as None take the model's recorded defaults (else the published ones).
+    `generator`: one torch.Generator, or a list with one per image (image i then depends on
+    generator i alone). output_type "pil": list of PIL images; "np": float array [N, H, W,
+    channels] in [0, 1]; "pt": float tensor [N, channels, H, W] in [0, 1]. `vae` decodes
+    latent-token models (engine.load_vae); pixel models need none."""
     from .images import OUTPUT_TYPES, convert_output, tokens_to_images
 
     if output_type not in OUTPUT_TYPES:
         raise SamplingError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
-    if labels is None:
-        if num_images is None:
-            raise SamplingError("pass labels, or num_images for unconditional samples")
-        bsz = num_images
+    settings = sampling_settings(model, num_iter=num_iter, cfg=cfg, cfg_schedule=cfg_schedule,
+                                 temperature=temperature)
+    if model.family == "fluid":
+        if labels is not None:
+            raise SamplingError("this is a text-to-image model: pass prompts=[...], not labels")
+        texts, bsz = _texts_for(model, prompts, texts, text_encoder, num_images)
+        tokens = model.sample_tokens(bsz, texts=texts, height=height, width=width, progress=progress,
+                                     generator=generator, **settings)
     else:
-        labels = list(labels.tolist() if hasattr(labels, "tolist") else labels)
-        if num_images is not None and num_images != len(labels):
-            raise SamplingError(f"num_images={num_images} but {len(labels)} labels")
-        bsz = len(labels)
-    tokens = model.sample_tokens(bsz, num_iter=num_iter, cfg=cfg, cfg_schedule=cfg_schedule,
-                                 labels=labels, temperature=temperature, progress=progress,
-                                 generator=generator)
+        if prompts is not None or texts is not None:
+            raise SamplingError("this is a class-conditional model: pass labels=[...], not prompts")
+        if labels is None:
+            if num_images is None:
+                raise SamplingError("pass labels, or num_images for unconditional samples")
+            bsz = num_images
+        else:
+            labels = list(labels.tolist() if hasattr(labels, "tolist") else labels)
+            if num_images is not None and num_images != len(labels):
+                raise SamplingError(f"num_images={num_images} but {len(labels)} labels")
+            bsz = len(labels)
+        tokens = model.sample_tokens(bsz, labels=labels, progress=progress, generator=generator,
+                                     **settings)
     return convert_output(tokens_to_images(model, tokens, vae), output_type)
+
+
+def _texts_for(model, prompts, texts, text_encoder, num_images):
+    """(text-encoder outputs or None, batch size) of a text-to-image call."""
+    if texts is not None:
+        if prompts is not None:
+            raise SamplingError("pass prompts or texts, not both")
+        return texts, len(texts)
+    if prompts is None:
+        if num_images is None:
+            raise SamplingError("pass prompts=[...] (or num_images for unconditional samples)")
+        return None, num_images
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if num_images is not None and num_images != len(prompts):
+        raise SamplingError(f"num_images={num_images} but {len(prompts)} prompts")
+    encoder = text_encoder or getattr(model, "text_encoder", None)
+    if encoder is None:
+        raise SamplingError("prompts need a text encoder: pass text_encoder=engine.load_text_encoder(DIR)")
+    c = model.config
+    if encoder.max_length != c.max_length or encoder.channels != c.caption_channels:
+        raise SamplingError(f"the text encoder gives [*, {encoder.max_length}, {encoder.channels}] but "
+                            f"the model reads [*, {c.max_length}, {c.caption_channels}] (max_length, "
+                            "caption_channels); load the encoder with max_length=model.config.max_length")
+    return encoder(prompts).to(model.device), len(prompts)
 
 
 def accelerate(published_model, backend="auto", num_sampling_steps=None, **config) -> MARModel:

@@ -1,13 +1,12 @@
-"""Drop-in use with a model object of the published MAR code (duck-typed; its code is not imported)."""
+"""Drop-in use with a model object of the published code (MAR's `MAR`, LightGen's `FLUID`),
+duck-typed: their code is never imported."""
 from __future__ import annotations
 
-import torch
+import functools
 
-from .config import MARConfig
 from .diffusion import space_timesteps, NUM_TRAIN_TIMESTEPS
 from .errors import ConfigError
-from .loading import build_mar
-from .model import MARModel
+from .loading import build_module
 
 
 def _respacing_of(published) -> str:
@@ -27,44 +26,74 @@ def _respacing_of(published) -> str:
                       "the string it was built with (e.g. '10,5')")
 
 
-def config_of(published) -> MARConfig:
+def is_fluid(published) -> bool:
+    return hasattr(published, "cross_attn_blocks") and hasattr(published, "text_emb")
+
+
+def config_of(published) -> dict:
+    """Configuration values read from a published model's attributes and modules."""
     try:
         enc, dec = published.encoder_blocks, published.decoder_blocks
         net = published.diffloss.net
         values = dict(
             img_size=published.img_size, vae_stride=published.vae_stride,
             patch_size=published.patch_size, vae_embed_dim=published.vae_embed_dim,
-            encoder_embed_dim=published.class_emb.weight.shape[1], encoder_depth=len(enc),
+            encoder_embed_dim=published.z_proj.weight.shape[0], encoder_depth=len(enc),
             decoder_embed_dim=published.mask_token.shape[-1], decoder_depth=len(dec),
-            class_num=published.class_emb.weight.shape[0], buffer_size=published.buffer_size,
             diffloss_d=len(net.res_blocks), diffloss_w=net.input_proj.weight.shape[0])
+        if is_fluid(published):
+            cross, aligner = published.cross_attn_blocks, published.text_emb
+            values.update(cross_embed_dim=published.fake_latent.shape[-1], cross_depth=len(cross),
+                          text_depth=len(aligner.text_aligner),
+                          caption_channels=aligner.text_proj.linear_1.weight.shape[1],
+                          max_length=published.max_length,
+                          interpolate_offset=published.interpolate_offset,
+                          norm_eps=published.encoder_norm.eps)
+            if len(cross):
+                values["cross_num_heads"] = cross[0].attn.num_heads
+        else:
+            values.update(class_num=published.class_emb.weight.shape[0], buffer_size=published.buffer_size)
         if len(enc):
             values["encoder_num_heads"] = enc[0].attn.num_heads
             values["mlp_ratio"] = enc[0].mlp.fc1.weight.shape[0] / values["encoder_embed_dim"]
         if len(dec):
             values["decoder_num_heads"] = dec[0].attn.num_heads
     except AttributeError as err:
-        raise ConfigError(f"not a published MAR model: {err}") from None
+        raise ConfigError(f"not a published MAR or FLUID model: {err}") from None
     return values
 
 
-def accelerate(published, backend="auto", num_sampling_steps: str | None = None, **config) -> MARModel:
+def accelerate(published, backend="auto", num_sampling_steps: str | None = None, **config):
     """An engine model with the published model's weights (and device); `sample_tokens` gives
     the same results as the published one for the same seeds."""
+    from .families import get_family
+
+    family = get_family("fluid" if is_fluid(published) else "mar")
     values = config_of(published)
     values["num_sampling_steps"] = num_sampling_steps or _respacing_of(published)
     values.update(config)
-    cfg = MARConfig.from_dict(values)
+    cfg = family.config_cls.from_dict(values)
     state = {k: v.detach() for k, v in published.state_dict().items()}
     device = next(iter(state.values())).device
-    mar = build_mar(state, cfg, f"{type(published).__name__} instance").to(device)
-    return MARModel(mar, backend=backend)
+    module = build_module(state, cfg, f"{type(published).__name__} instance").to(device)
+    return family.model_cls(module, backend=backend)
 
 
 def patch(published, backend="auto", num_sampling_steps: str | None = None, **config):
     """Replace `published.sample_tokens` in place with the engine's (weights read now: patch again
-    after changing them). Returns the same object."""
+    after changing them). Returns the same object. A FLUID keeps LightGen's signature defaults
+    (height = width = 512)."""
     engine_model = accelerate(published, backend=backend, num_sampling_steps=num_sampling_steps, **config)
-    published.sample_tokens = engine_model.sample_tokens
+    sample = engine_model.sample_tokens
+    if engine_model.family == "fluid":
+        sample = functools.partial(_fluid_published_defaults, sample)
+    published.sample_tokens = sample
     published.engine_model = engine_model
     return published
+
+
+def _fluid_published_defaults(sample, bsz, num_iter=64, cfg=1.0, cfg_schedule="linear", texts=None,
+                              temperature=1.0, height=512, width=512, progress=False, generator=None):
+    return sample(bsz, num_iter=num_iter, cfg=cfg, cfg_schedule=cfg_schedule, texts=texts,
+                  temperature=temperature, height=height, width=width, progress=progress,
+                  generator=generator)

@@ -1,11 +1,12 @@
-"""CUDA-graph capture and replay of plan steps.
+"""CUDA-graph capture and replay of plan steps, for every family.
 
 A plan fixes every step's shapes, so each step is captured once as its own graph (the encoder's
 length changes from step to step) over static buffers, all graphs sharing one memory pool.
-Per call the runner copies orders, class embeddings and each step's noise into the static
-buffers and replays. Noise is drawn outside the graphs with the caller's generator, so graphed
-and eager runs draw the same numbers. With `capture=False` the same static-buffer path runs
-eagerly (used on CPU to test it)."""
+Per call the runner copies orders, the family's step context (condition rows, per-resolution
+tables), the per-image cfg scales and temperatures and each step's noise into the static
+buffers and replays. Noise is drawn outside the graphs with the caller's generator(s), so
+graphed and eager runs draw the same numbers. With `capture=False` the same static-buffer path
+runs eagerly (used on CPU to test the bookkeeping)."""
 from __future__ import annotations
 
 import torch
@@ -14,22 +15,25 @@ from .sampler import run_step
 
 
 class GraphedRunner:
-    def __init__(self, model, plan, temperature: float, capture: bool = True):
-        self.model, self.plan, self.temperature = model, plan, temperature
+    def __init__(self, model, plan, grid, capture: bool = True):
+        self.model, self.plan, self.grid = model, plan, grid
         self.capture = capture
-        config, device = model.config, model.device
+        dim, device = model.config.token_dim, model.device
         rows_mult = 2 if plan.use_cfg else 1
-        self.tokens = torch.zeros(plan.bsz, config.seq_len, config.token_dim, device=device)
-        self.orders = torch.zeros(plan.bsz, config.seq_len, dtype=torch.long, device=device)
-        self.class_emb = torch.zeros(plan.bsz * rows_mult, config.encoder_embed_dim, device=device)
-        self.x = [torch.zeros(plan.bsz * s.num_predict, config.token_dim, device=device) for s in plan.steps]
-        self.noise = [torch.zeros(model.head.num_steps, plan.bsz * s.num_predict * rows_mult,
-                                  config.token_dim, device=device) for s in plan.steps]
+        self.tokens = torch.zeros(plan.bsz, plan.seq_len, dim, device=device)
+        self.orders = torch.zeros(plan.bsz, plan.seq_len, dtype=torch.long, device=device)
+        self.cfg_table = torch.ones(len(plan.steps), plan.bsz, device=device)
+        self.temperatures = torch.ones(plan.bsz, device=device)
+        self.context: tuple | None = None   # static copies, shaped by the first call's context
+        self.x = [torch.zeros(plan.bsz * s.num_predict, dim, device=device) for s in plan.steps]
+        self.noise = [torch.zeros(model.head.num_steps, plan.bsz * s.num_predict * rows_mult, dim,
+                                  device=device) for s in plan.steps]
         self.graphs: list | None = None
+        self.replays = 0   # host-side bookkeeping, checked by the CPU tests
 
     def _step(self, k: int) -> None:
-        run_step(self.model, self.plan, self.plan.steps[k], self.tokens, self.orders, self.class_emb,
-                 self.x[k], self.noise[k], self.temperature)
+        run_step(self.model, self.plan, self.plan.steps[k], self.tokens, self.orders, self.context,
+                 self.cfg_table[k], self.temperatures, self.x[k], self.noise[k])
 
     def _capture_all(self) -> None:
         # Warm up on a side stream (Triton compiles, cuBLAS workspaces), then capture each step.
@@ -48,9 +52,17 @@ class GraphedRunner:
             graphs.append(graph)
         self.graphs = graphs
 
-    def start(self, orders: torch.Tensor, class_emb: torch.Tensor) -> torch.Tensor:
+    def start(self, orders, context, cfg_table, temperatures) -> torch.Tensor:
+        if self.context is None:
+            self.context = tuple(torch.empty_like(t) for t in context)
+        shapes = [tuple(t.shape) for t in context]
+        if shapes != [tuple(t.shape) for t in self.context]:
+            raise RuntimeError(f"step context shapes changed between calls of one plan: {shapes}")
+        for static, value in zip(self.context, context):
+            static.copy_(value)
         self.orders.copy_(orders)
-        self.class_emb.copy_(class_emb)
+        self.cfg_table.copy_(cfg_table)
+        self.temperatures.copy_(temperatures)
         if self.capture and self.graphs is None:
             self._capture_all()
         self.tokens.zero_()
@@ -61,6 +73,7 @@ class GraphedRunner:
         self.noise[k].copy_(noise)
         if self.capture:
             self.graphs[k].replay()
+            self.replays += 1
         else:
             self._step(k)
 
@@ -68,11 +81,13 @@ class GraphedRunner:
         return self.tokens.clone()
 
 
-def graphed_runner(model, plan, temperature: float) -> GraphedRunner:
-    """The runner of `plan`, captured on first use and cached on the model (keyed by the plan's
-    shape parameters and the temperature, which the graphs bake in)."""
+def graphed_runner(model, plan, grid) -> GraphedRunner:
+    """The runner of `plan`'s shapes on `grid`, captured on first use and cached on the model.
+    Per-image settings are buffers, so plans that differ only in cfg / temperature share it."""
     cache = model.__dict__.setdefault("_graph_cache", {})
-    key = (plan.bsz, plan.num_iter, plan.cfg, plan.cfg_schedule, temperature)
+    key = (plan.shape_key, tuple(grid))
     if key not in cache:
-        cache[key] = GraphedRunner(model, plan, temperature, capture=model.device.type == "cuda")
-    return cache[key]
+        cache[key] = GraphedRunner(model, plan, grid, capture=model.device.type == "cuda")
+    runner = cache[key]
+    runner.plan = plan   # same shapes; the steps' cfg scales arrive as the cfg_table buffer
+    return runner

@@ -1,4 +1,5 @@
-"""Tokens -> images (through the KL-16 VAE or straight from pixel tokens), output types, grids."""
+"""Tokens -> images (through a VAE: MAR's KL-16, Fluid's SD-3.5 AutoencoderKL; or straight from
+pixel tokens), output types, grids."""
 from __future__ import annotations
 
 import math
@@ -19,7 +20,7 @@ def tokens_to_images(model, tokens: torch.Tensor, vae=None) -> torch.Tensor:
         images = tokens
     else:
         if vae is None:
-            raise SamplingError("this model generates KL-16 latents: pass vae=engine.load_vae(path) "
+            raise SamplingError("this model generates VAE latents: pass vae=engine.load_vae(path) "
                                 "to decode them, or use model.sample_tokens for the latents")
         with torch.no_grad():
             images = vae.decode_tokens(tokens.to(next(vae.parameters()).device))

@@ -1,5 +1,6 @@
-"""Reading published MAR checkpoints (`checkpoint-last.pth`) and the engine's own format
-(a directory with `config.json` + `model.safetensors`), with errors that name the problem.
+"""Reading published checkpoints of every family (MAR's `checkpoint-last.pth`, LightGen's Fluid
+checkpoints) and the engine's own format (a directory with `config.json` + `model.safetensors`),
+with errors that name the problem. Which family a checkpoint holds: engine/families.
 
 Nothing here unpickles arbitrary objects: `.pth` files are read with `weights_only=True`, and the
 only class allowed besides tensors and containers is `argparse.Namespace` (the run's `args`)."""
@@ -7,14 +8,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
+import threading
 from pathlib import Path
 
 import torch
 
-from .config import MARConfig, config_from_args
+from .config import config_from_args
 from .errors import CheckpointError, ConfigError
-from .models.mar import MAR
+from .families import detect_family, family_of_config, get_family
+from .families.mar import infer_sizes  # noqa: F401  (MAR's, re-exported for callers)
 
 ENGINE_FORMAT = "engine-mar"
 ENGINE_FORMAT_VERSION = 1
@@ -24,6 +28,33 @@ BUILTIN_DIR = Path(__file__).parent / "assets"
 BUILTIN_MODELS = {"digits": BUILTIN_DIR / "digits"}
 
 
+_SAFE_GLOBALS_LOCK = threading.Lock()
+
+
+def _allow_namespace() -> None:
+    """Allow `argparse.Namespace` in every weights-only load of this process. Registered, never
+    withdrawn: torch's `safe_globals` context manager is process-global, so one thread leaving it
+    would withdraw the allowance from another thread's load in progress. Re-added (cheaply) on
+    every load in case other code's `safe_globals([argparse.Namespace])` block removed it."""
+    if argparse.Namespace not in torch.serialization.get_safe_globals():
+        with _SAFE_GLOBALS_LOCK:
+            if argparse.Namespace not in torch.serialization.get_safe_globals():
+                torch.serialization.add_safe_globals([argparse.Namespace])
+
+
+def torch_load_weights(path) -> object:
+    """`torch.load(path, weights_only=True)` onto the CPU with `argparse.Namespace` allowed;
+    thread-safe. Errors are torch's own (callers word them)."""
+    for attempt in range(3):
+        _allow_namespace()
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:
+            # Only if someone withdrew the allowance between our registration and the load.
+            if attempt == 2 or "argparse.Namespace" not in str(err):
+                raise
+
+
 def read_torch_file(path: Path) -> object:
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
@@ -31,8 +62,7 @@ def read_torch_file(path: Path) -> object:
         raise CheckpointError(f"{path} is a directory without {CONFIG_FILE}; expected a .pth file "
                               "or an engine model directory")
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
+        return torch_load_weights(path)
     except Exception as err:  # torch raises many types here (zip, pickle, EOF, runtime)
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         if "weights_only" in str(err) or "Unsupported global" in str(err):
@@ -42,42 +72,43 @@ def read_torch_file(path: Path) -> object:
                               f"corrupt?): {first}") from None
 
 
-def infer_sizes(state: dict) -> dict:
-    """Configuration fields that the tensor shapes determine (head counts are not among them)."""
-    out = {}
-
-    def shape(key):
-        t = state.get(key)
-        return tuple(t.shape) if isinstance(t, torch.Tensor) else None
-
-    def depth(prefix):
-        found = {int(m.group(1)) for k in state if (m := re.match(rf"{re.escape(prefix)}\.(\d+)\.", k))}
-        return max(found) + 1 if found else 0
-
-    if shape("class_emb.weight"):
-        out["class_num"], out["encoder_embed_dim"] = shape("class_emb.weight")
-    if shape("mask_token"):
-        out["decoder_embed_dim"] = shape("mask_token")[-1]
-    if shape("encoder_pos_embed_learned") and shape("diffusion_pos_embed_learned"):
-        out["buffer_size"] = shape("encoder_pos_embed_learned")[1] - shape("diffusion_pos_embed_learned")[1]
-    out["encoder_depth"] = depth("encoder_blocks")
-    out["decoder_depth"] = depth("decoder_blocks")
-    out["diffloss_d"] = depth("diffloss.net.res_blocks")
-    if shape("diffloss.net.input_proj.weight"):
-        out["diffloss_w"] = shape("diffloss.net.input_proj.weight")[0]
-    fc1, e = shape("encoder_blocks.0.mlp.fc1.weight"), out.get("encoder_embed_dim")
-    if fc1 and e:
-        out["mlp_ratio"] = fc1[0] / e
-    return out
+def _count_nonfinite(t: torch.Tensor) -> int:
+    """0 when every value of the floating tensor `t` is finite, else how many are not
+    (one fused min/max pass in the common, all-finite case)."""
+    if t.numel() == 0 or t.is_meta:
+        return 0
+    try:
+        low, high = torch.aminmax(t.detach())
+        if bool(torch.isfinite(low) & torch.isfinite(high)):
+            return 0
+    except (RuntimeError, NotImplementedError):  # dtypes without aminmax (float8...)
+        pass
+    return int((~torch.isfinite(t.detach())).sum())
 
 
-def check_state_dict(state: dict, config: MARConfig, source: str) -> None:
-    """Keys and shapes must be exactly those of a MAR built from `config`."""
+def check_finite(state: dict, source: str) -> None:
+    """CheckpointError naming the first floating tensor of `state` holding NaN or Inf."""
+    for key, value in state.items():
+        if isinstance(value, torch.Tensor) and (value.is_floating_point() or value.is_complex()):
+            bad = _count_nonfinite(value)
+            if bad:
+                others = [k for k, v in state.items() if k != key and isinstance(v, torch.Tensor)
+                          and (v.is_floating_point() or v.is_complex()) and _count_nonfinite(v)]
+                more = f"; {len(others)} other tensors too, e.g. {others[:3]}" if others else ""
+                raise CheckpointError(
+                    f"{source}: tensor {key!r} holds {bad} non-finite values (NaN or Inf) of "
+                    f"{value.numel()}{more}; refusing weights that cannot sample")
+
+
+def check_state_dict(state: dict, config, source: str) -> None:
+    """Keys and shapes must be exactly those of the family's module built from `config` (whose
+    sizes the config has checked against its limits), and every value finite."""
     bad_types = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
     if bad_types:
         raise CheckpointError(f"{source}: entries that are not tensors: {bad_types[:5]}")
     with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in MAR(config).state_dict().items()}
+        module = family_of_config(config).module_cls(config)
+    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     if missing:
@@ -89,25 +120,30 @@ def check_state_dict(state: dict, config: MARConfig, source: str) -> None:
         if got != want:
             raise CheckpointError(f"{source}: {key} has shape {list(got)} but the configuration "
                                   f"({describe(config)}) needs {list(want)}")
+    check_finite(state, source)
 
 
-def describe(config: MARConfig) -> str:
+def describe(config) -> str:
     c = config
-    return (f"img_size={c.img_size}, vae_stride={c.vae_stride}, patch_size={c.patch_size}, "
-            f"vae_embed_dim={c.vae_embed_dim}, buffer_size={c.buffer_size}, "
-            f"encoder={c.encoder_depth}x{c.encoder_embed_dim}, decoder={c.decoder_depth}x"
-            f"{c.decoder_embed_dim}, head={c.diffloss_d}x{c.diffloss_w}, class_num={c.class_num}")
+    text = (f"img_size={c.img_size}, vae_stride={c.vae_stride}, patch_size={c.patch_size}, "
+            f"vae_embed_dim={c.vae_embed_dim}, encoder={c.encoder_depth}x{c.encoder_embed_dim}, "
+            f"decoder={c.decoder_depth}x{c.decoder_embed_dim}, head={c.diffloss_d}x{c.diffloss_w}")
+    for name in ("buffer_size", "class_num", "cross_depth", "caption_channels", "text_depth"):
+        if hasattr(c, name):
+            text += f", {name}={getattr(c, name)}"
+    return text
 
 
-def build_mar(state: dict, config: MARConfig, source: str, dtype=torch.float32) -> MAR:
+def build_module(state: dict, config, source: str, dtype=torch.float32):
+    """The family's module for `config` with the weights of `state` (checked first)."""
     check_state_dict(state, config, source)
     with torch.device("meta"):
-        mar = MAR(config)
-    mar.load_state_dict({k: v.to(dtype) for k, v in state.items()}, assign=True)
-    return mar
+        module = family_of_config(config).module_cls(config)
+    module.load_state_dict({k: v.to(dtype) for k, v in state.items()}, assign=True)
+    return module
 
 
-def read_published(path: Path, ema: bool, overrides: dict) -> tuple[dict, MARConfig, dict]:
+def read_published(path: Path, ema: bool, overrides: dict, family: str | None = None):
     ckpt = read_torch_file(path)
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint dict")
@@ -120,24 +156,31 @@ def read_published(path: Path, ema: bool, overrides: dict) -> tuple[dict, MARCon
         if ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
             state, args = ckpt, {}
         else:
-            raise CheckpointError(f"{path} is not a MAR checkpoint: expected 'model'/'model_ema' "
-                                  f"entries, found {sorted(map(str, ckpt))[:8]}")
+            raise CheckpointError(f"{path} is not a model checkpoint: expected 'model'/'model_ema' "
+                                  f"entries or a bare state dict, found {sorted(map(str, ckpt))[:8]}")
     else:
         state = ckpt[key]
         args = ckpt.get("args")
-        args = vars(args) if isinstance(args, argparse.Namespace) else dict(args or {})
+        if isinstance(args, argparse.Namespace):
+            args = vars(args)
+        elif args is None:
+            args = {}
+        elif not isinstance(args, dict):
+            raise CheckpointError(f"{path}: 'args' is a {type(args).__name__}, expected the run's "
+                                  "argparse.Namespace or a dict of its arguments")
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: {key!r} is a {type(state).__name__}, not a state dict")
     state = {k.removeprefix("module."): v for k, v in state.items()}
-    inferred = infer_sizes(state)
+    fam = detect_family(state, args, str(path), family)
     try:
-        config = config_from_args(args, inferred, overrides)
+        config = config_from_args(args, fam.infer_sizes(state), overrides, fam.config_cls,
+                                  fam.presets, fam.head_fields, fam.ignored_args)
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from None
     return state, config, {}
 
 
-def read_engine_dir(path: Path, overrides: dict) -> tuple[dict, MARConfig, dict]:
+def read_engine_dir(path: Path, overrides: dict, family: str | None = None):
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -159,42 +202,51 @@ def read_engine_dir(path: Path, overrides: dict) -> tuple[dict, MARConfig, dict]
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f"{weights} is not a readable safetensors file: {err}") from None
     try:
-        config = MARConfig.from_dict({**meta["config"], **overrides})
-    except (ConfigError, TypeError) as err:
+        fam = get_family(meta.get("family", "mar"))
+        if family is not None and family != fam.name:
+            raise ConfigError(f"the directory holds a {fam.name!r} model, not {family!r}")
+        values = {k: v for k, v in {**meta["config"], **overrides}.items() if k not in fam.ignored_args}
+        config = fam.config_cls.from_dict(values)
+    except (ConfigError, TypeError, AttributeError) as err:
         raise ConfigError(f"{cfg_file}: {err}") from None
     return state, config, meta.get("sampling", {})
 
 
-def read_checkpoint(path, ema: bool = True, **overrides) -> tuple[dict, MARConfig, dict]:
+def read_checkpoint(path, ema: bool = True, family: str | None = None, **overrides) -> tuple[dict, object, dict]:
     """(state dict, config, sampling defaults) from a published .pth, an engine directory, or a
-    built-in name. Sampling defaults (e.g. {"cfg": 2.0, "num_iter": 16}) come from an engine
-    directory's config.json "sampling" entry; published checkpoints have none."""
+    built-in name; `family` forces the family (else recognised, see engine.families). Sampling
+    defaults (e.g. {"cfg": 2.0, "num_iter": 16}) come from an engine directory's config.json
+    "sampling" entry; published checkpoints have none."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise CheckpointError(f"expected a path or built-in name ({sorted(BUILTIN_MODELS)}), got "
+                              f"{type(path).__name__} {path!r:.80}")
     if isinstance(path, str) and path in BUILTIN_MODELS:
         path = BUILTIN_MODELS[path]
         if not path.exists():
             raise CheckpointError(f"the built-in model files are missing from {path}; reinstall")
     path = Path(path)
     if path.is_dir() and (path / CONFIG_FILE).exists():
-        return read_engine_dir(path, overrides)
+        return read_engine_dir(path, overrides, family)
     if path.suffix == ".safetensors" and (path.parent / CONFIG_FILE).exists():
-        return read_engine_dir(path.parent, overrides)
-    return read_published(path, ema, overrides)
+        return read_engine_dir(path.parent, overrides, family)
+    return read_published(path, ema, overrides, family)
 
 
-def save_engine_dir(state: dict, config: MARConfig, out_dir, extra: dict | None = None) -> Path:
+def save_engine_dir(state: dict, config, out_dir, extra: dict | None = None) -> Path:
     from safetensors.torch import save_file
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(out / WEIGHTS_FILE))
-    meta = {"format": ENGINE_FORMAT, "version": ENGINE_FORMAT_VERSION, "config": config.to_dict()}
+    meta = {"format": ENGINE_FORMAT, "version": ENGINE_FORMAT_VERSION,
+            "family": family_of_config(config).name, "config": config.to_dict()}
     meta.update(extra or {})
     (out / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return out
 
 
-def convert(src, out_dir, ema: bool = True, **overrides) -> Path:
+def convert(src, out_dir, ema: bool = True, family: str | None = None, **overrides) -> Path:
     """Write a published checkpoint in the engine's format (validated first)."""
-    state, config, _ = read_checkpoint(src, ema=ema, **overrides)
+    state, config, _ = read_checkpoint(src, ema=ema, family=family, **overrides)
     check_state_dict(state, config, str(src))
     return save_engine_dir(state, config, out_dir, {"source": Path(src).name, "ema": ema})

@@ -1,24 +1,29 @@
-"""`MARModel`: a loaded MAR transformer + packed diffusion head + a head backend."""
+"""`Model`: a loaded masked-AR transformer of any continuous family + its packed diffusion head +
+a head backend; `MARModel`: the class-conditional MAR family's published `sample_tokens`."""
 from __future__ import annotations
 
 import torch
 
 from .backends import get_backend
-from .config import MARConfig
+from .conditioning import Condition
 from .errors import ConfigError
 from .diffusion import make_tables
 from .models.head import PackedHead
-from .models.mar import MAR, onednn_linear_available
-from .sampler import sample_tokens
+from .models.mar import onednn_linear_available
+from .plan import MAX_BATCH, check_count
+from .sampler import sample
 
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-class MARModel:
-    """What `engine.load` returns. `sample_tokens` has the published signature and results."""
+class Model:
+    """What `engine.load` returns; each family's subclass gives `sample_tokens` the published
+    signature and results. `mar` is the family's transformer module (MAR, FLUID, ...)."""
 
-    def __init__(self, mar: MAR, backend="auto", num_sampling_steps: str | None = None,
+    family = "base"
+
+    def __init__(self, mar, backend="auto", num_sampling_steps: str | None = None,
                  cuda_graphs: bool = True, precision: str = "fp32"):
         """`precision` "bf16" (CUDA or CPU) / "fp16" (CUDA): the transformer runs under autocast
         and the head's large weights are read in that type (Triton kernels on CUDA, the native
@@ -29,7 +34,7 @@ class MARModel:
         if precision not in PRECISIONS:
             raise ConfigError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
         self.precision = precision
-        self.config: MARConfig = mar.config
+        self.config = mar.config
         if num_sampling_steps is not None:
             self.config.num_sampling_steps = str(num_sampling_steps)
         self._backend_request = backend
@@ -53,7 +58,7 @@ class MARModel:
 
     @property
     def device(self) -> torch.device:
-        return self.mar.fake_latent.device
+        return self.mar.diffloss.net.input_proj.weight.device
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:
@@ -82,32 +87,45 @@ class MARModel:
         return self.mar.state_dict()
 
     # Sampling ------------------------------------------------------------------------------
-    def step_runner(self, plan, temperature):
-        """How plan steps run: CUDA graphs (captured once per plan, replayed after) when on CUDA
-        with a graph-safe backend and `cuda_graphs` on; eager otherwise."""
+    def step_runner(self, plan, grid):
+        """How plan steps run: CUDA graphs (captured once per plan shape, replayed after) when on
+        CUDA with a graph-safe backend and `cuda_graphs` on; eager otherwise."""
         if self.device.type == "cuda" and self.cuda_graphs and getattr(self.backend, "graph_safe", False):
             from .graphs import graphed_runner
-            return graphed_runner(self, plan, temperature)
+            return graphed_runner(self, plan, grid)
         from .sampler import EagerRunner
-        return EagerRunner(self, plan, temperature)
+        return EagerRunner(self, plan, grid)
 
-    def sample_tokens(self, bsz: int, num_iter: int = 64, cfg: float = 1.0, cfg_schedule: str = "linear",
-                      labels=None, temperature: float = 1.0, progress: bool = False, generator=None):
+    def sample(self, bsz: int, condition: Condition, grid, **settings) -> torch.Tensor:
+        """Unpatchified tokens [B, C, H, W] of the one masked loop (engine.sampler.sample)."""
+        return self.mar.unpatchify(sample(self, bsz, condition, grid, **settings), grid)
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (f"{type(self).__name__}(seq_len={c.seq_len}, token_dim={c.token_dim}, encoder="
+                f"{c.encoder_depth}x{c.encoder_embed_dim}, decoder={c.decoder_depth}x"
+                f"{c.decoder_embed_dim}, head={c.diffloss_d}x{c.diffloss_w}, steps="
+                f"{c.num_sampling_steps!r}, backend={self.backend.name!r}, device={self.device})")
+
+
+class MARModel(Model):
+    """Class-conditional MAR. `sample_tokens` has the published signature and results."""
+
+    family = "mar"
+
+    def sample_tokens(self, bsz: int, num_iter: int = 64, cfg=1.0, cfg_schedule="linear",
+                      labels=None, temperature=1.0, progress: bool = False, generator=None):
         """Sample `[bsz, vae_embed_dim, h, w]` tokens (unpatchified latents, or pixels in [-1, 1]
         for pixel-token models).
 
         Without `generator` it draws from numpy's and torch's global RNGs in the published order,
         so after `torch.manual_seed(s); np.random.seed(s)` it returns the published tokens. With a
-        `torch.Generator`, that generator alone drives orders and noise (no global state read).
-        Steps of the published schedule that would predict no token (num_iter > seq_len) are
-        skipped."""
-        return sample_tokens(self, bsz, num_iter=num_iter, cfg=cfg, cfg_schedule=cfg_schedule,
-                             labels=labels, temperature=temperature, progress=progress,
-                             generator=generator)
-
-    def __repr__(self) -> str:
-        c = self.config
-        return (f"MARModel(seq_len={c.seq_len}, token_dim={c.token_dim}, encoder={c.encoder_depth}x"
-                f"{c.encoder_embed_dim}, decoder={c.decoder_depth}x{c.decoder_embed_dim}, head="
-                f"{c.diffloss_d}x{c.diffloss_w}, steps={c.num_sampling_steps!r}, "
-                f"backend={self.backend.name!r}, device={self.device})")
+        `torch.Generator`, that generator alone drives orders and noise (no global state read);
+        with a list of one per image, image i depends on generator i alone. `cfg`,
+        `cfg_schedule` and `temperature` may also be given per image. Steps of the published
+        schedule that would predict no token (num_iter > seq_len) are skipped."""
+        bsz = check_count("bsz", bsz, MAX_BATCH)
+        condition = Condition.labels(labels, bsz, self.config.class_num, self.device)
+        return self.sample(bsz, condition, self.mar.grid(), num_iter=num_iter, cfg=cfg,
+                           cfg_schedule=cfg_schedule, temperature=temperature, progress=progress,
+                           generator=generator)

@@ -1,5 +1,7 @@
-"""The static sampling plan: for a given (bsz, num_iter, seq_len, cfg, cfg_schedule) every step's
-token counts and CFG scale are known before sampling starts, so each step has fixed shapes."""
+"""The static sampling plan: for a given batch, num_iter and sequence length every step's token
+counts are known before sampling starts, so each step has fixed shapes. Per-image settings (cfg
+scale and schedule, temperature) become per-row tensors; they never change a step's shapes, so
+images with different settings share the plan, its compiled steps and its CUDA graphs."""
 from __future__ import annotations
 
 import functools
@@ -12,6 +14,10 @@ import torch
 from .errors import SamplingError
 
 CFG_SCHEDULES = ("linear", "constant")
+# Documented limits, checked before anything is allocated or looped (see README "Limits").
+MAX_BATCH = 65536
+MAX_NUM_ITER = 65536
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 @dataclass(frozen=True)
@@ -19,11 +25,19 @@ class PlanStep:
     step: int             # the published loop's step number s
     unknown_before: int   # unknown tokens per image before the step
     unknown_after: int    # unknown tokens per image after it (0 at the last step)
-    cfg_scale: float      # guidance scale of this step (float32-exact); 1.0 without CFG
+    mask_len: int         # the published mask_len (>= 1 even at the last step): sets linear CFG
+    cfg_scales: tuple     # guidance scale of each image at this step (float32-exact; 1.0 w/o CFG)
 
     @property
     def num_predict(self) -> int:
         return self.unknown_before - self.unknown_after
+
+    @property
+    def cfg_scale(self) -> float:
+        """The step's scale when every image shares one setting."""
+        if len(set(self.cfg_scales)) != 1:
+            raise SamplingError("the images of this plan have different cfg scales; read cfg_scales")
+        return self.cfg_scales[0]
 
 
 @dataclass(frozen=True)
@@ -31,13 +45,27 @@ class SamplingPlan:
     bsz: int
     num_iter: int
     seq_len: int
-    cfg: float
-    cfg_schedule: str
+    cfgs: tuple           # per image
+    cfg_schedules: tuple  # per image
     steps: tuple[PlanStep, ...]
 
     @property
     def use_cfg(self) -> bool:
-        return self.cfg != 1.0
+        """Whether the batch runs doubled ([cond; null]): any image with cfg != 1."""
+        return any(c != 1.0 for c in self.cfgs)
+
+    @property
+    def cfg(self) -> float:
+        return self.cfgs[0]
+
+    @property
+    def cfg_schedule(self) -> str:
+        return self.cfg_schedules[0]
+
+    @property
+    def shape_key(self) -> tuple:
+        """What fixes every step's shapes: compiled steps and CUDA graphs are keyed by it."""
+        return (self.bsz, self.num_iter, self.seq_len, self.use_cfg)
 
     def known_count(self, step: PlanStep) -> int:
         return self.seq_len - step.unknown_before
@@ -52,6 +80,10 @@ class SamplingPlan:
         if self.use_cfg:
             known, predict = known.repeat(2, 1), predict.repeat(2, 1)
         return known, predict
+
+    def cfg_table(self, device) -> torch.Tensor:
+        """[steps, B] float32: image b's guidance scale at step k."""
+        return torch.tensor([s.cfg_scales for s in self.steps], dtype=torch.float32, device=device)
 
 
 def mask_schedule(seq_len: int, num_iter: int) -> list[tuple[int, int, int]]:
@@ -78,30 +110,60 @@ def cfg_scale(cfg: float, schedule: str, mask_len: int, seq_len: int) -> float:
     return float(f32(1) + f32(f32(f32(cfg - 1) * remaining) / f32(seq_len)))
 
 
-def validate_plan_args(bsz, num_iter, seq_len, cfg, cfg_schedule) -> None:
-    for name, value in (("bsz", bsz), ("num_iter", num_iter)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-            raise SamplingError(f"{name} must be an integer, got {value!r}")
-        if value < 1:
-            raise SamplingError(f"{name} must be at least 1, got {value}")
-    if cfg_schedule not in CFG_SCHEDULES:
-        raise SamplingError(f"unknown cfg_schedule {cfg_schedule!r}; expected one of {CFG_SCHEDULES}")
+def check_count(name: str, value, limit: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise SamplingError(f"{name} must be an integer, got {value!r}")
+    if value < 1:
+        raise SamplingError(f"{name} must be at least 1, got {value}")
+    if value > limit:
+        raise SamplingError(f"{name}={value} exceeds the limit of {limit}")
+    return int(value)
+
+
+def check_cfg(cfg) -> float:
     if isinstance(cfg, bool) or not isinstance(cfg, (int, float, np.floating, np.integer)) \
-            or not math.isfinite(cfg):
-        raise SamplingError(f"cfg must be a finite number, got {cfg!r}")
+            or not math.isfinite(cfg) or abs(cfg) > FLOAT32_MAX:
+        raise SamplingError(f"cfg must be a finite number (within float32 range), got {cfg!r}")
+    return float(cfg)
+
+
+def check_schedule(schedule) -> str:
+    if schedule not in CFG_SCHEDULES:
+        raise SamplingError(f"unknown cfg_schedule {schedule!r}; expected one of {CFG_SCHEDULES}")
+    return schedule
+
+
+def per_image(name: str, value, bsz: int, check) -> tuple:
+    """One setting per image: a scalar is shared, a list/tuple/array gives one per image."""
+    if isinstance(value, (list, tuple, np.ndarray, torch.Tensor)) and np.ndim(value) != 0:
+        values = value.tolist() if hasattr(value, "tolist") else list(value)
+        if len(values) != bsz:
+            raise SamplingError(f"{name} has {len(values)} entries for {bsz} images")
+        return tuple(check(v) for v in values)
+    if isinstance(value, (np.ndarray, torch.Tensor)):
+        value = value.item()
+    return (check(value),) * bsz
+
+
+def build_plan(bsz: int, num_iter: int, seq_len: int, cfg=1.0, cfg_schedule="linear") -> SamplingPlan:
+    """Plan of the published loop; `cfg` and `cfg_schedule` are shared or one per image. Steps
+    that would predict nothing (num_iter > seq_len; the published code crashes on them) are
+    dropped: they draw no random numbers."""
+    bsz = check_count("bsz", bsz, MAX_BATCH)
+    num_iter = check_count("num_iter", num_iter, MAX_NUM_ITER)
+    cfgs = per_image("cfg", cfg, bsz, check_cfg)
+    schedules = per_image("cfg_schedule", cfg_schedule, bsz, check_schedule)
+    return _build_plan(bsz, num_iter, int(seq_len), cfgs, schedules)
 
 
 @functools.lru_cache(maxsize=256)
-def build_plan(bsz: int, num_iter: int, seq_len: int, cfg: float = 1.0,
-               cfg_schedule: str = "linear") -> SamplingPlan:
-    """Plan of the published loop. Steps that would predict nothing (num_iter > seq_len; the
-    published code crashes on them) are dropped: they draw no random numbers."""
-    validate_plan_args(bsz, num_iter, seq_len, cfg, cfg_schedule)
-    cfg = float(cfg)
+def _build_plan(bsz, num_iter, seq_len, cfgs, schedules) -> SamplingPlan:
+    use_cfg = any(c != 1.0 for c in cfgs)
     steps = []
     for s, (before, after, mask_len) in enumerate(mask_schedule(seq_len, num_iter)):
         if before == after:
             continue
-        scale = cfg_scale(cfg, cfg_schedule, mask_len, seq_len) if cfg != 1.0 else 1.0
-        steps.append(PlanStep(s, before, after, scale))
-    return SamplingPlan(int(bsz), int(num_iter), seq_len, cfg, cfg_schedule, tuple(steps))
+        scales = tuple(cfg_scale(c, sch, mask_len, seq_len) if use_cfg else 1.0
+                       for c, sch in zip(cfgs, schedules))
+        steps.append(PlanStep(s, before, after, mask_len, scales))
+    return SamplingPlan(bsz, num_iter, seq_len, cfgs, schedules, tuple(steps))

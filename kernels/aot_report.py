@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 
 ARCHS = (80, 90)
 WIDTH, TOKEN_DIM, TOKENS, DEPTH, SMS = 1280, 16, 8, 8, 132
-FLOAT_ARGS = {"eps", "cfg_scale", "temperature", "clip_lo", "clip_hi"}
+FLOAT_ARGS = {"eps", "clip_lo", "clip_hi"}   # cfg_ptr / temp_ptr: per-row fp32 pointers
 WEIGHT_ARGS = {"w_ptr", "w1_ptr", "w2_ptr"}
 
 

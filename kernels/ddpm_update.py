@@ -1,9 +1,10 @@
 """One reverse DDPM step for all rows in one kernel, fp32, in the published operation order:
 CFG combination of eps, x0 (optionally clipped), posterior mean, learned-range log-variance,
 temperature-scaled noise. `out` is the head output [R, 2C] (eps | v); with CFG R = 2n and rows
-[cond; uncond]: eps = eps_u + s * (eps_c - eps_u), v from the cond half, noise rows [:n].
+[cond; uncond]: eps = eps_u + s[r] * (eps_c - eps_u), v from the cond half, noise rows [:n].
 `coeffs` is one row of PackedHead.table: (sqrt_recip, sqrt_recipm1, coef1, coef2, min_log,
-max_log, nonzero).
+max_log, nonzero). The CFG scale s and the temperature are float32 [n], one per result row,
+loaded per row by the kernels (the launchers and references also take numbers).
 """
 from __future__ import annotations
 
@@ -13,7 +14,15 @@ import torch
 import triton
 import triton.language as tl
 
+from engine.backends.base import row_param
+
 from .utils import check_rows, interpret, launch, pow2
+
+
+def row_args(cfg_scale, temperature, n, device):
+    """(cfg [n] or None, temperature [n]) float32 on `device` from numbers or [n] tensors."""
+    return (row_param(cfg_scale, "cfg_scale", n, device, optional=True, as_tensor=True),
+            row_param(temperature, "temperature", n, device, as_tensor=True))
 
 
 @triton.jit
@@ -24,7 +33,8 @@ def cfg_eps(eps_c, eps_u, cfg_scale):
 @triton.jit
 def ddpm_step(x, eps, v, coeff_ptr, noise, temperature, clip_lo, clip_hi, HAS_CLIP: tl.constexpr):
     """Elementwise update; the same expression tree as engine.models.head.ddpm_update (the
-    kernels are compiled without FMA contraction so each product/sum rounds as in torch)."""
+    kernels are compiled without FMA contraction so each product/sum rounds as in torch).
+    `temperature` is a [BM, 1] column of per-row values."""
     sqrt_recip = tl.load(coeff_ptr + 0)
     sqrt_recipm1 = tl.load(coeff_ptr + 1)
     coef1 = tl.load(coeff_ptr + 2)
@@ -42,22 +52,24 @@ def ddpm_step(x, eps, v, coeff_ptr, noise, temperature, clip_lo, clip_hi, HAS_CL
 
 
 @triton.jit
-def _ddpm_kernel(x_ptr, out_ptr, noise_ptr, coeff_ptr, new_ptr, n, C,
-                 stride_x, stride_out, stride_noise, stride_new,
-                 cfg_scale, temperature, clip_lo, clip_hi,
+def _ddpm_kernel(x_ptr, out_ptr, noise_ptr, coeff_ptr, cfg_ptr, temp_ptr, new_ptr, n, C,
+                 stride_x, stride_out, stride_noise, stride_new, clip_lo, clip_hi,
                  HAS_CFG: tl.constexpr, HAS_CLIP: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr):
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     cols = tl.arange(0, BC)
-    m = (rows < n)[:, None] & (cols < C)[None, :]
+    rmask = rows < n
+    m = rmask[:, None] & (cols < C)[None, :]
     r2, c2 = rows[:, None], cols[None, :]
     x = tl.load(x_ptr + r2 * stride_x + c2, mask=m, other=0.0)
     eps = tl.load(out_ptr + r2 * stride_out + c2, mask=m, other=0.0)
     v = tl.load(out_ptr + r2 * stride_out + C + c2, mask=m, other=0.0)
     if HAS_CFG:
         eps_u = tl.load(out_ptr + (r2 + n) * stride_out + c2, mask=m, other=0.0)
-        eps = cfg_eps(eps, eps_u, cfg_scale)
+        cfg = tl.load(cfg_ptr + rows, mask=rmask, other=0.0)[:, None]
+        eps = cfg_eps(eps, eps_u, cfg)
     noise = tl.load(noise_ptr + r2 * stride_noise + c2, mask=m, other=0.0)
-    new = ddpm_step(x, eps, v, coeff_ptr, noise, temperature, clip_lo, clip_hi, HAS_CLIP)
+    temp = tl.load(temp_ptr + rows, mask=rmask, other=0.0)[:, None]
+    new = ddpm_step(x, eps, v, coeff_ptr, noise, temp, clip_lo, clip_hi, HAS_CLIP)
     tl.store(new_ptr + r2 * stride_new + c2, new, mask=m)
 
 
@@ -68,9 +80,11 @@ def ddpm_config(n: int, C: int) -> dict:
 
 
 def launch_ddpm(x, out, noise, coeffs, cfg_scale, temperature, clip_lo, clip_hi, config=None):
+    """cfg_scale / temperature: numbers or float32 [n] tensors (one per result row)."""
     for t, name in ((x, "x"), (out, "out"), (noise, "noise")):
         check_rows(t, name)
     n, C = x.shape
+    cfg_scale, temperature = row_args(cfg_scale, temperature, n, x.device)
     rows = 2 * n if cfg_scale is not None else n
     if out.shape != (rows, 2 * C) or noise.shape[0] < n or noise.shape[1] != C:
         raise ValueError(f"expected out [{rows}, {2 * C}] and noise [>= {n}, {C}], got "
@@ -82,11 +96,11 @@ def launch_ddpm(x, out, noise, coeffs, cfg_scale, temperature, clip_lo, clip_hi,
         return new
     cfg = dict(config or ddpm_config(n, C))
     num_warps = cfg.pop("num_warps", 4)
-    # No FMA contraction: every product and sum rounds as in the torch reference.
+    # No FMA contraction: every product and sum rounds as in the torch reference. Without CFG
+    # cfg_ptr is never read (temperature stands in: any fp32 pointer).
     launch("ddpm_update", _ddpm_kernel, (triton.cdiv(n, cfg["BM"]),),
-           x, out, noise, coeffs.contiguous(), new, n, C,
-           x.stride(0), out.stride(0), noise.stride(0), new.stride(0),
-           1.0 if cfg_scale is None else float(cfg_scale), float(temperature),
+           x, out, noise, coeffs.contiguous(), temperature if cfg_scale is None else cfg_scale,
+           temperature, new, n, C, x.stride(0), out.stride(0), noise.stride(0), new.stride(0),
            0.0 if clip_lo is None else float(clip_lo),
            0.0 if clip_hi is None else float(clip_hi),
            HAS_CFG=cfg_scale is not None, HAS_CLIP=clip_lo is not None,
@@ -96,9 +110,10 @@ def launch_ddpm(x, out, noise, coeffs, cfg_scale, temperature, clip_lo, clip_hi,
 
 @torch.library.custom_op("engine::ddpm_update", mutates_args=())
 def ddpm_update(x: torch.Tensor, out: torch.Tensor, noise: torch.Tensor, coeffs: torch.Tensor,
-                cfg_scale: Optional[float], temperature: float,
+                cfg_scale: Optional[torch.Tensor], temperature: torch.Tensor,
                 clip_lo: Optional[float] = None, clip_hi: Optional[float] = None) -> torch.Tensor:
-    """x [n, C] after one reverse step from head output `out`; see the module docstring."""
+    """x [n, C] after one reverse step from head output `out`; cfg_scale (None: no CFG) and
+    temperature are float32 [n]; see the module docstring."""
     return launch_ddpm(x, out, noise, coeffs, cfg_scale, temperature, clip_lo, clip_hi)
 
 
@@ -113,6 +128,9 @@ def ddpm_update_ref(x, out, noise, coeffs, cfg_scale, temperature, clip_lo=None,
     from engine.models.head import ddpm_update as head_ddpm_update
 
     n, C = x.shape
+    cfg_scale, temperature = row_args(cfg_scale, temperature, n, x.device)
+    cfg_scale = None if cfg_scale is None else cfg_scale[:, None]   # per-row columns
+    temperature = temperature[:, None]
     eps, v = out[:n, :C], out[:n, C:]
     if cfg_scale is not None:
         eps_u = out[n:, :C]

@@ -20,7 +20,8 @@ duplicated half of x is projected once by input_proj and never copied.
 
 Final layer + DDPM, one launch: LN (no affine) + modulation + linear to (eps, v) for the cond
 row and, with CFG, the uncond row of the same token in the same program, then the update of
-ddpm_update.py. Every program owns whole rows, so no cross-program reduction is needed.
+ddpm_update.py with that row's CFG scale and temperature (float32 [n], loaded per row). Every
+program owns whole rows, so no cross-program reduction is needed.
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .ddpm_update import cfg_eps, ddpm_step, ddpm_update_ref
+from .ddpm_update import cfg_eps, ddpm_step, ddpm_update_ref, row_args
 from .modulated_layernorm import modln_tile
 from .utils import check_rows, dot_precision, interpret, launch, pow2, row_moments, silu
 
@@ -227,9 +228,9 @@ def _final_rows(h_ptr, mod_ptr, w_ptr, b_ptr, rows, hrows, rmask, W, C, stride_h
 
 
 @triton.jit
-def _final_kernel(h_ptr, mod_ptr, w_ptr, b_ptr, x_ptr, noise_ptr, coeff_ptr, new_ptr,
-                  n, H_ROWS, W, C, stride_h, stride_mod, stride_x, stride_noise, stride_new, eps,
-                  cfg_scale, temperature, clip_lo, clip_hi,
+def _final_kernel(h_ptr, mod_ptr, w_ptr, b_ptr, x_ptr, noise_ptr, coeff_ptr, cfg_ptr, temp_ptr,
+                  new_ptr, n, H_ROWS, W, C, stride_h, stride_mod, stride_x, stride_noise, stride_new,
+                  eps, clip_lo, clip_hi,
                   HAS_CFG: tl.constexpr, HAS_CLIP: tl.constexpr, PRECISION: tl.constexpr,
                   BM: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr):
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
@@ -239,12 +240,13 @@ def _final_kernel(h_ptr, mod_ptr, w_ptr, b_ptr, x_ptr, noise_ptr, coeff_ptr, new
     if HAS_CFG:  # the uncond row of the same token: row r + n
         e_u, _v_u = _final_rows(h_ptr, mod_ptr, w_ptr, b_ptr, rows + n, (rows + n) % H_ROWS, rmask,
                                 W, C, stride_h, stride_mod, eps, PRECISION, BM, BC, BK)
-        e = cfg_eps(e, e_u, cfg_scale)
+        e = cfg_eps(e, e_u, tl.load(cfg_ptr + rows, mask=rmask, other=0.0)[:, None])
     rc = tl.arange(0, BC)
     m = rmask[:, None] & (rc < C)[None, :]
     x = tl.load(x_ptr + rows[:, None] * stride_x + rc[None, :], mask=m, other=0.0)
     noise = tl.load(noise_ptr + rows[:, None] * stride_noise + rc[None, :], mask=m, other=0.0)
-    new = ddpm_step(x, e, v, coeff_ptr, noise, temperature, clip_lo, clip_hi, HAS_CLIP)
+    temp = tl.load(temp_ptr + rows, mask=rmask, other=0.0)[:, None]
+    new = ddpm_step(x, e, v, coeff_ptr, noise, temp, clip_lo, clip_hi, HAS_CLIP)
     tl.store(new_ptr + rows[:, None] * stride_new + rc[None, :], new, mask=m)
 
 
@@ -256,10 +258,12 @@ def final_config(n: int, W: int, C: int) -> dict:
 
 def launch_final(h, mods, out_weight, out_bias, x, noise, coeffs, cfg_scale, temperature,
                  clip_lo=None, clip_hi=None, eps=LN_EPS, config=None):
+    """cfg_scale / temperature: numbers or float32 [n] tensors (one per result row)."""
     for t, name in ((h, "h"), (mods, "mods"), (x, "x"), (noise, "noise")):
         check_rows(t, name)
     H, W = h.shape
     n, C = x.shape
+    cfg_scale, temperature = row_args(cfg_scale, temperature, n, x.device)
     rows = 2 * n if cfg_scale is not None else n
     if mods.shape != (rows, 2 * W) or out_weight.shape != (2 * C, W) or rows % H \
             or noise.shape[0] < n or noise.shape[1] != C:
@@ -273,12 +277,13 @@ def launch_final(h, mods, out_weight, out_bias, x, noise, coeffs, cfg_scale, tem
         return new
     cfg = dict(config or final_config(n, W, C))
     num_warps = cfg.pop("num_warps", 4)
-    # No FMA contraction: the DDPM math rounds as in the torch reference.
+    # No FMA contraction: the DDPM math rounds as in the torch reference. Without CFG cfg_ptr
+    # is never read (temperature stands in: any fp32 pointer).
     launch("final_ddpm", _final_kernel, (triton.cdiv(n, cfg["BM"]),),
            h, mods, out_weight.contiguous(), out_bias.contiguous(), x, noise,
-           coeffs.contiguous(), new, n, H, W, C,
+           coeffs.contiguous(), temperature if cfg_scale is None else cfg_scale, temperature,
+           new, n, H, W, C,
            h.stride(0), mods.stride(0), x.stride(0), noise.stride(0), new.stride(0), eps,
-           1.0 if cfg_scale is None else float(cfg_scale), float(temperature),
            0.0 if clip_lo is None else float(clip_lo),
            0.0 if clip_hi is None else float(clip_hi),
            HAS_CFG=cfg_scale is not None, HAS_CLIP=clip_lo is not None,
@@ -289,11 +294,12 @@ def launch_final(h, mods, out_weight, out_bias, x, noise, coeffs, cfg_scale, tem
 
 @torch.library.custom_op("engine::final_ddpm", mutates_args=())
 def final_ddpm(h: torch.Tensor, mods: torch.Tensor, out_weight: torch.Tensor, out_bias: torch.Tensor,
-               x: torch.Tensor, noise: torch.Tensor, coeffs: torch.Tensor, cfg_scale: Optional[float],
-               temperature: float, clip_lo: Optional[float] = None,
-               clip_hi: Optional[float] = None) -> torch.Tensor:
+               x: torch.Tensor, noise: torch.Tensor, coeffs: torch.Tensor,
+               cfg_scale: Optional[torch.Tensor], temperature: torch.Tensor,
+               clip_lo: Optional[float] = None, clip_hi: Optional[float] = None) -> torch.Tensor:
     """Final layer on h (row r reads h[r % h.shape[0]]) with mods = (shift | scale) [R, 2W],
-    then one DDPM step of x [n, C]; returns the new x."""
+    then one DDPM step of x [n, C]; returns the new x. cfg_scale (None: no CFG) and temperature
+    are float32 [n], one per result row."""
     return launch_final(h, mods, out_weight, out_bias, x, noise, coeffs, cfg_scale, temperature,
                         clip_lo, clip_hi)
 

@@ -13,17 +13,12 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from conftest import GOLDEN_DIR
+from conftest import GOLDEN_DIR, rel_err  # noqa: F401  (rel_err: re-exported for the tests)
 from engine.config import MARConfig
 from engine.diffusion import space_timesteps
 from engine.models.mar import MAR
 
 CHECKPOINT = GOLDEN_DIR / "checkpoint-last.pth"
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
 @lru_cache(maxsize=1)
@@ -48,15 +43,34 @@ def random_mar(seed: int = 0, **overrides) -> MAR:
                   class_num=10, buffer_size=4, diffloss_d=2, diffloss_w=48,
                   num_sampling_steps="10")
     values.update(overrides)
-    mar = MAR(MARConfig(**values))
+    return randomise(MAR(MARConfig(**values)), seed)
+
+
+def random_fluid(seed: int = 0, **overrides):
+    """A Fluid (LightGen FLUID layout) with random weights of any configuration."""
+    from engine.families.fluid import FluidConfig
+    from engine.models.fluid import Fluid
+
+    values = dict(img_size=256, vae_stride=16, patch_size=1, vae_embed_dim=4, text_depth=1,
+                  encoder_embed_dim=32, encoder_depth=1, encoder_num_heads=2,
+                  decoder_embed_dim=32, decoder_depth=2, decoder_num_heads=4,
+                  cross_embed_dim=32, cross_depth=2, cross_num_heads=2, caption_channels=12,
+                  max_length=5, diffloss_d=2, diffloss_w=48, num_sampling_steps="10")
+    values.update(overrides)
+    return randomise(Fluid(FluidConfig(**values)), seed)
+
+
+def randomise(module, seed: int):
+    """Random weights everywhere (no zero-initialised layers); LayerNorm gains near 1."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in mar.named_parameters():
-            if name.endswith(("norm1.weight", "norm2.weight", "ln.weight", "norm.weight", "in_ln.weight")):
+        for name, p in module.named_parameters():
+            if name.endswith(("norm1.weight", "norm2.weight", "ln.weight", "norm.weight", "in_ln.weight",
+                              "normq.weight", "normkv.weight", "aligner_norm.weight")):
                 p.copy_(1 + 0.1 * torch.randn(p.shape, generator=gen))
             else:
                 p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(max(p.shape[-1], 1)))
-    return mar.eval()
+    return module.eval()
 
 
 # ------------------------------------------------------------------------------------------

@@ -34,3 +34,14 @@ def test_resources_fit(resources):
         assert r.shared <= 99 * 1024, f"{r.kernel} {r.variant} needs {r.shared} B of shared memory"
         assert r.n_regs * 32 * r.num_warps <= 65536, f"{r.kernel} {r.variant}: too many registers"
 
+
+
+def test_per_row_settings_are_pointers():
+    """The DDPM kernels read a CFG scale and a temperature per row: fp32 pointers, no scalars."""
+    from engine.kernels import ddpm_update as dd, head_block as hb
+    from engine.kernels.aot_report import _signature
+
+    for fn in (dd._ddpm_kernel, hb._final_kernel):
+        sig, _ = _signature(fn, {}, "fp32")
+        assert sig["cfg_ptr"] == sig["temp_ptr"] == "*fp32"
+        assert "cfg_scale" not in sig and "temperature" not in sig

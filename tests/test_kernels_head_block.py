@@ -94,10 +94,19 @@ def final_inputs(n, width, C, cfg, h_rows=None, seed=0):
     return {k: v.to(DEVICE) for k, v in t.items()}
 
 
-def final_args(t, i, cfg, clip, dtype=None):
+def per_row(value, n):
+    """The op takes one float32 value per result row (numbers pass through)."""
+    if value is None or isinstance(value, torch.Tensor):
+        return value
+    return torch.full((n,), value, device=DEVICE)
+
+
+def final_args(t, i, cfg, clip, dtype=None, temperature=0.9):
     w = t["w"].to(dtype) if dtype else t["w"]
     lo, hi = clip or (None, None)
-    return (t["h"], t["mods"], w, t["b"], t["x"], t["noise"], TABLE[i].to(DEVICE), cfg, 0.9, lo, hi)
+    n = t["x"].shape[0]
+    return (t["h"], t["mods"], w, t["b"], t["x"], t["noise"], TABLE[i].to(DEVICE), per_row(cfg, n),
+            per_row(temperature, n), lo, hi)
 
 
 @pytest.mark.parametrize("n", [1, 3, 17, 64])
@@ -134,9 +143,40 @@ def test_final_shapes(n, C, h_rows, cfg):
     assert rel_err(small, ref) <= 1e-5
 
 
+@pytest.mark.parametrize("cfg", [None, "rows"])
+def test_final_per_row_settings(cfg):
+    """Different CFG scales and temperatures per row in one launch: row r equals a launch with
+    row r's numbers; a tensor of equal values gives exactly the number's result."""
+    n = 5
+    t = final_inputs(n, 80, 16, cfg, h_rows=n if cfg else None, seed=7)
+    scales = torch.tensor([1.0, 2.5, 4.0, 1.7, 7.5], device=DEVICE) if cfg else None
+    temps = torch.tensor([0.9, 1.0, 0.5, 1.25, 0.05], device=DEVICE)
+    clip = (-1.0, 1.0)
+    new = final_ddpm(*final_args(t, 30, scales, clip, temperature=temps))
+    for r in range(n):
+        one = launch_final(*final_args(t, 30, None if cfg is None else float(scales[r]), clip,
+                                       temperature=float(temps[r])))
+        assert torch.equal(new[r], one[r]), r
+    ref = final_ddpm_ref(*final_args(t, 30, scales, clip, temperature=temps))
+    assert rel_err(new, ref) <= 1e-5
+    number = None if cfg is None else 2.7
+    assert torch.equal(final_ddpm(*final_args(t, 30, per_row(number, n), clip, temperature=per_row(0.8, n))),
+                       launch_final(*final_args(t, 30, number, clip, temperature=0.8)))
+
+
+def test_final_bad_row_settings():
+    t = final_inputs(3, 32, 16, 2.0)
+    with pytest.raises(ValueError, match=r"cfg_scale .*shape \[3\].*\[6\]"):
+        final_ddpm(*final_args(t, 3, per_row(2.0, 6), None))
+    with pytest.raises(ValueError, match=r"temperature .*shape \[3\].*\[2\]"):
+        final_ddpm(*final_args(t, 3, 2.0, None, temperature=per_row(0.9, 2)))
+
+
 def test_opcheck():
     """Schema, fake (meta) implementations and dynamic-shape tracing of both custom ops."""
     t = block(4, 32, h_rows=2)
     torch.library.opcheck(resblock, args(t))
     f = final_inputs(2, 32, 16, 2.0)
-    torch.library.opcheck(final_ddpm, final_args(f, 3, 2.0, None))
+    torch.library.opcheck(final_ddpm, final_args(f, 3, torch.tensor([2.0, 3.5], device=DEVICE), None))
+    f = final_inputs(2, 32, 16, None)
+    torch.library.opcheck(final_ddpm, final_args(f, 3, None, (-1.0, 1.0)))

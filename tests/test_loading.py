@@ -10,13 +10,15 @@ import torch
 
 import engine
 from engine import CheckpointError, ConfigError
+from engine.loading import read_torch_file
 from helpers import CHECKPOINT, golden_cases, golden_tensors, random_mar, rel_err
 
 
 @pytest.fixture(scope="module")
 def ckpt():
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        return torch.load(CHECKPOINT, weights_only=True)
+    # The engine's own weights-only reader: a `safe_globals` block here would withdraw the
+    # process-wide argparse.Namespace allowance when it exits.
+    return read_torch_file(CHECKPOINT)
 
 
 def save(tmp_path, obj, name="ckpt.pth"):

@@ -9,6 +9,7 @@ from engine.counting import count_ops
 from engine.graphs import GraphedRunner
 from engine.model import MARModel
 from engine.plan import build_plan
+from engine.conditioning import Condition
 from engine.sampler import draw_step_inputs, run_step, sample_orders
 from helpers import random_mar
 
@@ -54,25 +55,30 @@ def check_steps_compile(tiny_mar, backend, bsz, cfg, iters, precision="fp32"):
     seq_len, dim = model.config.seq_len, model.config.token_dim
     gen = torch.Generator().manual_seed(0)
     orders = sample_orders(bsz, seq_len, gen, "cpu")
-    labels = torch.arange(bsz) % model.config.class_num
+    condition = Condition.labels(torch.arange(bsz) % model.config.class_num, bsz, model.config.class_num, "cpu")
+    # Per-image settings: rows with different cfg scales and temperatures share the step.
+    cfgs = [cfg + 0.5 * i if cfg != 1.0 else 1.0 for i in range(bsz)]
+    temperatures = torch.tensor([0.9 + 0.05 * i for i in range(bsz)])
     seen = set()
     for num_iter in iters:
-        plan = build_plan(bsz, num_iter, seq_len, cfg)
-        class_emb = model.mar.class_embedding(labels, bsz, plan.use_cfg)
-        for step in plan.steps:
+        plan = build_plan(bsz, num_iter, seq_len, cfgs)
+        context = model.mar.step_context(condition, bsz, plan.use_cfg, model.mar.grid())
+        cfg_table = plan.cfg_table("cpu")
+        for k, step in enumerate(plan.steps):
             if (step.unknown_before, step.unknown_after) in seen:
                 continue
             seen.add((step.unknown_before, step.unknown_after))
             x, noise = draw_step_inputs(model.head, plan, step, gen, "cpu", dim)
             tokens = torch.randn(bsz, seq_len, dim, generator=gen)
 
-            def one_step(tokens, orders, class_emb, x, noise, plan=plan, step=step):
-                run_step(model, plan, step, tokens, orders, class_emb, x, noise, 0.9)
+            def one_step(tokens, orders, context, scales, x, noise, plan=plan, step=step):
+                run_step(model, plan, step, tokens, orders, context, scales, temperatures, x, noise)
                 return tokens
 
             compiled = torch.compile(one_step, fullgraph=True, backend="eager", dynamic=False)
-            got = compiled(tokens.clone(), orders, class_emb, x, noise)
-            (want, counter) = count_ops(one_step, tokens.clone(), orders, class_emb, x, noise)
+            args = (orders, context, cfg_table[k], x, noise)
+            got = compiled(tokens.clone(), *args)
+            (want, counter) = count_ops(one_step, tokens.clone(), *args)
             assert counter.host_syncs == 0
             assert not any("nonzero" in op or "item" in op for op in counter.counts)
             tol = 1e-5 if precision == "fp32" else 2e-2
@@ -85,11 +91,11 @@ def test_static_buffer_runner_matches_eager(tiny_mar, cfg, monkeypatch):
     model = MARModel(tiny_mar, backend="reference")
     runs = {}
     for label, factory in (("eager", None),
-                           ("static", lambda plan, t: GraphedRunner(model, plan, t, capture=False))):
+                           ("static", lambda plan, grid: GraphedRunner(model, plan, grid, capture=False))):
         if factory is not None:
             runners = {}
             monkeypatch.setattr(model, "step_runner",
-                                lambda plan, t: runners.setdefault(plan, factory(plan, t)))
+                                lambda plan, grid: runners.setdefault(plan.shape_key, factory(plan, grid)))
         outs = []
         for seed in (0, 1):  # the second call reuses the static buffers
             torch.manual_seed(seed)

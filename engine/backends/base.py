@@ -6,6 +6,31 @@ import torch
 from ..models.head import PackedHead
 
 
+def row_param(value, name: str, n: int, device, optional: bool = False, as_tensor: bool = False):
+    """Check one per-row head_loop argument (cfg_scale / temperature) for n result rows.
+
+    Returns None (only when `optional`), a float, or a float32 tensor [n] on `device`; with
+    `as_tensor` a number comes back as that tensor too (torch.full: the same float32 rounding).
+    A 0-dim tensor counts as a number for every row."""
+    if value is None:
+        if optional:
+            return None
+        raise ValueError(f"{name} must be a number or a float32 tensor of shape [{n}], got None")
+    if isinstance(value, torch.Tensor):
+        if value.dim() == 0:
+            value = value.reshape(1).expand(n)
+        if value.dim() != 1 or value.shape[0] != n:
+            raise ValueError(f"{name} must be a number or a float32 tensor of shape [{n}] (one per "
+                             f"result row), got a tensor of shape {list(value.shape)}")
+        return value.to(device=device, dtype=torch.float32).contiguous()
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number or a float32 tensor of shape [{n}], "
+                         f"got {type(value).__name__}") from None
+    return torch.full((n,), value, dtype=torch.float32, device=device) if as_tensor else value
+
+
 class HeadBackend:
     """A backend turns the conditions of the rows predicted in one MAR step into tokens.
 
@@ -13,8 +38,12 @@ class HeadBackend:
       z      [R, D]  decoder outputs of the rows; with CFG R = 2n, rows [cond; uncond]
       x      [n, C]  start noise
       noise  [T, R, C] the per-diffusion-step noise, in the order it is drawn (index T-1 first)
-      cfg_scale  guidance scale for this step, or None without CFG
-    returns [n, C]. Every backend reads the same tables and noise, so all give the same tokens
+      cfg_scale  None (no CFG: R = n), a number, or a float32 tensor [n]: one guidance scale
+                 per result row (R = 2n); row r's eps = eps_u + cfg[r] * (eps_c - eps_u)
+      temperature  a number, or a float32 tensor [n]: one noise scale per result row
+    returns [n, C]. A tensor of equal values gives bit-for-bit the result of that number (numbers
+    are rounded to float32 either way), so rows with different settings can share one call.
+    Tensors should already be on z's device (a host copy would break CUDA-graph capture). Every backend reads the same tables and noise, so all give the same tokens
     up to float rounding (float32) or to their documented precision (bf16 / fp16 weights).
     """
 

@@ -26,11 +26,12 @@ from __future__ import annotations
 
 import threading
 import warnings
+import weakref
 
 import torch
 
 from ..errors import ConfigError
-from .base import HeadBackend
+from .base import HeadBackend, row_param
 
 GEMM_MODES = {"aten": 0, "mkl_packed": 1, "onednn": 2}
 WEIGHT_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
@@ -52,14 +53,17 @@ def fallback_warning(cause: str) -> None:
 
 
 # Built plans by id: the custom op below takes the id, so torch.compile traces one opaque call
-# per MAR step (the C++ object itself cannot be an operator argument).
+# per MAR step (the C++ object itself cannot be an operator argument). This dict holds the only
+# reference besides the owning backend's: an entry goes when that backend re-plans or is
+# collected (weakref.finalize), so rebinding models never accumulates plans and packed weights.
 _PLANS: dict[int, object] = {}
 _next_plan_id = iter(range(1, 1 << 62))
 
 
 @torch.library.custom_op("engine::native_head_loop", mutates_args=())
 def native_head_loop(plan_id: int, z: torch.Tensor, x: torch.Tensor, noise: torch.Tensor,
-                     cfg_scale: float | None, temperature: float) -> torch.Tensor:
+                     cfg_scale: torch.Tensor | None, temperature: torch.Tensor) -> torch.Tensor:
+    """cfg_scale (None without CFG) and temperature: float32 [n], one per result row."""
     out = _PLANS[plan_id].run(z, x, noise, cfg_scale, temperature)
     return out.clone() if out.data_ptr() == x.data_ptr() else out
 
@@ -102,6 +106,7 @@ class NativeBackend(HeadBackend):
         self._plan_head = None
         self._plan_lock = threading.Lock()
         self._plan_id = 0
+        self._release = None  # weakref.finalize dropping _PLANS[_plan_id]
 
     # Availability ----------------------------------------------------------------------------
     def _build_error(self) -> str | None:
@@ -151,18 +156,24 @@ class NativeBackend(HeadBackend):
     def plan_for(self, head):
         with self._plan_lock:
             if self._plan is None or self._plan_head is not head:
-                _PLANS.pop(self._plan_id, None)
-                self._plan = self._make_plan(head)
-                self._plan_head = head
+                # Free the superseded plan before building the new one (lower peak memory).
+                if self._release is not None:
+                    self._release()
+                self._plan = self._plan_head = self._release = None
+                plan = self._make_plan(head)
                 self._plan_id = next(_next_plan_id)
-                _PLANS[self._plan_id] = self._plan
+                _PLANS[self._plan_id] = plan
+                self._release = weakref.finalize(self, _PLANS.pop, self._plan_id, None)
+                self._plan, self._plan_head = plan, head
             return self._plan
 
     def head_loop(self, head, z, x, noise, cfg_scale, temperature):
         if self._plan_head is not head:  # bound in prepare(); traced calls skip the lock
             self.plan_for(head)
-        return native_head_loop(self._plan_id, z, x, noise,
-                                None if cfg_scale is None else float(cfg_scale), float(temperature))
+        n = x.shape[0]  # numbers become [n] tensors: the same float32 value for every row
+        cfg = row_param(cfg_scale, "cfg_scale", n, z.device, optional=True, as_tensor=True)
+        temp = row_param(temperature, "temperature", n, z.device, as_tensor=True)
+        return native_head_loop(self._plan_id, z, x, noise, cfg, temp)
 
     def describe(self, head=None) -> str:
         if head is not None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import HeadBackend
+from .base import HeadBackend, row_param
 
 
 class ReferenceBackend(HeadBackend):
@@ -16,8 +16,16 @@ class ReferenceBackend(HeadBackend):
     def head_loop(self, head, z, x, noise, cfg_scale, temperature):
         net = head.net
         tables = head.tables
-        rows = z.shape[0]
+        rows, n = z.shape[0], x.shape[0]
+        cfg_scale = row_param(cfg_scale, "cfg_scale", n, z.device, optional=True)
+        temperature = row_param(temperature, "temperature", n, z.device)
         img = torch.cat([x, x]) if cfg_scale is not None else x
+        # Per-row values as columns: [n, 1] scales the cond/uncond eps of forward_with_cfg, the
+        # temperatures repeat for the uncond half (its rows are dropped, as with a number).
+        if isinstance(cfg_scale, torch.Tensor):
+            cfg_scale = cfg_scale[:, None]
+        if isinstance(temperature, torch.Tensor):
+            temperature = temperature.repeat(1 if cfg_scale is None else 2)[:, None]
         timestep_map = torch.from_numpy(tables.timestep_map).to(z.device)
         columns = {name: torch.from_numpy(getattr(tables, name)) for name in
                    ("sqrt_recip_ab", "sqrt_recipm1_ab", "coef1", "coef2", "min_log", "max_log")}

@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import torch
 
 from ..errors import ConfigError
-from .base import HeadBackend
+from .base import HeadBackend, row_param
 
 _WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -99,8 +99,10 @@ class TritonBackend(HeadBackend):
             self.prepare(head)
         w, ops = self._w, self._ops
         W, T = w.width, w.steps
-        cfg = None if cfg_scale is None else float(cfg_scale)
-        temperature = float(temperature)
+        # Per-row float32 [n] once per MAR step (numbers: a device fill, no host copy).
+        n = x.shape[0]
+        cfg = row_param(cfg_scale, "cfg_scale", n, z.device, optional=True, as_tensor=True)
+        temperature = row_param(temperature, "temperature", n, z.device, as_tensor=True)
         c = ops.linear(z.float().contiguous(), w.cond_w, w.cond_b)   # once per MAR step
         x = x.float().contiguous()
         for k in range(T):

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from ..attention import attention
 from ..config import MARConfig
+from ..errors import SamplingError
 from .head import DiffLoss
 
 LN_EPS = 1e-6
@@ -21,11 +22,11 @@ def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
     return x.reshape(n, h * w, c * p * p)
 
 
-def unpatchify(x: torch.Tensor, p: int, c: int, h: int) -> torch.Tensor:
-    """Inverse of `patchify` for a square grid of h x h tokens."""
-    n = x.shape[0]
-    x = x.reshape(n, h, h, c, p, p).permute(0, 3, 1, 4, 2, 5)
-    return x.reshape(n, c, h * p, h * p)
+def unpatchify(x: torch.Tensor, p: int, c: int, h: int, w: int | None = None) -> torch.Tensor:
+    """Inverse of `patchify` for a grid of h x w tokens (square by default)."""
+    n, w = x.shape[0], h if w is None else w
+    x = x.reshape(n, h, w, c, p, p).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(n, c, h * p, w * p)
 
 
 def onednn_linear_available() -> bool:
@@ -95,11 +96,11 @@ class Mlp(nn.Module):
 class Block(nn.Module):
     """Pre-norm ViT block (timm `Block` key layout)."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, eps: float = LN_EPS):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=LN_EPS)
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
         self.attn = Attention(dim, num_heads)
-        self.norm2 = nn.LayerNorm(dim, eps=LN_EPS)
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
     def forward(self, x: torch.Tensor, query_index: torch.Tensor | None = None) -> torch.Tensor:
@@ -112,7 +113,20 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-def _gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+def pack_blocks(blocks, rows_block, enable: bool) -> None:
+    """Pack (or drop) every engine `Linear` of `blocks` for oneDNN, each as it is used: the
+    block that attends from a subset of rows (`rows_block`) has its q and kv products apart."""
+    for block in blocks:
+        for module in block.modules():
+            if isinstance(module, Linear):
+                ranges = ((0, None),)
+                if block is rows_block and module is block.attn.qkv:
+                    d = block.attn.proj.in_features
+                    ranges = ((0, d), (d, None))
+                module.pack(ranges) if enable else module.unpack()
+
+
+def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return torch.gather(x, 1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
@@ -143,15 +157,12 @@ class MAR(nn.Module):
 
     def pack_linears(self, enable: bool) -> None:
         """Reorder the transformer blocks' weights for oneDNN (CPU float32), or drop them."""
-        blocks = [*self.encoder_blocks, *self.decoder_blocks]
-        for block in blocks:
-            d = block.attn.proj.in_features
-            # Only the last decoder block attends from a subset of rows: q and kv products apart.
-            qkv = ((0, d), (d, None)) if block is blocks[-1] and len(self.decoder_blocks) else ((0, None),)
-            layers = [(block.attn.qkv, qkv), (block.attn.proj, ((0, None),)),
-                      (block.mlp.fc1, ((0, None),)), (block.mlp.fc2, ((0, None),))]
-            for layer, ranges in layers:
-                layer.pack(ranges) if enable else layer.unpack()
+        pack_blocks([*self.encoder_blocks, *self.decoder_blocks],
+                    self.decoder_blocks[-1] if len(self.decoder_blocks) else None, enable)
+
+    # The family interface (see engine/families): grid, step context, step, unpatchify.
+    def grid(self) -> tuple[int, int]:
+        return (self.config.seq_h, self.config.seq_h)
 
     def class_embedding(self, labels: torch.Tensor | None, bsz: int, cfg: bool) -> torch.Tensor:
         """[B', E]: class rows (fake_latent without labels), then with CFG the unconditional half."""
@@ -159,13 +170,22 @@ class MAR(nn.Module):
         cond = fake if labels is None else self.class_emb(labels)
         return torch.cat([cond, fake]) if cfg else cond
 
+    def step_context(self, condition, bsz: int, use_cfg: bool, grid) -> tuple[torch.Tensor, ...]:
+        """What every step of a call reads besides tokens: the class-embedding rows [B', E]."""
+        if condition.kind not in ("class", "none"):
+            raise SamplingError(f"MAR is class-conditional; got a {condition.kind!r} condition")
+        return (self.class_embedding(condition.value, bsz, use_cfg),)
+
+    def unpatchify(self, tokens: torch.Tensor, grid) -> torch.Tensor:
+        return unpatchify(tokens, self.config.patch_size, self.config.vae_embed_dim, grid[0])
+
     def encode(self, tokens: torch.Tensor, known: torch.Tensor, class_emb: torch.Tensor):
         """Encoder over the buffer rows and the known tokens `known [B, k]` (sorted positions)."""
         buf = self.config.buffer_size
         b, e = class_emb.shape
         pos = self.encoder_pos_embed_learned
         buffer_rows = class_emb.unsqueeze(1) + pos[:, :buf]
-        known_rows = self.z_proj(_gather_rows(tokens, known)) + _gather_rows(pos[:, buf:].expand(b, -1, -1), known)
+        known_rows = self.z_proj(gather_rows(tokens, known)) + gather_rows(pos[:, buf:].expand(b, -1, -1), known)
         x = self.z_proj_ln(torch.cat([buffer_rows, known_rows], dim=1))
         for block in self.encoder_blocks:
             x = block(x)
@@ -185,13 +205,14 @@ class MAR(nn.Module):
         blocks = list(self.decoder_blocks)
         for block in blocks[:-1]:
             x = block(x)
-        x = blocks[-1](x, rows) if blocks else _gather_rows(x, rows)
+        x = blocks[-1](x, rows) if blocks else gather_rows(x, rows)
         x = self.decoder_norm(x)
         diff_pos = self.diffusion_pos_embed_learned.expand(b, -1, -1)
-        return x + _gather_rows(diff_pos, predict)
+        return x + gather_rows(diff_pos, predict)
 
-    def forward_step(self, tokens, known, predict, class_emb) -> torch.Tensor:
+    def forward_step(self, tokens, known, predict, context) -> torch.Tensor:
         """One transformer pass of a sampling step: z [B', n, D] for the predicted positions."""
+        (class_emb,) = context
         return self.decode(self.encode(tokens, known, class_emb), known, predict)
 
     # The published pass, written with a mask: used by tests and by the golden `transformer` case.

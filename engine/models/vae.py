@@ -7,7 +7,6 @@ Layout: ``ch=128, ch_mult=(1,1,2,2,4), num_res_blocks=2``, no attention outside 
 
 from __future__ import annotations
 
-import argparse
 import os
 from pathlib import Path
 
@@ -16,6 +15,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from engine.errors import CheckpointError
+# Thread-safe weights-only load (argparse.Namespace registered once, never a per-call global
+# toggle) and the NaN/Inf check shared with the MAR loader.
+from engine.loading import check_finite, torch_load_weights
 
 MAR_LATENT_SCALE = 0.2325
 
@@ -133,8 +135,7 @@ _KEEP = ("decoder.", "post_quant_conv.")
 
 def _read(path: Path):
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
+        return torch_load_weights(path)
     except Exception as e:  # zip/pickle/EOF/unsafe-global errors all mean: not a usable checkpoint
         raise CheckpointError(
             f"{path}: not a readable torch checkpoint (truncated, corrupt, or holding "
@@ -174,6 +175,7 @@ def load_vae(path, device="cpu", dtype=torch.float32) -> KLDecoder:
         if tuple(sd[k].shape) != shape:
             raise CheckpointError(f"{path}: shape mismatch for {k}: expected {list(shape)}, "
                                   f"found {list(sd[k].shape)}")
+    check_finite(sd, str(path))
     sd = {k: v.to(device=device, dtype=dtype) for k, v in sd.items()}
     model.load_state_dict(sd, strict=True, assign=True)
     return model.eval().requires_grad_(False)
