@@ -19,14 +19,15 @@ __all__ = ["load", "load_vae", "load_text_encoder", "generate", "accelerate", "p
            "CheckpointError", "ConfigError", "SamplingError"]
 
 
-def load(path, ema: bool = True, device="cpu", backend="auto", num_sampling_steps=None,
+def load(path, ema: bool | None = None, device="cpu", backend="auto", num_sampling_steps=None,
          precision: str = "fp32", cuda_graphs: bool = True, family: str | None = None,
          **config) -> Model:
     """Load a published checkpoint (MAR's `checkpoint-last.pth`, a LightGen Fluid checkpoint),
     an engine model directory, or a built-in model ("digits"). The family is recognised from the
     checkpoint (its args' preset name, its keys) unless `family=` names it ("mar", "fluid").
     Keyword arguments supply or override configuration fields (named as the published
-    constructor's arguments).
+    constructor's arguments). ema: True loads 'model_ema', False 'model'; by default the
+    family's choice (MAR: 'model_ema'; Fluid: 'model', as LightGen's sampling scripts).
 
     backend: "auto" (fastest available), "reference", "native" (CPU), "triton" (GPU), or a
     HeadBackend instance. precision: "fp32" (published tokens), "bf16" (CPU or CUDA) or "fp16"
@@ -59,10 +60,11 @@ def check_device(device) -> torch.device:
 def load_vae(path, device="cpu", dtype=torch.float32):
     """A VAE decoder: MAR's KL-16 from `kl16.ckpt`, or a diffusers AutoencoderKL directory (the
     SD-3.5 VAE Fluid / LightGen decode with; a pipeline directory with `vae/` works too)."""
+    import os
     from pathlib import Path
 
     check_device(device)
-    if isinstance(path, (str, Path)) and Path(path).is_dir():
+    if isinstance(path, (str, os.PathLike)) and Path(path).is_dir():
         from .models.sd_vae import load_sd_vae
         return load_sd_vae(path, device=device, dtype=dtype)
     from .models.vae import load_vae as _load_vae
@@ -114,8 +116,11 @@ def generate(model: Model, labels=None, vae=None, num_images: int | None = None,
         tokens = model.sample_tokens(bsz, texts=texts, height=height, width=width, progress=progress,
                                      generator=generator, **settings)
     else:
-        if prompts is not None or texts is not None:
+        if prompts is not None or texts is not None or text_encoder is not None:
             raise SamplingError("this is a class-conditional model: pass labels=[...], not prompts")
+        if height is not None or width is not None:
+            raise SamplingError("this is a class-conditional model: it samples at its img_size "
+                                f"({model.config.img_size}); height / width are for text-to-image models")
         if labels is None:
             if num_images is None:
                 raise SamplingError("pass labels, or num_images for unconditional samples")
@@ -132,9 +137,16 @@ def generate(model: Model, labels=None, vae=None, num_images: int | None = None,
 
 def _texts_for(model, prompts, texts, text_encoder, num_images):
     """(text-encoder outputs or None, batch size) of a text-to-image call."""
+    c = model.config
     if texts is not None:
         if prompts is not None:
             raise SamplingError("pass prompts or texts, not both")
+        if not isinstance(texts, torch.Tensor) or texts.ndim != 3:
+            raise SamplingError(f"texts must be a tensor [B, {c.max_length}, {c.caption_channels}] of "
+                                "text-encoder outputs; encode prompts with engine.load_text_encoder(DIR), "
+                                "or pass prompts=[...]")
+        if num_images is not None and num_images != len(texts):
+            raise SamplingError(f"num_images={num_images} but {len(texts)} texts")
         return texts, len(texts)
     if prompts is None:
         if num_images is None:
@@ -142,17 +154,22 @@ def _texts_for(model, prompts, texts, text_encoder, num_images):
         return None, num_images
     if isinstance(prompts, str):
         prompts = [prompts]
+    if not isinstance(prompts, (list, tuple)) or not prompts \
+            or not all(isinstance(p, str) for p in prompts):
+        raise SamplingError(f"prompts must be a non-empty list of strings, got {prompts!r:.100}")
     if num_images is not None and num_images != len(prompts):
         raise SamplingError(f"num_images={num_images} but {len(prompts)} prompts")
-    encoder = text_encoder or getattr(model, "text_encoder", None)
+    encoder = text_encoder if text_encoder is not None else getattr(model, "text_encoder", None)
     if encoder is None:
-        raise SamplingError("prompts need a text encoder: pass text_encoder=engine.load_text_encoder(DIR)")
-    c = model.config
-    if encoder.max_length != c.max_length or encoder.channels != c.caption_channels:
-        raise SamplingError(f"the text encoder gives [*, {encoder.max_length}, {encoder.channels}] but "
-                            f"the model reads [*, {c.max_length}, {c.caption_channels}] (max_length, "
-                            "caption_channels); load the encoder with max_length=model.config.max_length")
-    return encoder(prompts).to(model.device), len(prompts)
+        raise SamplingError("prompts need a text encoder: pass text_encoder=engine.load_text_encoder(DIR, "
+                            "max_length=model.config.max_length), or set model.text_encoder")
+    length, channels = getattr(encoder, "max_length", None), getattr(encoder, "channels", None)
+    if length != c.max_length or channels != c.caption_channels:
+        raise SamplingError(f"the text encoder gives [*, {length}, {channels}] but the model reads "
+                            f"[*, {c.max_length}, {c.caption_channels}] (max_length, caption_channels); "
+                            "load the encoder with max_length=model.config.max_length (and the T5 the "
+                            "model was trained with)")
+    return encoder(list(prompts)).to(model.device), len(prompts)
 
 
 def accelerate(published_model, backend="auto", num_sampling_steps=None, **config) -> MARModel:
@@ -169,7 +186,7 @@ def patch(published_model, backend="auto", num_sampling_steps=None, **config):
     return _patch(published_model, backend=backend, num_sampling_steps=num_sampling_steps, **config)
 
 
-def convert(src, out_dir, ema: bool = True, **config):
+def convert(src, out_dir, ema: bool | None = None, **config):
     """Write a published checkpoint in the engine's format (safetensors + config.json)."""
     from .loading import convert as _convert
 

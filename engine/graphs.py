@@ -9,6 +9,8 @@ graphed and eager runs draw the same numbers. With `capture=False` the same stat
 runs eagerly (used on CPU to test the bookkeeping)."""
 from __future__ import annotations
 
+import threading
+
 import torch
 
 from .sampler import run_step
@@ -29,6 +31,7 @@ class GraphedRunner:
         self.noise = [torch.zeros(model.head.num_steps, plan.bsz * s.num_predict * rows_mult, dim,
                                   device=device) for s in plan.steps]
         self.graphs: list | None = None
+        self.lock = threading.Lock()   # threads sharing the model take turns on these buffers
         self.replays = 0   # host-side bookkeeping, checked by the CPU tests
 
     def _step(self, k: int) -> None:
@@ -88,6 +91,4 @@ def graphed_runner(model, plan, grid) -> GraphedRunner:
     key = (plan.shape_key, tuple(grid))
     if key not in cache:
         cache[key] = GraphedRunner(model, plan, grid, capture=model.device.type == "cuda")
-    runner = cache[key]
-    runner.plan = plan   # same shapes; the steps' cfg scales arrive as the cfg_table buffer
-    return runner
+    return cache[key]   # its plan has the same shapes; cfg scales arrive in the cfg_table buffer

@@ -123,3 +123,39 @@ def labelled_grid(images, labels, scale: int = 1, padding: int = 2):
     for (x, y), text in zip(centers, texts):
         draw.text((x, y), text, fill="black", anchor="mm", font=font)
     return out
+
+
+def captioned_grid(images, captions, scale: int = 1, padding: int = 2, ncol: int | None = None):
+    """A PIL grid of `images` ([N, H, W, C] in [0, 1]) with each caption (e.g. its prompt)
+    written above its image, wrapped to the image's width."""
+    import textwrap
+
+    from PIL import Image, ImageDraw, ImageFont
+
+    images = np.asarray(images, dtype=np.float32)
+    captions = [str(c) for c in captions]
+    if len(captions) != len(images):
+        raise SamplingError(f"{len(images)} images but {len(captions)} captions")
+    n, h, w, _ = images.shape
+    ncol = ncol or min(n, 4)
+    cell_w = max(w * scale, 160) + 2 * padding
+    font_size = 12
+    try:
+        font = ImageFont.load_default(size=font_size)
+    except (TypeError, OSError):  # Pillow < 10.1: the fixed bitmap font
+        font = None
+    chars = max(8, (cell_w - 2 * padding) * 10 // (6 * font_size))
+    wrapped = [textwrap.wrap(c, chars) or [""] for c in captions]
+    band = (font_size + 3) * max(len(lines) for lines in wrapped) + 6
+    cell_h = band + h * scale + 2 * padding
+    rows = math.ceil(n / ncol)
+    out = Image.new("RGB", (ncol * cell_w, rows * cell_h), "white")
+    draw = ImageDraw.Draw(out)
+    for k in range(n):
+        r, col = divmod(k, ncol)
+        x0, y0 = col * cell_w, r * cell_h
+        tile = make_grid(images[k:k + 1], nrow=1, padding=0, scale=scale).convert("RGB")
+        out.paste(tile, (x0 + (cell_w - tile.width) // 2, y0 + band + padding))
+        for i, line in enumerate(wrapped[k]):
+            draw.text((x0 + cell_w // 2, y0 + 4 + i * (font_size + 3)), line, fill="black", anchor="mt", font=font)
+    return out

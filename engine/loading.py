@@ -143,23 +143,20 @@ def build_module(state: dict, config, source: str, dtype=torch.float32):
     return module
 
 
-def read_published(path: Path, ema: bool, overrides: dict, family: str | None = None):
+def read_published(path: Path, ema: bool | None, overrides: dict, family: str | None = None):
+    """ema: True -> 'model_ema', False -> 'model', None -> the family's default (MAR: the EMA
+    weights its evaluation uses; Fluid: 'model', which LightGen's sampling scripts read)."""
     ckpt = read_torch_file(path)
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint dict")
-    key = "model_ema" if ema else "model"
-    if key not in ckpt:
-        if "model" in ckpt or "model_ema" in ckpt:
-            other = "model" if ema else "model_ema"
-            raise CheckpointError(f"{path} has no {key!r} weights (it has {other!r}); "
-                                  f"pass ema={not ema}")
+    present = [k for k in ("model_ema", "model") if k in ckpt]
+    if not present:
         if ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
-            state, args = ckpt, {}
+            state, args, key = ckpt, {}, "state dict"
         else:
             raise CheckpointError(f"{path} is not a model checkpoint: expected 'model'/'model_ema' "
                                   f"entries or a bare state dict, found {sorted(map(str, ckpt))[:8]}")
     else:
-        state = ckpt[key]
         args = ckpt.get("args")
         if isinstance(args, argparse.Namespace):
             args = vars(args)
@@ -168,6 +165,17 @@ def read_published(path: Path, ema: bool, overrides: dict, family: str | None = 
         elif not isinstance(args, dict):
             raise CheckpointError(f"{path}: 'args' is a {type(args).__name__}, expected the run's "
                                   "argparse.Namespace or a dict of its arguments")
+        if ema is None:
+            probe = ckpt[present[0]]
+            probe = probe if isinstance(probe, dict) else {}
+            default = detect_family(probe, args, str(path), family).default_ema
+            key = ("model_ema" if default else "model") if len(present) == 2 else present[0]
+        else:
+            key = "model_ema" if ema else "model"
+            if key not in ckpt:
+                raise CheckpointError(f"{path} has no {key!r} weights (it has {present[0]!r}); "
+                                      f"pass ema={not ema}")
+        state = ckpt[key]
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: {key!r} is a {type(state).__name__}, not a state dict")
     state = {k.removeprefix("module."): v for k, v in state.items()}
@@ -212,7 +220,7 @@ def read_engine_dir(path: Path, overrides: dict, family: str | None = None):
     return state, config, meta.get("sampling", {})
 
 
-def read_checkpoint(path, ema: bool = True, family: str | None = None, **overrides) -> tuple[dict, object, dict]:
+def read_checkpoint(path, ema: bool | None = None, family: str | None = None, **overrides) -> tuple[dict, object, dict]:
     """(state dict, config, sampling defaults) from a published .pth, an engine directory, or a
     built-in name; `family` forces the family (else recognised, see engine.families). Sampling
     defaults (e.g. {"cfg": 2.0, "num_iter": 16}) come from an engine directory's config.json
@@ -245,7 +253,7 @@ def save_engine_dir(state: dict, config, out_dir, extra: dict | None = None) -> 
     return out
 
 
-def convert(src, out_dir, ema: bool = True, family: str | None = None, **overrides) -> Path:
+def convert(src, out_dir, ema: bool | None = None, family: str | None = None, **overrides) -> Path:
     """Write a published checkpoint in the engine's format (validated first)."""
     state, config, _ = read_checkpoint(src, ema=ema, family=family, **overrides)
     check_state_dict(state, config, str(src))

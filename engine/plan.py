@@ -163,7 +163,11 @@ def _build_plan(bsz, num_iter, seq_len, cfgs, schedules) -> SamplingPlan:
     for s, (before, after, mask_len) in enumerate(mask_schedule(seq_len, num_iter)):
         if before == after:
             continue
-        scales = tuple(cfg_scale(c, sch, mask_len, seq_len) if use_cfg else 1.0
-                       for c, sch in zip(cfgs, schedules))
+        with np.errstate(over="ignore"):
+            scales = tuple(cfg_scale(c, sch, mask_len, seq_len) if use_cfg else 1.0
+                           for c, sch in zip(cfgs, schedules))
+        bad = [c for c, scale in zip(cfgs, scales) if not math.isfinite(scale)]
+        if bad:
+            raise SamplingError(f"cfg={bad[0]!r} with its schedule overflows float32 at step {s}")
         steps.append(PlanStep(s, before, after, mask_len, scales))
     return SamplingPlan(bsz, num_iter, seq_len, cfgs, schedules, tuple(steps))

@@ -5,6 +5,7 @@ This is the only place the sampling math is written; a family supplies its trans
 step context (condition rows, per-resolution tables), backends only run the head loop."""
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
@@ -64,16 +65,17 @@ def sample(model, bsz: int, condition: Condition, grid: tuple[int, int], num_ite
     orders = sample_orders(plan.bsz, seq_len, generator, device)
     context = model.mar.step_context(condition, plan.bsz, plan.use_cfg, grid)
     runner = model.step_runner(plan, grid)
-    runner.start(orders, context, plan.cfg_table(device),
-                 torch.tensor(temperatures, dtype=torch.float32, device=device))
     steps = list(enumerate(plan.steps))
     if progress:
         from tqdm.auto import tqdm
         steps = tqdm(steps, desc="sampling", unit="step")
-    for k, step in steps:
-        x, noise = draw_step_inputs(model.head, plan, step, generator, device, dim, cfg_images)
-        runner.run(k, x, noise)
-    tokens = runner.finish()
+    with runner.lock:   # a cached graph runner's static buffers serve one call at a time
+        runner.start(orders, context, plan.cfg_table(device),
+                     torch.tensor(temperatures, dtype=torch.float32, device=device))
+        for k, step in steps:
+            x, noise = draw_step_inputs(model.head, plan, step, generator, device, dim, cfg_images)
+            runner.run(k, x, noise)
+        tokens = runner.finish()
     check_finite(tokens)
     return tokens
 
@@ -88,7 +90,9 @@ def check_finite(tokens: torch.Tensor) -> None:
 
 
 class EagerRunner:
-    """Runs plan steps eagerly (CPU, or CUDA without graphs)."""
+    """Runs plan steps eagerly (CPU, or CUDA without graphs); one per call, so nothing to lock."""
+
+    lock = contextlib.nullcontext()
 
     def __init__(self, model, plan, grid):
         self.model, self.plan, self.grid = model, plan, grid

@@ -83,9 +83,10 @@ def load_text_encoder(path, max_length: int = 128, device="cpu", dtype=torch.flo
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         encoder = T5EncoderModel.from_pretrained(str(path), local_files_only=True, dtype=dtype)
-    except (OSError, ValueError, KeyError, RuntimeError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{path}: cannot load the T5 encoder or its tokenizer: {first}") from None
+    except Exception as err:  # noqa: BLE001  (safetensors / torch / json errors all mean: unusable)
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise CheckpointError(f"{path}: cannot load the T5 encoder or its tokenizer: "
+                              f"{type(err).__name__}: {first}") from None
     if tokenizer.pad_token is None:
         raise CheckpointError(f"{path}: the tokenizer has no pad token (needed to pad to max_length)")
     return TextEncoder(encoder.eval().requires_grad_(False).to(device), tokenizer, max_length, str(path))

@@ -65,7 +65,7 @@ def test_arbitrary_pickles_are_refused(tmp_path):
 
 def test_not_a_mar_checkpoint(tmp_path):
     path = save(tmp_path, {"optimizer": {"lr": 1.0}, "step": 3})
-    with pytest.raises(CheckpointError, match="not a MAR checkpoint: expected 'model'/'model_ema'"):
+    with pytest.raises(CheckpointError, match="not a model checkpoint: expected 'model'/'model_ema'"):
         engine.load(path)
 
 

@@ -112,3 +112,39 @@ def test_counter_counts_ops_and_syncs():
     assert counter.counts["aten.mul.Tensor"] == 1 and counter.host_syncs == 1
     _, counter = count_ops(lambda: x.view(2, 3)[0].nonzero())
     assert counter.host_syncs == 1 and "aten.view.default" not in counter.counts
+
+
+@pytest.mark.parametrize("cfg,texts", [(1.0, True), (3.0, True), (2.0, False)])
+def test_every_distinct_fluid_step_compiles_fullgraph(cfg, texts):
+    """Fluid's steps (empty encoder at the first step, cross-attention to the per-call text K/V,
+    a non-square interpolated grid) trace with fullgraph=True and no host synchronisation."""
+    from engine.families.fluid import FluidModel
+    from helpers import random_fluid
+
+    torch._dynamo.reset()
+    backend = "native" if "native" in available_backends("cpu") else "reference"
+    model = FluidModel(random_fluid(0, num_sampling_steps="3"), backend=backend)
+    c, bsz, grid = model.config, 2, model.mar.grid(64, 96)   # 4 x 6 tokens
+    seq_len = grid[0] * grid[1]
+    gen = torch.Generator().manual_seed(0)
+    text = torch.randn(bsz, c.max_length, c.caption_channels, generator=gen) if texts else None
+    condition = Condition.text(text, bsz, c.max_length, c.caption_channels, "cpu")
+    plan = build_plan(bsz, 8, seq_len, cfg)
+    context = model.mar.step_context(condition, bsz, plan.use_cfg, grid)
+    orders = sample_orders(bsz, seq_len, gen, "cpu")
+    temperatures = torch.tensor([1.0, 0.9])
+    with torch._dynamo.config.patch(recompile_limit=4096):
+        for k, step in enumerate(plan.steps):
+            x, noise = draw_step_inputs(model.head, plan, step, gen, "cpu", c.token_dim)
+            tokens = torch.randn(bsz, seq_len, c.token_dim, generator=gen)
+
+            def one_step(tokens, orders, context, scales, x, noise, step=step):
+                run_step(model, plan, step, tokens, orders, context, scales, temperatures, x, noise)
+                return tokens
+
+            args = (orders, context, plan.cfg_table("cpu")[k], x, noise)
+            got = torch.compile(one_step, fullgraph=True, backend="eager", dynamic=False)(tokens.clone(), *args)
+            want, counter = count_ops(one_step, tokens.clone(), *args)
+            assert counter.host_syncs == 0
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert plan.steps[0].unknown_before == seq_len   # the first step: nothing known, empty encoder

@@ -316,3 +316,80 @@ def test_rel_err_helper_and_fixture(rel_err):
     assert rel_err(a, a) == 0.0
     assert rel_err(a + torch.tensor([0.0, 0.0, 0.3]), a) == pytest.approx(0.1)
     assert isinstance(rel_err(a.half(), a), float)
+
+
+# Sampling: sizes and values refused at the API boundary, fast; non-finite results never returned.
+def timed_refusal(call, error, message, limit_s=2.0):
+    start = time.monotonic()
+    with pytest.raises(error, match=message):
+        call()
+    assert time.monotonic() - start < limit_s
+
+
+@pytest.fixture(scope="module")
+def golden_model():
+    return engine.load(CHECKPOINT, backend="reference")
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(bsz=10 ** 9), "bsz=1000000000 exceeds the limit"),
+    (dict(num_iter=10 ** 9), "num_iter=1000000000 exceeds the limit"),
+    (dict(cfg=1e39), "cfg must be a finite number"),
+    (dict(cfg=float("nan")), "cfg must be a finite number"),
+    (dict(temperature=1e300), "temperature must be a finite number"),
+    (dict(temperature=float("inf")), "temperature must be a finite number"),
+    (dict(bsz=2.0), "bsz must be an integer"),
+    (dict(num_iter=True), "num_iter must be an integer"),
+])
+def test_sampling_arguments_refused_fast(golden_model, kwargs, message):
+    args = {"num_iter": 2, **{k: v for k, v in kwargs.items() if k != "bsz"}}
+    bsz = kwargs.get("bsz", 1)
+    for generator in (None, torch.Generator().manual_seed(0)):
+        timed_refusal(lambda: golden_model.sample_tokens(bsz, generator=generator, **args),
+                      engine.SamplingError, message)
+
+
+def test_overflowing_guidance_is_an_error_not_nan(golden_model):
+    """cfg = 3e38 is a finite float32, but the guided eps overflows: an error, not NaN tokens."""
+    with pytest.raises(engine.SamplingError, match=r"NaN/Inf tokens in image\(s\) \[0\]"):
+        golden_model.sample_tokens(1, num_iter=2, cfg=3e38, cfg_schedule="constant", labels=[0],
+                                   generator=torch.Generator().manual_seed(0))
+    # Linear: the schedule's own arithmetic overflows first; refused before sampling.
+    with pytest.raises(engine.SamplingError, match="cfg=3e\+38 with its schedule overflows float32 at step 0"):
+        golden_model.sample_tokens(1, num_iter=2, cfg=3e38, labels=[0])
+
+
+def test_cli_refuses_nonfinite_weights_with_one_line(tmp_path, ckpt):
+    import subprocess
+    import sys
+
+    state = {k: v.clone() for k, v in ckpt["model_ema"].items()}
+    state["z_proj.weight"][0, 0] = float("nan")
+    torch.save({**ckpt, "model_ema": state}, tmp_path / "nan.pth")
+    proc = subprocess.run([sys.executable, "-m", "engine", "sample", "--checkpoint", str(tmp_path / "nan.pth"),
+                           "--out", str(tmp_path / "x.npz")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "'z_proj.weight' holds 1 non-finite values" in proc.stderr
+    assert not (tmp_path / "x.npz").exists()
+
+
+@pytest.mark.parametrize("backend", ["reference", "native"])
+def test_a_model_is_safe_to_share_across_threads(backend):
+    """Concurrent sample_tokens calls on one model, each with its own generators, give exactly
+    what each gives alone (the model holds no per-call state; see README "Threads")."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    if backend == "native" and "native" not in engine.backends.available_backends("cpu"):
+        pytest.fail("the native backend did not build")   # CI requires it (ENGINE_REQUIRE_NATIVE)
+    model = engine.load("digits", backend=backend)
+
+    def job(seed):
+        return model.sample_tokens(2, num_iter=3, cfg=2.0, labels=[seed % 10, (seed + 3) % 10],
+                                   generator=[torch.Generator().manual_seed(seed + i) for i in range(2)])
+
+    seeds = list(range(8))
+    alone = [job(s) for s in seeds]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        together = list(pool.map(job, seeds))
+    for a, b in zip(alone, together):
+        assert torch.equal(a, b)

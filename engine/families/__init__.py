@@ -32,6 +32,7 @@ class Family:
     infer_sizes: object
     head_fields: tuple
     ignored_args: frozenset = field(default_factory=frozenset)   # training-only constructor args
+    default_ema: bool = True   # which weights of a {'model', 'model_ema'} checkpoint load by default
 
     def owns_preset(self, preset) -> bool:
         return isinstance(preset, str) and preset in self.presets

@@ -214,7 +214,8 @@ def _family() -> Family:
                   model_cls=FluidModel, marker_keys=("text_emb.text_proj.linear_1.weight", "fake_latent"),
                   infer_sizes=infer_sizes,
                   head_fields=("encoder_num_heads", "decoder_num_heads", "cross_num_heads"),
-                  ignored_args=TRAINING_ONLY)
+                  ignored_args=TRAINING_ONLY,
+                  default_ema=False)   # LightGen's sampling scripts read checkpoint['model']
 
 
 FAMILY = _family()
