@@ -1,12 +1,13 @@
-"""engine: fast, exact sampling for masked-autoregressive image generators (MAR)."""
+"""engine: fast, exact sampling for autoregressive image generators (MAR, Fluid, ...)."""
 from setuptools import setup
 
 setup(
     name="engine",
     version="0.1.0",
-    description="Fast, exact sampler for masked-autoregressive image generators (MAR)",
+    description="Fast, exact sampler for autoregressive image generators (MAR, Fluid text-to-image)",
     python_requires=">=3.10",
-    packages=["engine", "engine.models", "engine.backends", "engine.kernels", "engine.csrc"],
+    packages=["engine", "engine.models", "engine.backends", "engine.families", "engine.kernels",
+              "engine.csrc"],
     # Triton kernels live in kernels/ and the native sources in csrc/ at the top of the repo;
     # they install as engine.kernels and engine.csrc (the C++ builds lazily on first use).
     package_dir={"engine.kernels": "kernels", "engine.csrc": "csrc"},
@@ -23,7 +24,10 @@ setup(
     extras_require={
         "flash": ["flash-attn"],
         "digits": ["scikit-learn"],
-        "test": ["pytest", "pytest-benchmark", "scikit-learn", "matplotlib"],
+        # Text-to-image (Fluid): local T5 encoders and the SD-3.5 AutoencoderKL.
+        "text": ["transformers>=4.56", "diffusers>=0.30", "sentencepiece"],
+        "test": ["pytest", "pytest-benchmark", "scikit-learn", "matplotlib",
+                 "transformers>=4.56", "diffusers>=0.30"],
     },
     entry_points={"console_scripts": ["engine=engine.cli:main"]},
 )

@@ -50,11 +50,17 @@ def _torchvision_standin() -> None:
         for name in [k for k in sys.modules if k.split(".")[0] == "torchvision"]:
             del sys.modules[name]
 
+    class AnyAttr(type):   # a class whose every attribute is another such class
+        def __getattr__(cls, name):
+            if name.startswith("__"):
+                raise AttributeError(name)
+            return AnyAttr(name, (), {"__init__": lambda self, *a, **k: None})
+
     class Anything(types.ModuleType):
         def __getattr__(self, name):
             if name.startswith("__"):
                 raise AttributeError(name)
-            return type(name, (), {"__init__": lambda self, *a, **k: None})
+            return AnyAttr(name, (), {"__init__": lambda self, *a, **k: None})
 
     class Finder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         def find_spec(self, fullname, path, target=None):
