@@ -232,8 +232,41 @@ def coerce_fields(cls, values) -> dict:
     return out
 
 
+class ConfigMixin:
+    """What every family's configuration dataclass shares: typed construction from a dict
+    (`coerce_fields`), presets (`PRESETS` of the class), a JSON-ready dict."""
+
+    PRESETS: dict = {}
+    IGNORED: frozenset = frozenset()   # constructor arguments that only matter for training
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["clip_range"] = list(self.clip_range)
+        return d
+
+    @classmethod
+    def field_names(cls) -> set[str]:
+        return {f.name for f in dataclasses.fields(cls)}
+
+    @classmethod
+    def from_dict(cls, values: dict):
+        return cls(**coerce_fields(cls, {k: v for k, v in values.items() if k not in cls.IGNORED}))
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides):
+        if name not in cls.PRESETS:
+            raise ConfigError(f"unknown preset {name!r}; known: {sorted(cls.PRESETS)}")
+        return cls.from_dict({**cls.PRESETS[name], **overrides})
+
+    def _coerce_and_validate(self) -> None:
+        # Direct construction (Config(img_size="64")) is parsed the same way as from_dict.
+        for name, value in coerce_fields(type(self), self.__dict__).items():
+            setattr(self, name, value)
+        self.validate()
+
+
 @dataclass
-class MARConfig:
+class MARConfig(ConfigMixin):
     img_size: int = 256
     vae_stride: int = 16
     patch_size: int = 1
@@ -259,10 +292,7 @@ class MARConfig:
     clip_range: tuple = field(default=(-1.0, 1.0), metadata={"coerce": parse_range})
 
     def __post_init__(self):
-        # Direct construction (MARConfig(img_size="64")) is parsed the same way as from_dict.
-        for name, value in coerce_fields(type(self), self.__dict__).items():
-            setattr(self, name, value)
-        self.validate()
+        self._coerce_and_validate()
 
     # Derived sizes -----------------------------------------------------------------------
     @property
@@ -303,24 +333,7 @@ class MARConfig:
             raise ConfigError(f"clip_range {self.clip_range} is empty")
         check_params(self)
 
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["clip_range"] = list(self.clip_range)
-        return d
-
-    @classmethod
-    def field_names(cls) -> set[str]:
-        return {f.name for f in dataclasses.fields(cls)}
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "MARConfig":
-        return cls(**coerce_fields(cls, values))
-
-    @classmethod
-    def from_preset(cls, name: str, **overrides) -> "MARConfig":
-        if name not in PRESETS:
-            raise ConfigError(f"unknown preset {name!r}; known: {sorted(PRESETS)}")
-        return cls.from_dict({**PRESETS[name], **overrides})
+MARConfig.PRESETS = PRESETS
 
 
 # Size limits ---------------------------------------------------------------------------------

@@ -106,18 +106,38 @@ def test_graph_runner_is_shared_by_settings_and_keeps_the_eager_tokens(mar_model
     assert len(model._graph_cache) == 2
 
 
+def test_graph_runner_serves_fluid_too(fluid_model, monkeypatch):
+    """The same runner for a text family: the step context (positions, text K/V) goes into
+    static buffers; a call with other texts of the same shape reuses the runner."""
+    model = FluidModel(fluid_model, backend="reference")
+    texts = [torch.randn(2, 5, 12, generator=torch.Generator().manual_seed(s)) for s in (0, 1)]
+    kw = dict(num_iter=3, cfg=2.0, height=128, width=192)
+    eager = [model.sample_tokens(2, texts=t, generator=gens([1, 2]), **kw) for t in texts]
+    monkeypatch.setattr(model, "step_runner", lambda plan, grid: graphed_runner(model, plan, grid))
+    static = [model.sample_tokens(2, texts=t, generator=gens([1, 2]), **kw) for t in texts]
+    assert len(model._graph_cache) == 1
+    for a, b in zip(eager, static):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-def test_cuda_graph_capture_replays_the_eager_tokens():
-    mar = random_mar(0, img_size=64, num_sampling_steps="8").cuda()
+@pytest.mark.parametrize("family", ["mar", "fluid"])
+def test_cuda_graph_capture_replays_the_eager_tokens(family):
     backend = "triton" if "triton" in available_backends("cuda") else "reference"
-    graphed = MARModel(mar, backend=backend, cuda_graphs=True)
-    eager = MARModel(mar, backend=backend, cuda_graphs=False)
+    if family == "mar":
+        module, cls = random_mar(0, img_size=64, num_sampling_steps="8").cuda(), MARModel
+        kw = dict(labels=[1, 2])
+    else:
+        module, cls = random_fluid(0, num_sampling_steps="8").cuda(), FluidModel
+        kw = dict(texts=torch.randn(2, 5, 12, device="cuda"), height=128, width=192)
+    graphed = cls(module, backend=backend, cuda_graphs=True)
+    eager = cls(module, backend=backend, cuda_graphs=False)
     for cfg in (1.0, 3.0):
         gen = [torch.Generator("cuda").manual_seed(s) for s in (1, 2)]
-        want = eager.sample_tokens(2, num_iter=4, cfg=cfg, labels=[1, 2], generator=gen)
+        want = eager.sample_tokens(2, num_iter=4, cfg=cfg, generator=gen, **kw)
         for _ in range(2):   # capture, then replay
             gen = [torch.Generator("cuda").manual_seed(s) for s in (1, 2)]
-            got = graphed.sample_tokens(2, num_iter=4, cfg=cfg, labels=[1, 2], generator=gen)
+            got = graphed.sample_tokens(2, num_iter=4, cfg=cfg, generator=gen, **kw)
             assert rel_err(got, want) <= 1e-5
     runners = list(graphed._graph_cache.values())
     assert runners and all(r.graphs is not None and r.replays > 0 for r in runners)

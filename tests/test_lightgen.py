@@ -178,3 +178,15 @@ def test_fluid_configuration_errors(tmp_path):
         engine.load(tmp_path / "noheads.pth")
     loaded = engine.load(tmp_path / "noheads.pth", cross_num_heads=2, mask_ratio_min=0.5)  # training-only: ignored
     assert loaded.family == "fluid" and loaded.config.cross_num_heads == 2
+
+
+def test_triton_kernels_run_the_fluid_head_unchanged(models):
+    """The Triton head (here in Triton's interpreter; real kernels where CUDA exists) on a
+    recorded LightGen case: the kernels know nothing of the family."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if "triton" not in available_backends(device, include_interpreted=True):
+        pytest.fail("the Triton backend is unavailable (TRITON_INTERPRET=1 is set by conftest on CPU)")
+    run = next(r for r in RECORD["runs"] if r["config"] == "p1" and r["index"] == 1)  # cfg 3, texts
+    model = engine.load(DATA / "ck_p1.pth", ema=True, backend="triton", device=device)
+    got = sample(model, run)
+    assert rel_err(got.cpu(), TOKENS["p1.1"]) <= 1e-4

@@ -3,18 +3,17 @@ its configuration, presets, checkpoint recognition and `FluidModel.sample_tokens
 The modules are in engine/models/fluid.py."""
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 
 from ..conditioning import Condition
 from ..config import (MAX_DEPTH, MAX_HEADS, MAX_MLP_RATIO, MAX_PARAMS, MAX_SEQ_LEN, MAX_STRIDE,
-                      MAX_TOKEN_DIM, MAX_WIDTH, MAX_IMG_SIZE, _block_params, _head_params,
-                      coerce_fields, parse_range, parse_steps)
+                      MAX_TOKEN_DIM, MAX_WIDTH, MAX_IMG_SIZE, ConfigMixin, _block_params,
+                      _head_params, parse_range, parse_steps)
 from ..errors import ConfigError
 from ..model import Model
 from ..plan import MAX_BATCH, check_count
 from . import Family
-from .mar import depth_of, shape_of
+from .mar import depth_of, head_and_mlp_sizes, shape_of
 
 # The published preset functions (fluid_base / _large / _huge): transformer sizes only; the head
 # sizes come from the run's args (LightGen's pipeline: diffloss_d=8, diffloss_w=1536).
@@ -33,7 +32,7 @@ MAX_CAPTION_CHANNELS = 65536
 
 
 @dataclass
-class FluidConfig:
+class FluidConfig(ConfigMixin):
     """FLUID's constructor arguments (same names and defaults) plus the engine's options."""
     img_size: int = 256
     vae_stride: int = 16
@@ -66,9 +65,7 @@ class FluidConfig:
     max_seq_len: int = 4096   # most tokens one call may sample (any height x width)
 
     def __post_init__(self):
-        for name, value in coerce_fields(type(self), self.__dict__).items():
-            setattr(self, name, value)
-        self.validate()
+        self._coerce_and_validate()
 
     @property
     def token_dim(self) -> int:
@@ -130,24 +127,9 @@ class FluidConfig:
         cross = (d * x + x + length * x + x + self.cross_depth * (_block_params(x, r) + 2 * x) + 2 * x)
         return text + encoder + decoder + cross + _head_params(c, d, self.diffloss_w, self.diffloss_d)
 
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["clip_range"] = list(self.clip_range)
-        return d
 
-    @classmethod
-    def field_names(cls) -> set[str]:
-        return {f.name for f in dataclasses.fields(cls)}
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "FluidConfig":
-        return cls(**coerce_fields(cls, {k: v for k, v in values.items() if k not in TRAINING_ONLY}))
-
-    @classmethod
-    def from_preset(cls, name: str, **overrides) -> "FluidConfig":
-        if name not in PRESETS:
-            raise ConfigError(f"unknown preset {name!r}; known: {sorted(PRESETS)}")
-        return cls.from_dict({**PRESETS[name], **overrides})
+FluidConfig.PRESETS = PRESETS
+FluidConfig.IGNORED = TRAINING_ONLY
 
 
 def _check_range(name, value, low, high) -> None:
@@ -174,11 +156,7 @@ def infer_sizes(state: dict) -> dict:
                          ("decoder_depth", "decoder_blocks"), ("cross_depth", "cross_attn_blocks"),
                          ("diffloss_d", "diffloss.net.res_blocks")):
         out[name] = depth_of(state, prefix)
-    if shape("diffloss.net.input_proj.weight"):
-        out["diffloss_w"] = shape("diffloss.net.input_proj.weight")[0]
-    fc1, e = shape("encoder_blocks.0.mlp.fc1.weight"), out.get("encoder_embed_dim")
-    if fc1 and e:
-        out["mlp_ratio"] = fc1[0] / e
+    out.update(head_and_mlp_sizes(state, out.get("encoder_embed_dim")))
     return out
 
 

@@ -35,11 +35,18 @@ def infer_sizes(state: dict) -> dict:
     out["encoder_depth"] = depth_of(state, "encoder_blocks")
     out["decoder_depth"] = depth_of(state, "decoder_blocks")
     out["diffloss_d"] = depth_of(state, "diffloss.net.res_blocks")
-    if shape("diffloss.net.input_proj.weight"):
-        out["diffloss_w"] = shape("diffloss.net.input_proj.weight")[0]
-    fc1, e = shape("encoder_blocks.0.mlp.fc1.weight"), out.get("encoder_embed_dim")
-    if fc1 and e:
-        out["mlp_ratio"] = fc1[0] / e
+    out.update(head_and_mlp_sizes(state, out.get("encoder_embed_dim")))
+    return out
+
+
+def head_and_mlp_sizes(state: dict, encoder_width: int | None) -> dict:
+    """The diffusion head's width and the blocks' MLP ratio, shared by the MAR-style families."""
+    out = {}
+    if shape_of(state, "diffloss.net.input_proj.weight"):
+        out["diffloss_w"] = shape_of(state, "diffloss.net.input_proj.weight")[0]
+    fc1 = shape_of(state, "encoder_blocks.0.mlp.fc1.weight")
+    if fc1 and encoder_width:
+        out["mlp_ratio"] = fc1[0] / encoder_width
     return out
 
 
