@@ -168,13 +168,11 @@ def read_published(path: Path, ema: bool | None, overrides: dict, family: str | 
         if ema is None:
             probe = ckpt[present[0]]
             probe = probe if isinstance(probe, dict) else {}
-            default = detect_family(probe, args, str(path), family).default_ema
-            key = ("model_ema" if default else "model") if len(present) == 2 else present[0]
-        else:
-            key = "model_ema" if ema else "model"
-            if key not in ckpt:
-                raise CheckpointError(f"{path} has no {key!r} weights (it has {present[0]!r}); "
-                                      f"pass ema={not ema}")
+            ema = detect_family(probe, args, str(path), family).default_ema
+        key = "model_ema" if ema else "model"
+        if key not in ckpt:
+            raise CheckpointError(f"{path} has no {key!r} weights (it has {present[0]!r}); "
+                                  f"pass ema={not ema}")
         state = ckpt[key]
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: {key!r} is a {type(state).__name__}, not a state dict")

@@ -173,7 +173,7 @@ def test_fluid_configuration_errors(tmp_path):
         engine.load(DATA / "ck_p1.pth", decoder_embed_dim=48)
     args = vars(ckpt["args"])
     del args["cross_num_heads"]
-    torch.save({"model_ema": ckpt["model_ema"], "args": args}, tmp_path / "noheads.pth")
+    torch.save({"model": ckpt["model"], "args": args}, tmp_path / "noheads.pth")   # as LightGen reads
     with pytest.raises(engine.ConfigError, match="cross_num_heads"):
         engine.load(tmp_path / "noheads.pth")
     loaded = engine.load(tmp_path / "noheads.pth", cross_num_heads=2, mask_ratio_min=0.5)  # training-only: ignored
@@ -190,3 +190,13 @@ def test_triton_kernels_run_the_fluid_head_unchanged(models):
     model = engine.load(DATA / "ck_p1.pth", ema=True, backend="triton", device=device)
     got = sample(model, run)
     assert rel_err(got.cpu(), TOKENS["p1.1"]) <= 1e-4
+
+
+def test_fluid_loads_the_weights_lightgen_samples_with():
+    """LightGen's sampling scripts read checkpoint['model']: so does engine.load by default."""
+    default = engine.load(DATA / "ck_p1.pth", backend="reference")
+    raw = engine.load(DATA / "ck_p1.pth", ema=False, backend="reference")
+    ema = engine.load(DATA / "ck_p1.pth", ema=True, backend="reference")
+    key = "z_proj.weight"
+    assert torch.equal(default.state_dict()[key], raw.state_dict()[key])
+    assert not torch.equal(default.state_dict()[key], ema.state_dict()[key])
