@@ -317,3 +317,31 @@ def test_generate_other_size(model, enc, vae):
     arr = engine.generate(model, prompts=["a cat"], text_encoder=enc, vae=vae, output_type="np",
                           height=IMG, width=2 * IMG, generator=gens(0), **SETTINGS)
     assert arr.shape == (1, IMG, 2 * IMG, 3)
+
+
+def test_cli_samples_prompts_into_a_captioned_grid(assets, model, tmp_path):
+    """`engine sample --checkpoint DIR --prompt ... --text-encoder DIR --vae DIR --height H
+    --width W`: a grid with each prompt above its image, and the .npz equal to the API's."""
+    from PIL import Image
+
+    from engine.cli import main
+    from engine.loading import save_engine_dir
+
+    ckpt = save_engine_dir(model.mar.state_dict(), model.config, tmp_path / "fluid")
+    common = ["sample", "--checkpoint", str(ckpt), "--text-encoder", str(assets["t5"]),
+              "--vae", str(assets["sd"]), "--prompt", PROMPTS[0], "--prompt", PROMPTS[1],
+              "--height", "8", "--width", "12", "--num-iter", "3", "--cfg", "2", "--seed", "4",
+              "--backend", "reference"]
+    assert main(common + ["--out", str(tmp_path / "t2i.png")]) == 0
+    with Image.open(tmp_path / "t2i.png") as im:
+        assert im.width >= 2 * 160 and im.height > 12   # two captioned cells
+    assert main(common + ["--out", str(tmp_path / "t2i.npz")]) == 0
+    data = np.load(tmp_path / "t2i.npz")
+    assert data["prompts"].tolist() == PROMPTS and data["images"].shape == (2, 8, 12, 3)
+    loaded = engine.load(ckpt, backend="reference")
+    enc = engine.load_text_encoder(assets["t5"], max_length=loaded.config.max_length)
+    want = loaded.sample_tokens(2, texts=enc(PROMPTS), height=8, width=12, num_iter=3, cfg=2.0,
+                                generator=gens(4, 5))
+    assert np.allclose(data["tokens"], want.numpy(), rtol=1e-5, atol=1e-5)
+    # Class labels are refused for a text-to-image model (one line, exit code 2).
+    assert main(["sample", "--checkpoint", str(ckpt), "--classes", "1", "--out", str(tmp_path / "x.png")]) == 2
