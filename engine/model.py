@@ -68,17 +68,17 @@ class Model:
     def backend_name(self) -> str:
         return self.backend.name
 
-    def to(self, device) -> "MARModel":
+    def to(self, device) -> "Model":
         self.mar.to(device)
         self._pack()
         return self
 
-    def set_backend(self, backend) -> "MARModel":
+    def set_backend(self, backend) -> "Model":
         self._backend_request = backend
         self._pack()
         return self
 
-    def set_sampling_steps(self, num_sampling_steps: str) -> "MARModel":
+    def set_sampling_steps(self, num_sampling_steps: str) -> "Model":
         self.config.num_sampling_steps = str(num_sampling_steps)
         self._pack()
         return self
