@@ -1,8 +1,12 @@
-"""engine: a fast, exact sampler for masked-autoregressive (MAR) image generators.
+"""engine: a fast, exact sampler for masked-autoregressive image generators (MAR, Fluid).
 
     model = engine.load("checkpoint-last.pth")            # published MAR checkpoint
     tokens = model.sample_tokens(4, num_iter=64, cfg=3.0, labels=[207, 360, 387, 974])
     images = engine.generate(model, [207, 360], vae=engine.load_vae("kl16.ckpt"))
+
+    fluid = engine.load("fluid.pth")                      # LightGen (Fluid) checkpoint
+    images = engine.generate(fluid, prompts=["a red apple"], vae=engine.load_vae("sd-3.5/"),
+                             text_encoder=engine.load_text_encoder("flan-t5-xxl/"))
 """
 from __future__ import annotations
 
