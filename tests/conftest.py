@@ -49,3 +49,12 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def ckpt():
+    """The golden checkpoint's contents, read by the engine's own weights-only reader (a
+    `safe_globals` block here would withdraw the process-wide argparse.Namespace allowance)."""
+    from engine.loading import read_torch_file
+
+    return read_torch_file(GOLDEN_DIR / "checkpoint-last.pth")

@@ -235,3 +235,10 @@ def run_golden_head_case(model, case) -> tuple[torch.Tensor, torch.Tensor]:
     noise = draw_step_noise(model.head.num_steps, z.shape[0], model.config.token_dim, None, "cpu")
     out = model.backend.head_loop(model.head, z, x, noise, cfg if cfg != 1.0 else None, p["temperature"])
     return out, want[:n]
+
+
+def save(tmp_path, obj, name="ckpt.pth"):
+    """torch.save `obj` into tmp_path; the path."""
+    path = tmp_path / name
+    torch.save(obj, path)
+    return path

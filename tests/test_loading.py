@@ -10,21 +10,9 @@ import torch
 
 import engine
 from engine import CheckpointError, ConfigError
-from engine.loading import read_torch_file
-from helpers import CHECKPOINT, golden_cases, golden_tensors, random_mar, rel_err
+from helpers import CHECKPOINT, golden_cases, golden_tensors, random_mar, rel_err, save
 
 
-@pytest.fixture(scope="module")
-def ckpt():
-    # The engine's own weights-only reader: a `safe_globals` block here would withdraw the
-    # process-wide argparse.Namespace allowance when it exits.
-    return read_torch_file(CHECKPOINT)
-
-
-def save(tmp_path, obj, name="ckpt.pth"):
-    path = tmp_path / name
-    torch.save(obj, path)
-    return path
 
 
 def test_missing_file(tmp_path):

@@ -21,22 +21,12 @@ from conftest import rel_err as conftest_rel_err
 from engine import CheckpointError, ConfigError, MARConfig
 from engine.config import (MAX_DEPTH, MAX_PARAMS, MAX_WIDTH, PRESETS, coerce_fields,
                            estimate_params)
-from engine.loading import read_torch_file
 from engine.models.mar import MAR
-from helpers import CHECKPOINT
+from helpers import CHECKPOINT, save
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def ckpt():
-    return read_torch_file(CHECKPOINT)
-
-
-def save(tmp_path, obj, name="ckpt.pth"):
-    path = tmp_path / name
-    torch.save(obj, path)
-    return path
 
 
 def with_args(ckpt, **changes):
