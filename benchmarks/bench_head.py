@@ -23,9 +23,15 @@ import os
 import pytest
 import torch
 
+import sys
+from pathlib import Path
+
 from engine.backends.reference import ReferenceBackend
 from engine.diffusion import make_tables
 from engine.models.head import DiffusionHead, PackedHead
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from stamp import machine_stamp  # noqa: E402
 
 TOKEN_DIM = 16
 # name: (depth, width, cond dim = the decoder width of the preset)
@@ -105,7 +111,7 @@ def test_head_loop(benchmark, shape, rows, backend_name):
     benchmark.group = f"head {shape} rows={rows} steps={steps}"
     depth, width, cond = SHAPES[shape]
     benchmark.extra_info.update(shape=shape, rows=rows, steps=steps, backend=backend_name,
-                                depth=depth, width=width, threads=torch.get_num_threads())
+                                depth=depth, width=width, **machine_stamp())
     # One warm-up (builds oneDNN primitives), then a few timed rounds; a round is a whole loop.
     rounds = 3 if steps * rows * width <= 100 * 8 * 1536 else 2
     benchmark.pedantic(run, rounds=rounds, iterations=1, warmup_rounds=1)

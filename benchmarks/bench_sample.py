@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -28,6 +30,9 @@ import torch
 from engine.config import PRESETS, MARConfig
 from engine.model import MARModel
 from engine.models.mar import MAR
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from stamp import machine_stamp  # noqa: E402
 
 FULL = os.environ.get("ENGINE_BENCH_SAMPLE_FULL", "") not in ("", "0")
 # (batch, num_iter, diffusion steps)
@@ -97,7 +102,7 @@ def test_sample_tokens(benchmark, models, bsz, num_iter, steps, backend):
 
     benchmark.group = f"sample_tokens MAR-B bsz={bsz} cfg={CFG} num_iter={num_iter} steps={steps}"
     benchmark.extra_info.update(bsz=bsz, num_iter=num_iter, steps=int(steps), backend=backend,
-                                threads=torch.get_num_threads())
+                                **machine_stamp())
     out = benchmark.pedantic(run, rounds=1, iterations=1, warmup_rounds=0)
     benchmark.extra_info["head_loop_s"] = head_time[0]
     key = (bsz, num_iter, steps)

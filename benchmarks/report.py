@@ -53,7 +53,10 @@ def table(report: dict, title: str) -> list[str]:
     for entries in report["groups"].values():
         for e in entries.values():
             threads = e["info"].get("threads", threads)
-    lines.append(f"Machine: {cpu}, {threads or '?'} torch threads; run {report['datetime']}.")
+    stamps = {(e["info"].get("commit", "?")[:10], e["info"].get("tree", "?"))
+              for es in report["groups"].values() for e in es.values()}
+    where = ", ".join(f"commit {c} ({t} tree)" for c, t in sorted(stamps))
+    lines.append(f"Machine: {cpu}, {threads or '?'} torch threads; run {report['datetime']}; {where}.")
     lines.append("")
     split = any("head_loop_s" in e["info"] for es in report["groups"].values() for e in es.values())
     extra = " of which head loops |" if split else ""
