@@ -30,6 +30,7 @@ def cpu_name() -> str:
 
 
 def machine_stamp() -> dict:
-    dirty = _git("status", "--porcelain", "--untracked-files=no")
+    # Results files written by earlier benchmarks of the same run do not make the code dirty.
+    dirty = _git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!benchmarks/results")
     return {"commit": _git("rev-parse", "HEAD") or "unknown", "tree": "dirty" if dirty else "clean",
             "cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__}
