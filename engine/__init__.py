@@ -27,7 +27,8 @@ def load(path, ema: bool | None = None, device="cpu", backend="auto", num_sampli
          precision: str = "fp32", cuda_graphs: bool = True, family: str | None = None,
          **config) -> Model:
     """Load a published checkpoint (MAR's `checkpoint-last.pth`, a LightGen Fluid checkpoint),
-    an engine model directory, or a built-in model ("digits"). The family is recognised from the
+    an engine model directory, or a built-in model ("digits", "digits-text"; an engine directory
+    with a `text_encoder/` T5 directory sets `model.text_encoder`). The family is recognised from the
     checkpoint (its args' preset name, its keys) unless `family=` names it ("mar", "fluid").
     Keyword arguments supply or override configuration fields (named as the published
     constructor's arguments). ema: True loads 'model_ema', False 'model'; by default the
@@ -37,7 +38,7 @@ def load(path, ema: bool | None = None, device="cpu", backend="auto", num_sampli
     HeadBackend instance. precision: "fp32" (published tokens), "bf16" (CPU or CUDA) or "fp16"
     (CUDA); cuda_graphs applies on CUDA."""
     from .families import family_of_config
-    from .loading import build_module, read_checkpoint
+    from .loading import build_module, companion_text_encoder, read_checkpoint
 
     if num_sampling_steps is not None:
         config["num_sampling_steps"] = str(num_sampling_steps)
@@ -47,6 +48,9 @@ def load(path, ema: bool | None = None, device="cpu", backend="auto", num_sampli
     model_cls = family_of_config(cfg).model_cls
     model = model_cls(module, backend=backend, cuda_graphs=cuda_graphs, precision=precision)
     model.sampling_defaults = dict(sampling_defaults)
+    text_dir = companion_text_encoder(path)
+    if text_dir is not None:   # a text-to-image engine directory that ships its own T5
+        model.text_encoder = load_text_encoder(text_dir, max_length=cfg.max_length, device=device)
     return model
 
 

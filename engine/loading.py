@@ -25,7 +25,8 @@ ENGINE_FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 BUILTIN_DIR = Path(__file__).parent / "assets"
-BUILTIN_MODELS = {"digits": BUILTIN_DIR / "digits"}
+BUILTIN_MODELS = {"digits": BUILTIN_DIR / "digits", "digits-text": BUILTIN_DIR / "digits-text"}
+TEXT_ENCODER_DIR = "text_encoder"   # an engine directory's own T5 (text-to-image models)
 
 
 _SAFE_GLOBALS_LOCK = threading.Lock()
@@ -236,6 +237,19 @@ def read_checkpoint(path, ema: bool | None = None, family: str | None = None, **
     if path.suffix == ".safetensors" and (path.parent / CONFIG_FILE).exists():
         return read_engine_dir(path.parent, overrides, family)
     return read_published(path, ema, overrides, family)
+
+
+def companion_text_encoder(path) -> Path | None:
+    """The text-encoder directory shipped inside an engine model directory (or built-in model),
+    if any: DIR/text_encoder, a Hugging Face T5 directory."""
+    if isinstance(path, str) and path in BUILTIN_MODELS:
+        path = BUILTIN_MODELS[path]
+    if not isinstance(path, (str, os.PathLike)):
+        return None
+    path = Path(path)
+    root = path.parent if path.suffix == ".safetensors" else path
+    candidate = root / TEXT_ENCODER_DIR
+    return candidate if (root / CONFIG_FILE).exists() and candidate.is_dir() else None
 
 
 def save_engine_dir(state: dict, config, out_dir, extra: dict | None = None) -> Path:

@@ -40,6 +40,8 @@ class Model:
         self._backend_request = backend
         # Recommended sampling settings recorded with the model (e.g. cfg, num_iter); the CLI uses them.
         self.sampling_defaults: dict = {}
+        # Text-to-image models: the encoder engine.generate(prompts=...) uses by default.
+        self.text_encoder = None
         self._pack()
 
     # Binding -------------------------------------------------------------------------------

@@ -88,9 +88,15 @@ class TrainConfig:
 
 # Initialisation (as the published model: xavier-uniform linears, N(0, 0.02) embeddings, and a
 # head whose adaLN projections and output layer start at zero) ---------------------------------
+# Embedding-like parameters drawn from N(0, 0.02), in this order (the RNG order of the shipped runs).
+EMBEDDINGS = ("class_emb.weight", "fake_latent", "mask_token", "encoder_pos_embed_learned",
+              "decoder_pos_embed_learned", "diffusion_pos_embed_learned", "last_pos_embed_learned")
+
+
 @torch.no_grad()
-def init_weights(mar: MAR) -> MAR:
-    for m in mar.modules():
+def init_weights(model: nn.Module) -> nn.Module:
+    """MAR or Fluid (any module with `diffloss.net`), in place."""
+    for m in model.modules():
         if isinstance(m, nn.Linear):
             nn.init.xavier_uniform_(m.weight)
             if m.bias is not None:
@@ -98,10 +104,11 @@ def init_weights(mar: MAR) -> MAR:
         elif isinstance(m, nn.LayerNorm) and m.elementwise_affine:
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
-    for p in (mar.class_emb.weight, mar.fake_latent, mar.mask_token, mar.encoder_pos_embed_learned,
-              mar.decoder_pos_embed_learned, mar.diffusion_pos_embed_learned):
-        nn.init.normal_(p, std=0.02)
-    net = mar.diffloss.net
+    params = dict(model.named_parameters())
+    for name in EMBEDDINGS:
+        if name in params:
+            nn.init.normal_(params[name], std=0.02)
+    net = model.diffloss.net
     nn.init.normal_(net.time_embed.mlp[0].weight, std=0.02)
     nn.init.normal_(net.time_embed.mlp[2].weight, std=0.02)
     for block in net.res_blocks:
@@ -111,7 +118,7 @@ def init_weights(mar: MAR) -> MAR:
     for p in (final.adaLN_modulation[-1].weight, final.adaLN_modulation[-1].bias,
               final.linear.weight, final.linear.bias):
         nn.init.zeros_(p)
-    return mar
+    return model
 
 
 # The 1000-step training diffusion --------------------------------------------------------------
@@ -252,37 +259,71 @@ def lr_at(step: int, tc: TrainConfig) -> float:
     return tc.min_lr + (tc.lr - tc.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def train(model_config: MARConfig, tc: TrainConfig, images=None, labels=None, log=print,
-          on_snapshot=None, snapshot_every: int = 0, resume_path=None, resume_every: int = 0):
-    """Train a MAR from scratch. `images [N, C, H, W]` (token range) and `labels [N]` default to
-    the digits train split at the config's resolution. Returns a dict with the EMA state dict
-    ("ema"), the raw weights ("model") and the loss history. With `snapshot_every`,
-    `on_snapshot(step, ema_state)` is called every that many steps. With `resume_path`, the
-    whole training state is saved there every `resume_every` steps and, if the file exists at
-    the start, training continues from it exactly (same result as an uninterrupted run)."""
+class DigitsTask:
+    """The class-conditional digits: a MAR on the images of one split, epochs of a random
+    permutation drawn from the training generator."""
+
+    name = "digits"
+
+    def __init__(self, config: MARConfig, images=None, labels=None):
+        if config.tokenizer != "pixels" or config.vae_stride != 1:
+            raise ConfigError("training is implemented for pixel-token models (tokenizer='pixels', "
+                              "vae_stride=1)")
+        if images is None:
+            from .digits import load_split
+            images, labels = load_split("train", size=config.img_size)
+        if images.shape[1] != config.vae_embed_dim or images.shape[-1] != config.img_size:
+            raise ConfigError(f"images of shape {list(images.shape[1:])} do not fit the config "
+                              f"({config.vae_embed_dim} x {config.img_size} x {config.img_size})")
+        self.config, self.images, self.labels = config, images, labels
+        self.perm, self.cursor = None, 0
+
+    def build(self) -> MAR:
+        return MAR(self.config)
+
+    def start(self, generator) -> None:
+        self.perm, self.cursor = torch.randperm(len(self.images), generator=generator), 0
+
+    def state(self) -> dict:
+        return {"perm": self.perm, "cursor": self.cursor}
+
+    def load_state(self, state: dict) -> None:
+        self.perm, self.cursor = state["perm"], state["cursor"]
+
+    def loss(self, model, tables, step: int, batch_size: int, generator, tc: "TrainConfig"):
+        if self.cursor + batch_size > len(self.images):
+            self.perm, self.cursor = torch.randperm(len(self.images), generator=generator), 0
+        idx = self.perm[self.cursor:self.cursor + batch_size]
+        self.cursor += batch_size
+        return mar_loss(model, tables, self.images[idx], self.labels[idx], generator, tc.label_drop_prob,
+                        tc.diffusion_batch_mul, tc.mask_ratio_min)
+
+
+def train(model_config, tc: TrainConfig, images=None, labels=None, log=print,
+          on_snapshot=None, snapshot_every: int = 0, resume_path=None, resume_every: int = 0,
+          task=None):
+    """Train a model from scratch on `task` (default: a MAR on the digits; `images [N, C, H, W]`
+    in the token range and `labels [N]` default to the digits train split). The task builds
+    the module and gives each step's loss (DigitsTask; engine.train_text.TextCanvasTask for
+    the text-to-image model). Returns a dict with the EMA state dict ("ema"), the raw weights
+    ("model") and the loss history. With `snapshot_every`, `on_snapshot(step, ema_state)` is
+    called every that many steps. With `resume_path`, the whole training state is saved there
+    every `resume_every` steps and, if the file exists at the start, training continues from
+    it exactly (same result as an uninterrupted run)."""
     tc.validate()
-    if model_config.tokenizer != "pixels" or model_config.vae_stride != 1:
-        raise ConfigError("training is implemented for pixel-token models (tokenizer='pixels', "
-                          "vae_stride=1)")
+    task = task if task is not None else DigitsTask(model_config, images, labels)
     if tc.threads:
         torch.set_num_threads(tc.threads)
-    if images is None:
-        from .digits import load_split
-        images, labels = load_split("train", size=model_config.img_size)
-    if images.shape[1] != model_config.vae_embed_dim or images.shape[-1] != model_config.img_size:
-        raise ConfigError(f"images of shape {list(images.shape[1:])} do not fit the config "
-                          f"({model_config.vae_embed_dim} x {model_config.img_size} x {model_config.img_size})")
     torch.manual_seed(tc.seed)
     generator = torch.Generator().manual_seed(tc.seed)
-    mar = init_weights(MAR(model_config)).train()
+    mar = init_weights(task.build()).train()
     tables = TrainTables()
     opt = torch.optim.AdamW(param_groups(mar, tc.weight_decay), lr=tc.lr, betas=(tc.beta1, tc.beta2))
     names = [name for name, _ in mar.named_parameters()]
     params = [p for p in mar.parameters()]
     ema = [p.detach().clone() for p in params]
 
-    n = images.shape[0]
-    perm, cursor = torch.randperm(n, generator=generator), 0
+    task.start(generator)
     history, window, start, cpu_start = [], [], time.time(), time.process_time()
     first = 0
     if resume_path is not None and Path(resume_path).exists():
@@ -296,7 +337,8 @@ def train(model_config: MARConfig, tc: TrainConfig, images=None, labels=None, lo
         for e, v in zip(ema, saved["ema"]):
             e.copy_(v)
         generator.set_state(saved["generator"])
-        perm, cursor, first = saved["perm"], saved["cursor"], saved["step"]
+        task.load_state(saved["task"])
+        first = saved["step"]
         history, window = saved["history"], [tuple(w) for w in saved["window"]]
         start -= saved["elapsed"]
         cpu_start -= saved["cpu"]
@@ -306,7 +348,7 @@ def train(model_config: MARConfig, tc: TrainConfig, images=None, labels=None, lo
     def save_resume(step_done):
         tmp = Path(str(resume_path) + ".tmp")
         torch.save({"step": step_done, "model": mar.state_dict(), "opt": opt.state_dict(), "ema": ema,
-                    "generator": generator.get_state(), "perm": perm, "cursor": cursor,
+                    "generator": generator.get_state(), "task": task.state(),
                     "history": history, "window": [list(w) for w in window],
                     "elapsed": time.time() - start, "cpu": time.process_time() - cpu_start,
                     "train_config": json.dumps(dataclasses.asdict(tc), sort_keys=True),
@@ -314,15 +356,10 @@ def train(model_config: MARConfig, tc: TrainConfig, images=None, labels=None, lo
         tmp.replace(resume_path)
 
     for step in range(first, tc.steps):
-        if cursor + tc.batch_size > n:
-            perm, cursor = torch.randperm(n, generator=generator), 0
-        idx = perm[cursor:cursor + tc.batch_size]
-        cursor += tc.batch_size
         lr = lr_at(step, tc)
         for group in opt.param_groups:
             group["lr"] = lr
-        loss, stats = mar_loss(mar, tables, images[idx], labels[idx], generator, tc.label_drop_prob,
-                               tc.diffusion_batch_mul, tc.mask_ratio_min)
+        loss, stats = task.loss(mar, tables, step, tc.batch_size, generator, tc)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss became {float(loss)} at step {step}")
         opt.zero_grad(set_to_none=True)
@@ -375,16 +412,42 @@ def _run(args) -> int:
         decoder_depth=args.decoder_depth, encoder_num_heads=args.heads, decoder_num_heads=args.heads,
         buffer_size=args.buffer_size, diffloss_d=args.head_depth, diffloss_w=args.head_width,
         num_sampling_steps=args.sampling_steps).items() if v is not None}
-    config = digits_config(**overrides)
+    if args.model == "digits-text":
+        from .train_text import (DIGITS_TEXT_SAMPLING, DIGITS_TEXT_TRAINING, TextCanvasTask,
+                                 digits_text_config)
+        from .text import load_text_encoder
+        from .digits_text import MAX_LENGTH, write_text_encoder
+
+        if args.width is not None:
+            overrides["cross_embed_dim"] = args.width
+        if args.heads is not None:
+            overrides["cross_num_heads"] = args.heads
+        overrides.pop("buffer_size", None)   # Fluid has no buffer tokens
+        config = digits_text_config(**overrides)
+        # The frozen T5 is written first and read back as sampling reads it.
+        encoder = load_text_encoder(write_text_encoder(Path(args.out) / "text_encoder"), MAX_LENGTH)
+        task = TextCanvasTask(config, args.seed, encoder)
+        defaults, training_defaults = DIGITS_TEXT_SAMPLING, DIGITS_TEXT_TRAINING
+        data = "sklearn digits (engine.digits train split) composed on 16 x 32 canvases, engine.digits_text captions"
+    else:
+        config = digits_config(**overrides)
+        task, defaults, data = None, DIGITS_SAMPLING, "sklearn digits, engine.digits train split"
+        training_defaults = {}
+    for name in ("cfg", "num_iter", "temperature"):
+        if getattr(args, name) is None:
+            setattr(args, name, defaults[name])
+    for name, value in {**dataclasses.asdict(TrainConfig()), **training_defaults}.items():
+        if getattr(args, name, 0) is None:
+            setattr(args, name, value)
     tc = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                      warmup_steps=args.warmup_steps, ema_decay=args.ema_decay,
                      diffusion_batch_mul=args.diffusion_batch_mul, threads=args.threads,
                      log_every=args.log_every)
-    n_params = sum(p.numel() for p in MAR(config).parameters())
-    print(f"training a {n_params / 1e6:.2f}M-parameter MAR on the digits train split: "
-          f"{config.seq_len} tokens of {config.token_dim} ({config.img_size}x{config.img_size}, "
-          f"patch {config.patch_size}), {tc.steps} steps of batch {tc.batch_size}, seed {tc.seed}",
-          flush=True)
+    module = task.build() if task is not None else MAR(config)
+    n_params = sum(p.numel() for p in module.parameters())
+    print(f"training a {n_params / 1e6:.2f}M-parameter {type(module).__name__} ({args.model}): "
+          f"{config.token_dim}-value tokens of {config.patch_size}x{config.patch_size} pixels, "
+          f"{tc.steps} steps of batch {tc.batch_size}, seed {tc.seed}", flush=True)
     extra = {"sampling": {"cfg": args.cfg, "num_iter": args.num_iter, "temperature": args.temperature}}
 
     def snapshot(step, state):
@@ -393,10 +456,11 @@ def _run(args) -> int:
     Path(args.out).mkdir(parents=True, exist_ok=True)
     resume = Path(args.out) / "resume.pt"
     result = train(config, tc, on_snapshot=snapshot, snapshot_every=args.snapshot_every,
-                   resume_path=resume if args.resume_every else None, resume_every=args.resume_every)
+                   resume_path=resume if args.resume_every else None, resume_every=args.resume_every,
+                   task=task)
     sampling = {"cfg": args.cfg, "num_iter": args.num_iter, "temperature": args.temperature}
     training = {**dataclasses.asdict(tc), "command": _command_line(args),
-                "data": "sklearn digits, engine.digits train split",
+                "data": data,
                 "final_loss": result["history"][-1]["loss"], "seconds": round(result["seconds"], 1),
                 "weights": "ema"}
     dtype = getattr(torch, args.weights_dtype)
@@ -413,17 +477,21 @@ def _run(args) -> int:
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     d = DIGITS_MODEL
-    p = subparsers.add_parser("train", help="train the digits MAR from a seed (CPU, minutes)",
+    p = subparsers.add_parser("train", help="train a built-in digits model from a seed (CPU, minutes)",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="digits", choices=["digits", "digits-text"],
+                   help="digits: class-conditional MAR; digits-text: text-to-image Fluid (16 x 32 canvases)")
     p.add_argument("--out", required=True, help="engine model directory to write")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=TrainConfig.steps)
-    p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
+    p.add_argument("--steps", type=int, default=None, help=f"(default {TrainConfig.steps}; the model's)")
+    p.add_argument("--batch-size", type=int, default=None, help=f"(default {TrainConfig.batch_size}; the model's)")
     p.add_argument("--lr", type=float, default=TrainConfig.lr)
     p.add_argument("--warmup-steps", type=int, default=TrainConfig.warmup_steps)
     p.add_argument("--ema-decay", type=float, default=TrainConfig.ema_decay)
-    p.add_argument("--diffusion-batch-mul", type=int, default=TrainConfig.diffusion_batch_mul)
-    p.add_argument("--threads", type=int, default=TrainConfig.threads, help="torch CPU threads")
+    p.add_argument("--diffusion-batch-mul", type=int, default=None,
+                   help=f"(default {TrainConfig.diffusion_batch_mul}; the model's)")
+    p.add_argument("--threads", type=int, default=None,
+                   help=f"torch CPU threads (default {TrainConfig.threads}; the model's)")
     p.add_argument("--log-every", type=int, default=TrainConfig.log_every)
     p.add_argument("--img-size", type=int, default=None, help=f"(default {d['img_size']})")
     p.add_argument("--patch-size", type=int, default=None, help=f"(default {d['patch_size']})")
@@ -435,10 +503,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--head-depth", type=int, default=None, help=f"(default {d['diffloss_d']})")
     p.add_argument("--head-width", type=int, default=None, help=f"(default {d['diffloss_w']})")
     p.add_argument("--sampling-steps", default=None, help=f"diffusion respacing (default {d['num_sampling_steps']})")
-    p.add_argument("--cfg", type=float, default=DIGITS_SAMPLING["cfg"], help="recorded sampling default")
-    p.add_argument("--num-iter", type=int, default=DIGITS_SAMPLING["num_iter"], help="recorded sampling default")
-    p.add_argument("--temperature", type=float, default=DIGITS_SAMPLING["temperature"],
-                   help="recorded sampling default")
+    p.add_argument("--cfg", type=float, default=None, help="recorded sampling default (default: the model's)")
+    p.add_argument("--num-iter", type=int, default=None, help="recorded sampling default (default: the model's)")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="recorded sampling default (default: the model's)")
     p.add_argument("--weights-dtype", default="float16", choices=["float16", "float32"],
                    help="storage precision of the saved EMA weights (loaded as float32; default float16, "
                         "half the file size)")

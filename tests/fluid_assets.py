@@ -24,41 +24,17 @@ SHIFT_FACTOR = 0.0609
 
 
 def build_tokenizer():
-    """A WordLevel tokenizer over VOCAB (whitespace split, lower-cased) that appends `</s>` to
-    every sequence as T5's does, wrapped as a transformers fast tokenizer."""
-    from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
-    from tokenizers.models import WordLevel
-    from transformers import PreTrainedTokenizerFast
+    """A WordLevel tokenizer over WORDS (engine.text.word_tokenizer: the built-in text model's kind)."""
+    from engine.text import word_tokenizer
 
-    tok = Tokenizer(WordLevel(vocab=dict(VOCAB), unk_token="<unk>"))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    eos = VOCAB["</s>"]
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
-                                                       special_tokens=[("</s>", eos)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
-                                   unk_token="<unk>", padding_side="right", truncation_side="right")
+    return word_tokenizer(WORDS)
 
 
 def build_t5_encoder(seed: int = 0):
     """A random T5EncoderModel (1 layer, 2 heads); weights drawn from one seeded generator."""
-    from transformers import T5Config, T5EncoderModel
+    from engine.text import random_t5_encoder
 
-    config = T5Config(vocab_size=len(VOCAB), d_model=T5_D_MODEL, d_kv=6, d_ff=24, num_layers=1,
-                      num_decoder_layers=1, num_heads=2, relative_attention_num_buckets=8,
-                      relative_attention_max_distance=16, dropout_rate=0.0,
-                      feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1,
-                      decoder_start_token_id=0, tie_word_embeddings=False)
-    torch.manual_seed(seed)
-    model = T5EncoderModel(config)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "layer_norm" in name:
-                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=gen))
-            else:
-                p.copy_(torch.randn(p.shape, generator=gen) / max(p.shape[-1], 1) ** 0.5)
-    return model.eval()
+    return random_t5_encoder(len(VOCAB), seed, d_model=T5_D_MODEL, d_kv=6, d_ff=24, num_layers=1, num_heads=2)
 
 
 def make_t5_dir(root, seed: int = 0) -> Path:

@@ -110,9 +110,14 @@ def test_text_encoder_truncates_long_prompts(enc):
 
 
 def test_text_encoder_unknown_words_and_empty_prompt(enc):
-    out = enc(["zebra", ""])
+    """A closed (word-level) vocabulary refuses words it would encode as <unk>, naming them
+    and the vocabulary; an empty prompt is just padding."""
+    out = enc(["a cat", ""])
     assert out.shape == (2, MAX_LENGTH, fa.T5_D_MODEL) and bool(torch.isfinite(out).all())
-    assert enc.tokenize(["zebra"]).input_ids[0, 0].item() == fa.VOCAB["<unk>"]
+    assert enc.vocabulary == fa.WORDS
+    with pytest.raises(SamplingError, match=r"unknown words 'zebra', 'x' in prompt 'a zebra x'; "
+                                            r"the vocabulary is: a cat two"):
+        enc(["a zebra x"])
 
 
 @pytest.mark.parametrize("bad", [[1, 2], [], None, ["a", None], 3, [b"a cat"]])

@@ -63,6 +63,7 @@ class FluidConfig(ConfigMixin):
     clip_denoised: bool = False
     clip_range: tuple = field(default=(-1.0, 1.0), metadata={"coerce": parse_range})
     max_seq_len: int = 4096   # most tokens one call may sample (any height x width)
+    img_width: int = 0        # default width when it differs from img_size (0: square)
 
     def __post_init__(self):
         self._coerce_and_validate()
@@ -94,9 +95,11 @@ class FluidConfig(ConfigMixin):
             raise ConfigError(f"config field mlp_ratio must be in (0, {MAX_MLP_RATIO}], got {self.mlp_ratio}")
         if not 0 < self.norm_eps < 1:
             raise ConfigError(f"config field norm_eps must be in (0, 1), got {self.norm_eps}")
-        if self.img_size % (self.vae_stride * self.patch_size):
-            raise ConfigError(f"img_size {self.img_size} is not a multiple of vae_stride*patch_size "
-                              f"= {self.vae_stride * self.patch_size}")
+        _check_range("img_width", self.img_width, 0, MAX_IMG_SIZE)
+        for name in ("img_size", "img_width"):
+            if getattr(self, name) % (self.vae_stride * self.patch_size):
+                raise ConfigError(f"{name} {getattr(self, name)} is not a multiple of "
+                                  f"vae_stride*patch_size = {self.vae_stride * self.patch_size}")
         for prefix in ("encoder", "decoder", "cross"):
             width, heads = getattr(self, f"{prefix}_embed_dim"), getattr(self, f"{prefix}_num_heads")
             if width % heads:
@@ -173,7 +176,7 @@ class FluidModel(Model):
         `texts`: the text encoder's output [bsz, max_length, caption_channels] (T5's
         last_hidden_state padded to max_length, as LightGen's pipeline; see
         engine.load_text_encoder), or None for unconditional samples (the null text).
-        height / width default to the model's img_size; any multiple of vae_stride * patch_size
+        height / width default to the model's img_size (and img_width); any multiple of vae_stride * patch_size
         works (position embeddings are interpolated once per resolution, as published).
         Random numbers as MARModel.sample_tokens: after torch.manual_seed(s); np.random.seed(s)
         and no generator, LightGen's tokens."""

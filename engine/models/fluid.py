@@ -151,11 +151,11 @@ class Fluid(nn.Module):
 
     # The family interface --------------------------------------------------------------------
     def grid(self, height: int | None = None, width: int | None = None) -> tuple[int, int]:
-        """Token grid of an image size (the model's img_size by default)."""
+        """Token grid of an image size (the model's img_size x (img_width or img_size) by default)."""
         c = self.config
         unit = c.vae_stride * c.patch_size
         height = c.img_size if height is None else height
-        width = c.img_size if width is None else width
+        width = (c.img_width or c.img_size) if width is None else width
         for name, value in (("height", height), ("width", width)):
             if isinstance(value, bool) or not isinstance(value, int) or value < unit or value % unit:
                 raise SamplingError(f"{name} must be a positive multiple of vae_stride * patch_size "

@@ -1,0 +1,113 @@
+"""Training the built-in text-to-image model "digits-text": a small Fluid (engine.models.fluid,
+LightGen's FLUID structure) on the composed digit canvases of engine.digits_text.
+
+    python -m engine train --model digits-text --out DIR --seed 0
+
+The objective is the MAR one of engine.train (random orders, truncated-Gaussian masking ratio,
+the hybrid diffusion loss on the masked tokens, AdamW, warmup + cosine, EMA), with Fluid's
+conditioning: the caption's frozen T5 embedding goes through the trained text aligner, and with
+probability `label_drop_prob` it is replaced by the null text (`fake_latent`, after the aligner,
+as the sampler's CFG branch reads it). Position embeddings are interpolated from the stored
+16 x 16 tables to the 4 x 8 token grid with the sampler's function, so training and sampling
+see the same positions. Batches are drawn from a `random.Random` seeded with (seed, step), so a
+resumed run draws the same images and captions as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import math
+import random
+
+import torch
+
+from . import digits_text as dt
+from .families.fluid import FluidConfig
+from .models.fluid import Fluid, interpolate_positions
+from .models.mar import gather_rows, patchify
+
+DIGITS_TEXT_MODEL = dict(
+    img_size=dt.HEIGHT, img_width=dt.WIDTH, vae_stride=1, patch_size=4, vae_embed_dim=1,
+    tokenizer="pixels", text_depth=1, caption_channels=dt.T5_SIZES["d_model"], max_length=dt.MAX_LENGTH,
+    encoder_embed_dim=128, encoder_depth=2, encoder_num_heads=4,
+    decoder_embed_dim=128, decoder_depth=3, decoder_num_heads=4,
+    cross_embed_dim=128, cross_depth=2, cross_num_heads=4, mlp_ratio=4.0,
+    diffloss_d=3, diffloss_w=128, num_sampling_steps="50", clip_denoised=True, clip_range=(-1.0, 1.0),
+)
+DIGITS_TEXT_SAMPLING = dict(cfg=3.0, num_iter=8, temperature=1.0)
+# Training settings that differ from engine.train.TrainConfig's (the digits MAR's): batches of
+# 64 with two diffusion draws per token keep a step at ~0.4 CPU-seconds with 32 tokens per image;
+# one thread makes the run reproducible bit for bit on a shared 2-core machine (~27 min).
+DIGITS_TEXT_TRAINING = dict(steps=4000, batch_size=64, diffusion_batch_mul=2, threads=1)
+
+
+def digits_text_config(**overrides) -> FluidConfig:
+    return FluidConfig.from_dict({**DIGITS_TEXT_MODEL, **overrides})
+
+
+class TextCanvasTask:
+    """The digits-text training data and loss for engine.train's loop."""
+
+    name = "digits-text"
+
+    def __init__(self, config: FluidConfig, seed: int, text_encoder=None):
+        from .text import TextEncoder
+
+        self.config, self.seed = config, seed
+        self.canvases = dt.CanvasSampler("train")
+        if text_encoder is None:
+            from .text import random_t5_encoder, word_tokenizer
+
+            tokenizer = word_tokenizer(dt.VOCABULARY)
+            text_encoder = TextEncoder(random_t5_encoder(len(tokenizer), dt.T5_SEED, **dt.T5_SIZES),
+                                       tokenizer, dt.MAX_LENGTH)
+        prompts = dt.all_prompts()   # the T5 is frozen: embed every caption of the grammar once
+        self.texts = dict(zip(prompts, text_encoder(prompts)))
+
+    def build(self) -> Fluid:
+        return Fluid(self.config)
+
+    def start(self, generator) -> None:
+        pass
+
+    def state(self) -> dict:
+        return {}
+
+    def load_state(self, state: dict) -> None:
+        pass
+
+    def loss(self, model: Fluid, tables, step: int, batch_size: int, generator, tc):
+        rng = random.Random(self.seed * 1_000_003 + step)
+        images, captions, _ = self.canvases.batch(batch_size, rng)
+        texts = torch.stack([self.texts[c] for c in captions])
+        return fluid_loss(model, tables, images, texts, generator, tc.label_drop_prob,
+                          tc.diffusion_batch_mul, tc.mask_ratio_min)
+
+
+def fluid_loss(model: Fluid, tables, images, texts, generator=None, text_drop_prob: float = 0.1,
+               diffusion_batch_mul: int = 4, mask_ratio_min: float = 0.7):
+    """The MAR training loss of a Fluid on `images [B, C, H, W]` (token range) captioned by
+    `texts [B, max_length, caption_channels]` (text-encoder outputs). Returns (loss, stats)."""
+    from .train import diffusion_loss, sample_mask_ratio
+
+    c = model.config
+    grid = (images.shape[-2] // c.patch_size, images.shape[-1] // c.patch_size)
+    tokens = patchify(images, c.patch_size)
+    bsz, length, dim = tokens.shape
+    num_masked = min(max(int(math.ceil(length * sample_mask_ratio(generator, mask_ratio_min))), 1), length)
+    orders = torch.argsort(torch.rand(bsz, length, generator=generator), dim=1)
+    masked = torch.sort(orders[:, :num_masked], dim=1).values
+    known = torch.sort(orders[:, num_masked:], dim=1).values
+
+    enc_pos, dec_pos, last_pos = (interpolate_positions(p, grid, c.interpolate_offset) for p in
+                                  (model.encoder_pos_embed_learned, model.decoder_pos_embed_learned,
+                                   model.last_pos_embed_learned))
+    text = model.text_emb(texts)
+    drop = torch.rand(bsz, generator=generator) < text_drop_prob
+    text = torch.where(drop[:, None, None], model.fake_latent.expand_as(text), text)
+    kv = [t for block in model.cross_attn_blocks for t in block.keys_values(text)]
+    x = model.decode(model.encode(tokens, known, enc_pos), known, masked, dec_pos)
+    z = model.text_decode(x, masked, last_pos, kv)                       # [B, m, D]
+    target = gather_rows(tokens, masked)
+    loss, mse, vb = diffusion_loss(model.diffloss.net, tables, target.reshape(-1, dim),
+                                   z.reshape(-1, z.shape[-1]), generator, repeat=diffusion_batch_mul)
+    return loss.mean(), {"mse": float(mse.detach().mean()), "vb": float(vb.detach().mean()),
+                         "mask_ratio": num_masked / length}
