@@ -7,6 +7,9 @@
     fluid = engine.load("fluid.pth")                      # LightGen (Fluid) checkpoint
     images = engine.generate(fluid, prompts=["a red apple"], vae=engine.load_vae("sd-3.5/"),
                              text_encoder=engine.load_text_encoder("flan-t5-xxl/"))
+
+    elm = engine.load("L-2-10.pth", family="elm-ar")      # ELM AR (bare state dict), KV-cached
+    images = engine.generate(elm, [207, 360], bae=engine.load_bae("bae_20/binaryae_ema.th"))
 """
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ from .images import labelled_grid, make_grid, save_grid
 from .model import MARModel, Model
 
 __version__ = "0.1.0"
-__all__ = ["load", "load_vae", "load_text_encoder", "generate", "accelerate", "patch", "convert", "make_grid",
+__all__ = ["load", "load_vae", "load_bae", "load_text_encoder", "generate", "accelerate", "patch", "convert", "make_grid",
            "save_grid", "labelled_grid", "Model", "MARModel", "MARConfig", "PRESETS", "EngineError",
            "CheckpointError", "ConfigError", "SamplingError"]
 
@@ -79,6 +82,15 @@ def load_vae(path, device="cpu", dtype=torch.float32):
     return _load_vae(path, device=device, dtype=dtype)
 
 
+def load_bae(path, device="cpu"):
+    """ELM's binary-autoencoder decoder from `binaryae_ema.th` (keys with or without the `ae.`
+    prefix; layout read from the weights): `engine.generate(elm_model, labels, bae=...)`."""
+    from .models.bae import load_bae as _load_bae
+
+    check_device(device)
+    return _load_bae(path, device=device)
+
+
 def load_text_encoder(path, max_length: int = 128, device="cpu", dtype=torch.float32):
     """A local Hugging Face T5 encoder directory as LightGen uses it: prompts -> [B, max_length,
     d_model] (`last_hidden_state`, padded to max_length). Never downloads."""
@@ -101,7 +113,7 @@ def sampling_settings(model, **given) -> dict:
 def generate(model: Model, labels=None, vae=None, num_images: int | None = None, num_iter=None,
              cfg=None, cfg_schedule=None, temperature=None, generator=None, progress: bool = False,
              output_type: str = "pil", prompts=None, text_encoder=None, texts=None,
-             height: int | None = None, width: int | None = None):
+             height: int | None = None, width: int | None = None, bae=None, top_k=None, top_p=None):
     """Images for `labels` (class-conditional models; labels=None with `num_images` for
     unconditional ones) or for `prompts` (text-to-image models: encoded by `text_encoder`, or
     the model's own; or pass the encoder output as `texts`).
@@ -110,11 +122,20 @@ def generate(model: Model, labels=None, vae=None, num_images: int | None = None,
     `generator`: one torch.Generator, or a list with one per image (image i then depends on
     generator i alone). output_type "pil": list of PIL images; "np": float array [N, H, W,
     channels] in [0, 1]; "pt": float tensor [N, channels, H, W] in [0, 1]. `vae` decodes
-    latent-token models (engine.load_vae); pixel models need none."""
+    latent-token models (engine.load_vae); pixel models need none. ELM models (family "elm-ar")
+    decode with `bae=engine.load_bae(path)` and also take `top_k` / `top_p`."""
     from .images import OUTPUT_TYPES, convert_output, tokens_to_images
 
     if output_type not in OUTPUT_TYPES:
         raise SamplingError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+    if model.family == "elm-ar":
+        from .families.elm import generate_images
+        return convert_output(generate_images(model, labels, bae, num_images, num_iter, cfg, cfg_schedule,
+                                              temperature, top_k, top_p, generator, progress,
+                                              vae=vae, prompts=prompts, texts=texts, height=height,
+                                              width=width), output_type)
+    if bae is not None or top_k is not None or top_p is not None:
+        raise SamplingError("bae=, top_k= and top_p= are for ELM models (family 'elm-ar')")
     settings = sampling_settings(model, num_iter=num_iter, cfg=cfg, cfg_schedule=cfg_schedule,
                                  temperature=temperature)
     if model.family == "fluid":
@@ -181,7 +202,8 @@ def _texts_for(model, prompts, texts, text_encoder, num_images):
 
 
 def accelerate(published_model, backend="auto", num_sampling_steps=None, **config) -> MARModel:
-    """An engine model from an instance of the published MAR class (same `sample_tokens` results)."""
+    """An engine model from an instance of the published MAR class (same `sample_tokens` results),
+    of LightGen's FLUID, or of ELM's AR `Transformer` (same `generate_cfg` results)."""
     from .dropin import accelerate as _accelerate
 
     return _accelerate(published_model, backend=backend, num_sampling_steps=num_sampling_steps, **config)

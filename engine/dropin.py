@@ -1,5 +1,5 @@
-"""Drop-in use with a model object of the published code (MAR's `MAR`, LightGen's `FLUID`),
-duck-typed: their code is never imported."""
+"""Drop-in use with a model object of the published code (MAR's `MAR`, LightGen's `FLUID`, ELM's
+AR `Transformer`), duck-typed: their code is never imported."""
 from __future__ import annotations
 
 import functools
@@ -66,8 +66,10 @@ def config_of(published) -> dict:
 def accelerate(published, backend="auto", num_sampling_steps: str | None = None, **config):
     """An engine model with the published model's weights (and device); `sample_tokens` gives
     the same results as the published one for the same seeds."""
-    from .families import get_family
+    from .families import elm, get_family
 
+    if elm.is_elm(published):   # ELM's AR Transformer: no diffusion head, no respacing
+        return elm.accelerate(published, backend=backend, **config)
     family = get_family("fluid" if is_fluid(published) else "mar")
     values = config_of(published)
     values["num_sampling_steps"] = num_sampling_steps or _respacing_of(published)
@@ -84,6 +86,10 @@ def patch(published, backend="auto", num_sampling_steps: str | None = None, **co
     after changing them). Returns the same object. A FLUID keeps LightGen's signature defaults
     (height = width = 512)."""
     engine_model = accelerate(published, backend=backend, num_sampling_steps=num_sampling_steps, **config)
+    if engine_model.family == "elm-ar":   # ELM samples with generate_cfg
+        published.generate_cfg = engine_model.generate_cfg
+        published.engine_model = engine_model
+        return published
     sample = engine_model.sample_tokens
     if engine_model.family == "fluid":
         sample = functools.partial(_fluid_published_defaults, sample)

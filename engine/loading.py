@@ -126,6 +126,8 @@ def check_state_dict(state: dict, config, source: str) -> None:
 
 def describe(config) -> str:
     c = config
+    if hasattr(c, "describe"):   # families whose sizes are not MAR's (ELM)
+        return c.describe()
     text = (f"img_size={c.img_size}, vae_stride={c.vae_stride}, patch_size={c.patch_size}, "
             f"vae_embed_dim={c.vae_embed_dim}, encoder={c.encoder_depth}x{c.encoder_embed_dim}, "
             f"decoder={c.decoder_depth}x{c.decoder_embed_dim}, head={c.diffloss_d}x{c.diffloss_w}")

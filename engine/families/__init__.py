@@ -39,9 +39,9 @@ class Family:
 
 
 def families() -> dict[str, Family]:
-    from . import fluid, mar   # imported on first use: keeps `import engine` light
+    from . import elm, fluid, mar   # imported on first use: keeps `import engine` light
 
-    return {f.name: f for f in (mar.FAMILY, fluid.FAMILY)}
+    return {f.name: f for f in (mar.FAMILY, fluid.FAMILY, elm.FAMILY)}
 
 
 def get_family(name: str) -> Family:

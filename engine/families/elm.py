@@ -1,0 +1,564 @@
+"""ELM's discrete AR family ("elm-ar"): Pepper-lll/LMforImageGeneration `llama/ar_model.py`
+`Transformer` with its `generate_cfg`, reproduced exactly, on a static KV cache.
+
+The published `generate_cfg` recomputes the whole prefix for `[cond; null]` at every one of its
+steps (the file has a KVCache class that sampling never uses), so its cost grows with the
+square of the sequence. Here: one prefill of the class position (+ a given prefix), then one
+decode step per token against a static KV cache (engine/models/kv_cache.py), each step the
+transformer on two rows (CFG doubles the batch) and the categorical draw on the device
+(engine/categorical.py). Same tokens after `torch.manual_seed(s)`.
+
+Published behaviour reproduced (quirks included):
+  * CFG always doubles the batch with the null class `num_classes` (also at cfg_scale 1: the
+    logits are then `u + (c - u) * 1`, not exactly c). Logits: `u + (c - u) * cfg`, then
+    `/ temperature`, then top-k by threshold (values tied with the k-th are kept), softmax,
+    then one `torch.multinomial(probs[:, i], 1)` per sub-token, in sub-token order: reproduced
+    as the exponential race multinomial computes (same RNG draws, no host sync).
+  * Schedules, ratio = (step + 1) / num_iter, computed in float64 as published: linear
+    1 + (s-1) r; constant s; cos 1 + (s-1) cos(-pi/2 + r pi/2); log
+    1 + (s-1) log1p(r (e-1)) / log1p(e-1); square 1 + (s-1) r^2; square_root uses
+    step / num_iter: 1 + (s-1) sqrt(step / num_iter) (so its first step is unguided).
+    An unknown schedule: the published code fails (its `cfg` is unbound); here SamplingError.
+  * `remask` and `scale_pow` are accepted and unused (as published).
+  * Returns (indices [B, P + num_iter, token_each] including a given prefix, the last step's
+    logits [B, token_each, V] after temperature and top-k, -inf where filtered).
+  * `P + num_iter` may reach cls_token_num + block_size (the published RoPE table's length;
+    one more token than the grid holds with cls_token_num = 1): the last sampled token is never
+    fed back.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import threading
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..categorical import check_top_k, check_top_p, exponential_noise, sample_logits
+from ..config import MAX_CLASSES, MAX_DEPTH, MAX_HEADS, MAX_PARAMS, MAX_SEQ_LEN, MAX_WIDTH, ConfigMixin
+from ..errors import ConfigError, SamplingError
+from ..plan import FLOAT32_MAX, MAX_BATCH, check_count, per_image
+from ..rng import check_generator
+from . import Family
+from .mar import depth_of, shape_of
+
+FAMILY_NAME = "elm-ar"
+# The published GPT_models presets (llama/ar_model.py): layers, heads, width.
+PRESETS: dict[str, dict] = {
+    name: dict(n_layer=layers, n_head=heads, dim=dim)
+    for name, (layers, heads, dim) in {
+        "GPT-B": (12, 12, 768), "GPT-L": (24, 16, 1024), "GPT-XL": (36, 20, 1280),
+        "GPT-XXL": (48, 24, 1536), "GPT-XXXL": (48, 40, 2560), "GPT-2B": (48, 28, 1792)}.items()
+}
+# ModelArgs fields that only matter for training (dropouts, init) or that the published model
+# overrides or never reads (vocab_size is replaced by 2 ** code_dim): accepted and ignored.
+TRAINING_ONLY = frozenset({"initializer_range", "token_dropout_p", "attn_dropout_p", "resid_dropout_p",
+                           "ffn_dropout_p", "drop_path_rate", "max_batch_size", "max_seq_len",
+                           "caption_dim", "vocab_size", "split_embder", "model_type"})
+CFG_SCHEDULES = ("linear", "constant", "cos", "log", "square", "square_root")
+MAX_TOKEN_EACH = 64
+MAX_CODE_DIM = 24
+MAX_CLS_TOKENS = 1024
+
+
+@dataclass
+class ELMConfig(ConfigMixin):
+    """ELM's `ModelArgs` (same names and defaults) for the parts the sampler reads, plus one
+    engine field. Unsupported published options are fields too, so that a value the engine does
+    not implement is refused by name instead of silently ignored."""
+    use_adaLN: bool = False
+    attn_type: str = "sdp"
+    pause: bool = False
+    pause_num: int = 0
+    token_each: int = 4
+    cls_row: bool = False
+    pos_type: str = "rope2d"
+    code_dim: int = 16
+    dim: int = 4096
+    n_layer: int = 32
+    n_head: int = 32
+    n_kv_head: int | None = None
+    multiple_of: int = 256
+    ffn_dim_multiplier: float | None = None
+    rope_base: float = 10000.0
+    norm_eps: float = 1e-5
+    num_classes: int = 1000
+    class_dropout_prob: float = 0.1
+    cls_token_num: int = 1
+    block_size: int = 256
+    # Engine addition: the SwiGLU hidden width when it is known from the weights (a bare state
+    # dict records neither multiple_of nor ffn_dim_multiplier); None: the published formula.
+    ffn_hidden_dim: int | None = field(default=None)
+
+    def __post_init__(self):
+        self._coerce_and_validate()
+
+    # Derived sizes ------------------------------------------------------------------------
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_head if self.n_kv_head is None else self.n_kv_head
+
+    @property
+    def vocab_size(self) -> int:
+        return 2 ** self.code_dim
+
+    @property
+    def grid(self) -> int:
+        return math.isqrt(self.block_size)
+
+    @property
+    def has_null_class(self) -> bool:
+        return self.class_dropout_prob > 0
+
+    @property
+    def class_rows(self) -> int:
+        return self.num_classes + (1 if self.has_null_class else 0)
+
+    @property
+    def hidden_dim(self) -> int:
+        if self.ffn_hidden_dim is not None:
+            return self.ffn_hidden_dim
+        hidden = int(2 * (4 * self.dim) / 3)
+        if self.ffn_dim_multiplier is not None:
+            hidden = int(self.ffn_dim_multiplier * hidden)
+        return hidden if hidden % self.multiple_of == 0 else hidden + self.multiple_of - hidden % self.multiple_of
+
+    @property
+    def max_positions(self) -> int:
+        """Sequence positions a call can use (class position included): the RoPE table length."""
+        return self.cls_token_num + self.block_size
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def describe(self) -> str:
+        return (f"dim={self.dim}, n_layer={self.n_layer}, n_head={self.n_head}, n_kv_head={self.n_kv_head}, "
+                f"token_each={self.token_each}, code_dim={self.code_dim}, num_classes={self.num_classes}, "
+                f"block_size={self.block_size}, ffn hidden={self.hidden_dim}")
+
+    def validate(self) -> None:
+        unsupported = {"use_adaLN": False, "attn_type": "sdp", "pause": False, "cls_row": False,
+                       "pos_type": "rope2d"}
+        for name, supported in unsupported.items():
+            if getattr(self, name) != supported:
+                raise ConfigError(f"config field {name}={getattr(self, name)!r} is not supported: the "
+                                  f"engine implements ELM's released configuration ({name}={supported!r}; "
+                                  "the published rope1d path does not run)")
+        ranges = {"dim": (1, MAX_WIDTH), "n_layer": (0, MAX_DEPTH), "n_head": (1, MAX_HEADS),
+                  "token_each": (1, MAX_TOKEN_EACH), "code_dim": (1, MAX_CODE_DIM),
+                  "num_classes": (1, MAX_CLASSES), "cls_token_num": (1, MAX_CLS_TOKENS),
+                  "block_size": (1, MAX_SEQ_LEN), "multiple_of": (1, MAX_WIDTH), "pause_num": (0, MAX_SEQ_LEN)}
+        for name, (low, high) in ranges.items():
+            _check_range(name, getattr(self, name), low, high)
+        if self.n_kv_head is not None:
+            _check_range("n_kv_head", self.n_kv_head, 1, self.n_head)
+            if self.n_head % self.n_kv_head:
+                raise ConfigError(f"n_head {self.n_head} is not a multiple of n_kv_head {self.n_kv_head}")
+        if self.ffn_hidden_dim is not None:
+            _check_range("ffn_hidden_dim", self.ffn_hidden_dim, 1, 8 * MAX_WIDTH)
+        if self.dim % self.n_head:
+            raise ConfigError(f"dim {self.dim} is not divisible by n_head {self.n_head}")
+        if self.head_dim % 4:
+            raise ConfigError(f"head dimension dim / n_head = {self.head_dim} must be a multiple of 4 "
+                              "(ELM's 2D RoPE splits it into row and column halves of pairs)")
+        if math.isqrt(self.block_size) ** 2 != self.block_size:
+            raise ConfigError(f"block_size {self.block_size} must be a square (grid x grid tokens)")
+        if not 0 < self.norm_eps < 1:
+            raise ConfigError(f"config field norm_eps must be in (0, 1), got {self.norm_eps}")
+        if not 0 <= self.class_dropout_prob <= 1:
+            raise ConfigError(f"config field class_dropout_prob must be in [0, 1], got {self.class_dropout_prob}")
+        if not 0 < self.rope_base <= 1e12:
+            raise ConfigError(f"config field rope_base must be in (0, 1e12], got {self.rope_base}")
+        if self.ffn_dim_multiplier is not None and not 0 < self.ffn_dim_multiplier <= 64:
+            raise ConfigError(f"config field ffn_dim_multiplier must be in (0, 64], got {self.ffn_dim_multiplier}")
+        if self.hidden_dim < 1:
+            raise ConfigError(f"the feed-forward width is {self.hidden_dim}; check ffn_dim_multiplier")
+        if self.estimate_params() > MAX_PARAMS:
+            raise ConfigError(f"this configuration ({self.describe()}) has {self.estimate_params():,} "
+                              f"parameters, over the engine's limit MAX_PARAMS = {MAX_PARAMS:,}")
+
+    def estimate_params(self) -> int:
+        """Parameters of engine.models.elm.ELMTransformer(config), from the sizes alone (exact)."""
+        d, t, v = self.dim, self.token_each, self.vocab_size
+        attn = d * (self.n_head + 2 * self.kv_heads) * self.head_dim + d * d
+        layer = attn + 3 * d * self.hidden_dim + 2 * d
+        embed = t * v * d + (t * d * d if t > 1 else 0)
+        return self.class_rows * d + embed + self.n_layer * layer + d + t * d * v
+
+
+ELMConfig.PRESETS = PRESETS
+ELMConfig.IGNORED = TRAINING_ONLY
+
+
+def _check_range(name, value, low, high) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ConfigError(f"config field {name} must be an integer >= {low}, got {value!r}")
+    if value > high:
+        raise ConfigError(f"config field {name} = {value} exceeds the engine's limit {high}")
+
+
+def infer_sizes(state: dict) -> dict:
+    """The ModelArgs fields a bare ELM state dict determines. Not among them: block_size (RoPE
+    has no stored table; default 256 = 16 x 16), n_head (taken from the preset whose width and
+    depth the weights have, else it must be passed), and num_classes vs class_dropout_prob (the
+    table has num_classes + 1 rows when class_dropout_prob > 0, ModelArgs' default)."""
+    out: dict = {}
+    shape = lambda key: shape_of(state, key)  # noqa: E731
+    table = shape("cls_embedding.embedding_table.weight")
+    if table:
+        out["num_classes"], out["dim"] = table[0] - 1, table[1]
+    if shape("tok_embedder.weight"):
+        out["token_each"], vocab = 1, shape("tok_embedder.weight")[0]
+    else:
+        out["token_each"] = depth_of(state, "tok_embedder")
+        vocab = (shape("tok_embedder.0.weight") or (0,))[0]
+    if vocab and vocab & (vocab - 1) == 0:
+        out["code_dim"] = vocab.bit_length() - 1
+    out["n_layer"] = depth_of(state, "layers")
+    w1 = shape("layers.0.feed_forward.w1.weight")
+    if w1:
+        out["ffn_hidden_dim"] = w1[0]
+    for preset in PRESETS.values():
+        if preset["dim"] == out.get("dim") and preset["n_layer"] == out["n_layer"]:
+            out["n_head"] = preset["n_head"]
+    wqkv = shape("layers.0.attention.wqkv.weight")
+    if wqkv and "n_head" in out and wqkv[0] != 3 * out["dim"]:
+        head_dim = out["dim"] // out["n_head"]
+        out["n_kv_head"] = (wqkv[0] - out["dim"]) // (2 * head_dim)
+    return out
+
+
+def cfg_at(schedule: str, cfg_scale, step: int, num_iter: int):
+    """The published per-step guidance scale (a Python / numpy float64 number)."""
+    ratio = 1.0 * (step + 1) / num_iter
+    if schedule == "linear":
+        return 1.0 + (cfg_scale - 1.0) * ratio
+    if schedule == "constant":
+        return cfg_scale
+    if schedule == "cos":
+        return 1.0 + (cfg_scale - 1.0) * np.cos(-np.pi / 2 + ratio * (np.pi / 2))
+    if schedule == "log":
+        return 1.0 + (cfg_scale - 1.0) * np.log1p(ratio * (np.e - 1.0)) / np.log1p(np.e - 1.0)
+    if schedule == "square":
+        return 1.0 + (cfg_scale - 1) * ratio ** 2
+    if schedule == "square_root":
+        return 1.0 + (cfg_scale - 1.0) * ((1.0 * step / num_iter) ** 0.5)
+    raise SamplingError(f"unknown cfg_schedule {schedule!r}; expected one of {CFG_SCHEDULES}")
+
+
+def _check_schedule(schedule) -> str:
+    if schedule not in CFG_SCHEDULES:
+        raise SamplingError(f"unknown cfg_schedule {schedule!r}; expected one of {CFG_SCHEDULES}")
+    return schedule
+
+
+def _check_number(name: str, value, positive: bool = False) -> float:
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
+            or not math.isfinite(value) or abs(value) > FLOAT32_MAX or (positive and value <= 0):
+        what = "a finite number > 0" if positive else "a finite number"
+        raise SamplingError(f"{name} must be {what} (within float32 range), got {value!r}")
+    return value
+
+
+class ELMModel:
+    """A loaded ELM AR model. `generate_cfg` has the published signature and results;
+    `sample_tokens` is the engine's idiom (per-image settings and generators, top-p)."""
+
+    family = FAMILY_NAME
+
+    def __init__(self, module, backend="auto", cuda_graphs: bool = True, precision: str = "fp32"):
+        if backend not in ("auto", "reference"):
+            raise ConfigError(f"ELM models run the KV-cached decode in PyTorch: backend must be 'auto' "
+                              f"or 'reference' (the diffusion-head backends do not apply), got {backend!r}")
+        if precision != "fp32":
+            raise ConfigError(f"ELM models run in float32 (precision='fp32'), got precision={precision!r}")
+        self.mar = self.module = module.eval().requires_grad_(False)
+        self.config = module.config
+        self.backend_name, self.precision, self.cuda_graphs = "reference", precision, cuda_graphs
+        self.sampling_defaults: dict = {}
+        self._cache = None
+        self._lock = threading.Lock()
+
+    @property
+    def device(self) -> torch.device:
+        return self.module.device
+
+    def to(self, device) -> "ELMModel":
+        self.module.to(device)
+        self._cache = None
+        return self
+
+    def state_dict(self) -> dict:
+        return self.module.state_dict()
+
+    def __repr__(self) -> str:
+        return f"ELMModel({self.config.describe()}, device={self.device})"
+
+    # The published sampler ------------------------------------------------------------------
+    @torch.no_grad()
+    def generate_cfg(self, idx, cond, num_iter, temperature=1.0, top_k=None, remask=False, cfg_scale=10.0,
+                     cfg_schedule="constant", scale_pow=1.0):
+        """ELM's `Transformer.generate_cfg`, same arguments, same return value (indices
+        [B, P + num_iter, token_each], last logits [B, token_each, V]) and, after
+        torch.manual_seed(s), the same tokens: it draws torch's global RNG exactly as the
+        published multinomial calls do. `remask` and `scale_pow` are unused, as published."""
+        if cond is None:
+            raise SamplingError("generate_cfg needs cond (class labels [B]; the published code fails "
+                                "without them); for unconditional samples use sample_tokens(labels=None)")
+        labels = self._labels(cond, None, allow_null=True)
+        bsz = labels.shape[0]
+        prefix = self._prefix(idx, bsz)
+        num_iter = self._num_iter(num_iter, prefix)
+        temperature = _check_number("temperature", temperature, positive=True)
+        top_k = check_top_k(top_k)
+        cfg_scale = _check_number("cfg_scale", cfg_scale)
+        _check_schedule(cfg_schedule)
+        self._need_null()
+        scales = [cfg_at(cfg_schedule, cfg_scale, s, num_iter) for s in range(num_iter)]
+        self._check_scales(scales)
+        table = torch.tensor([float(s) for s in scales], dtype=torch.float32, device=self.device)
+        tokens, logits = self._run(labels, prefix, num_iter, table, temperature, top_k, None, None)
+        return tokens, logits
+
+    # The engine's sampler -----------------------------------------------------------------
+    @torch.no_grad()
+    def sample_tokens(self, bsz: int, labels=None, num_iter: int | None = None, cfg=1.0,
+                      cfg_schedule="constant", temperature=1.0, top_k=None, top_p=None,
+                      generator=None, progress: bool = False) -> torch.Tensor:
+        """Sub-token indices [bsz, num_iter, token_each] (num_iter defaults to block_size: one
+        image). labels: one class per image, or None for unconditional samples (the null class).
+        `cfg`, `cfg_schedule` and `temperature` take one value or one per image; top_k / top_p
+        are shared. Random numbers: generator None draws torch's global RNG as generate_cfg
+        (same tokens for the same settings, with CFG); one torch.Generator drives the batch; a
+        list gives image i its own, drawn as a batch of one would draw them. When no image
+        uses CFG (every cfg 1) the null half is not run (ELM always runs it)."""
+        c = self.config
+        bsz = check_count("bsz", bsz, MAX_BATCH)
+        labels = self._labels(labels, bsz, allow_null=False)
+        num_iter = self._num_iter(c.block_size if num_iter is None else num_iter, None)
+        cfgs = per_image("cfg", cfg, bsz, lambda v: _check_number("cfg", v))
+        schedules = per_image("cfg_schedule", cfg_schedule, bsz, _check_schedule)
+        temperatures = per_image("temperature", temperature, bsz,
+                                 lambda v: _check_number("temperature", v, positive=True))
+        top_k, top_p = check_top_k(top_k), check_top_p(top_p)
+        generator = check_generator(generator, bsz)
+        table = None
+        if any(v != 1.0 for v in cfgs):
+            self._need_null()
+            per_step = [[cfg_at(sch, v, s, num_iter) for v, sch in zip(cfgs, schedules)] for s in range(num_iter)]
+            self._check_scales([x for row in per_step for x in row])
+            if all(row.count(row[0]) == len(row) for row in per_step):
+                per_step = [row[0] for row in per_step]
+            table = torch.tensor(np.asarray(per_step, dtype=np.float64), dtype=torch.float32, device=self.device)
+        if len(set(temperatures)) == 1:
+            temperature = float(temperatures[0])
+        else:
+            temperature = torch.tensor(temperatures, dtype=torch.float32, device=self.device)
+        tokens, _ = self._run(labels, None, num_iter, table, temperature, top_k, top_p, generator, progress)
+        return tokens
+
+    # The KV-cached loop ---------------------------------------------------------------------
+    def cache_for(self, batch: int):
+        """The static KV cache of this batch (doubled rows with CFG): allocated once, reused."""
+        cache = self._cache
+        if cache is None or cache.key[0] != batch or cache.k.device != self.device:
+            self._cache = None   # free the old buffers before allocating new ones
+            cache = self._cache = self.module.new_cache(batch)
+        return cache
+
+    def decode_step(self, prev, input_pos, cache, scale, temperature, top_k, top_p, noise):
+        """One graph-safe step: feed the tokens sampled last step (`prev` [B, T], doubled for CFG
+        when `scale` is given) at position `input_pos`, sample the next ones. Fixed shapes, no
+        host synchronisation: what torch.compile(fullgraph=True) traces."""
+        tokens = torch.cat([prev, prev]) if scale is not None else prev
+        logits = self.module.decode(tokens, input_pos, cache)
+        return sample_logits(logits, noise, scale, temperature, top_k, top_p)
+
+    def _run(self, labels, prefix, num_iter, table, temperature, top_k, top_p, generator, progress=False):
+        c, device = self.config, self.device
+        bsz = labels.shape[0]
+        use_cfg = table is not None
+        rows = torch.cat([labels, torch.full_like(labels, c.num_classes)]) if use_cfg else labels
+        prefix_in = None if prefix is None else (torch.cat([prefix, prefix]) if use_cfg else prefix)
+        start = 0 if prefix is None else prefix.shape[1]
+        steps = range(num_iter)
+        if progress:
+            from tqdm.auto import tqdm
+            steps = tqdm(steps, desc="sampling", unit="token")
+        out = []
+        with self._lock:
+            cache = self.cache_for(rows.shape[0])
+            logits = self.module.prefill(rows, prefix_in, cache)
+            input_pos = torch.tensor([start], device=device)
+            ok = torch.ones((), dtype=torch.bool, device=device)
+            for s in steps:
+                noise = exponential_noise(bsz, c.token_each, c.vocab_size, generator, device)
+                scale = table[s] if use_cfg else None
+                if s == 0:
+                    nxt, filtered, probs = sample_logits(logits, noise, scale, temperature, top_k, top_p)
+                else:
+                    input_pos += 1
+                    nxt, filtered, probs = self.decode_step(out[-1], input_pos, cache, scale, temperature,
+                                                            top_k, top_p, noise)
+                ok &= torch.isfinite(probs).all()
+                out.append(nxt)
+        if not bool(ok):   # one host sync per call, after the last step
+            raise SamplingError("sampling produced NaN/Inf probabilities: the logits overflow float32 with "
+                                "these weights and settings (temperature, cfg)")
+        tokens = torch.stack(out, dim=1)
+        if prefix is not None:
+            tokens = torch.cat([prefix, tokens], dim=1)
+        return tokens, filtered
+
+    # Validation --------------------------------------------------------------------------------
+    def _need_null(self) -> None:
+        if not self.config.has_null_class:
+            raise SamplingError("this model has no CFG null class (class_dropout_prob = 0): ELM's "
+                                "generate_cfg cannot run it; use sample_tokens with cfg=1")
+
+    def _check_scales(self, scales) -> None:
+        bad = [s for s in scales if not math.isfinite(s) or abs(s) > FLOAT32_MAX]
+        if bad:
+            raise SamplingError(f"the cfg schedule gives a scale {bad[0]!r} outside float32 range")
+
+    def _labels(self, labels, bsz, allow_null: bool) -> torch.Tensor:
+        """Class labels [B] int64 on the device; None: the null class (unconditional)."""
+        c = self.config
+        if labels is None:
+            self._need_null()
+            return torch.full((bsz,), c.num_classes, dtype=torch.int64, device=self.device)
+        if isinstance(labels, torch.Tensor):
+            if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+                raise SamplingError(f"labels must be integers, got a {labels.dtype} tensor")
+            values = labels.detach().to("cpu", torch.int64)
+        else:
+            arr = np.asarray(labels)
+            if arr.dtype == object or not np.issubdtype(arr.dtype, np.integer):
+                raise SamplingError(f"labels must be integers, got {labels!r:.80}")
+            values = torch.from_numpy(arr.astype(np.int64))
+        if values.ndim != 1 or (bsz is not None and values.shape[0] != bsz) or values.shape[0] == 0:
+            want = f"{bsz} labels (one per image)" if bsz is not None else "class labels [B]"
+            raise SamplingError(f"expected {want}, got shape {tuple(values.shape)}")
+        check_count("batch size", values.shape[0], MAX_BATCH)
+        high = c.class_rows if allow_null else c.num_classes
+        bad = values[(values < 0) | (values >= high)]
+        if bad.numel():
+            raise SamplingError(f"label {int(bad[0])} is out of range: this model has {c.num_classes} classes "
+                                f"(0..{c.num_classes - 1})")
+        return values.to(self.device)
+
+    def _prefix(self, idx, bsz: int):
+        c = self.config
+        if idx is None:
+            return None
+        if not isinstance(idx, torch.Tensor) or idx.is_floating_point() or idx.dtype == torch.bool:
+            raise SamplingError("idx must be None or an integer tensor [B, P, token_each] of sub-token indices")
+        if idx.ndim != 3 or idx.shape[0] != bsz or idx.shape[2] != c.token_each:
+            raise SamplingError(f"idx must have shape [{bsz}, P, {c.token_each}] (batch, positions, "
+                                f"token_each), got {list(idx.shape)}")
+        values = idx.detach().to("cpu", torch.int64)
+        if values.numel() and (int(values.min()) < 0 or int(values.max()) >= c.vocab_size):
+            raise SamplingError(f"idx holds sub-token indices outside 0..{c.vocab_size - 1} (2 ** code_dim)")
+        return values.to(self.device)
+
+    def _num_iter(self, num_iter, prefix) -> int:
+        c = self.config
+        num_iter = check_count("num_iter", num_iter, MAX_SEQ_LEN)
+        used = (0 if prefix is None else prefix.shape[1]) + num_iter
+        if used > c.max_positions:
+            raise SamplingError(f"prefix length + num_iter = {used} exceeds the {c.max_positions} positions "
+                                f"the model has (cls_token_num + block_size = {c.cls_token_num} + {c.block_size})")
+        return num_iter
+
+
+def generate_images(model: ELMModel, labels, bae, num_images, num_iter, cfg, cfg_schedule, temperature,
+                    top_k, top_p, generator, progress, vae=None, prompts=None, texts=None, height=None,
+                    width=None) -> torch.Tensor:
+    """engine.generate for ELM: one image (block_size tokens) per label, decoded by the BAE;
+    float32 [N, C, H, W] in [0, 1] (clamped, as ELM's sample.py saves them)."""
+    c = model.config
+    if prompts is not None or texts is not None:
+        raise SamplingError("this is a class-conditional model: pass labels=[...], not prompts")
+    if height is not None or width is not None:
+        raise SamplingError(f"ELM models sample their {c.grid} x {c.grid} token grid; height / width are "
+                            "for text-to-image models")
+    if vae is not None:
+        raise SamplingError("ELM tokens decode with a binary autoencoder: pass bae=engine.load_bae(path), not vae=")
+    if bae is None or not hasattr(bae, "decode_indices"):
+        raise SamplingError("ELM tokens need a binary autoencoder to become images: pass "
+                            "bae=engine.load_bae('binaryae_ema.th'), or use model.sample_tokens for the tokens")
+    if bae.bits != c.token_each * c.code_dim:
+        raise SamplingError(f"the BAE has {bae.bits} bits per position but the model's tokens carry "
+                            f"token_each * code_dim = {c.token_each} * {c.code_dim} = {c.token_each * c.code_dim}")
+    if num_iter is not None and num_iter != c.block_size:
+        raise SamplingError(f"an image is block_size = {c.block_size} tokens; num_iter must be {c.block_size} "
+                            f"(or None), got {num_iter!r}")
+    if labels is None:
+        if num_images is None:
+            raise SamplingError("pass labels, or num_images for unconditional samples")
+        bsz = num_images
+    else:
+        labels = list(labels.tolist() if hasattr(labels, "tolist") else labels)
+        if num_images is not None and num_images != len(labels):
+            raise SamplingError(f"num_images={num_images} but {len(labels)} labels")
+        bsz = len(labels)
+    defaults = {"cfg": 1.0, "cfg_schedule": "constant", "temperature": 1.0, "top_k": None, "top_p": None,
+                **model.sampling_defaults}
+    given = {"cfg": cfg, "cfg_schedule": cfg_schedule, "temperature": temperature, "top_k": top_k, "top_p": top_p}
+    settings = {k: defaults.get(k) if v is None else v for k, v in given.items()}
+    tokens = model.sample_tokens(bsz, labels=labels, generator=generator, progress=progress, **settings)
+    with torch.no_grad():
+        images = bae.decode_indices(tokens.to(bae.device))
+    return images.float().clamp(0, 1)
+
+
+# Drop-in use with an instance of the published Transformer ------------------------------------
+def is_elm(published) -> bool:
+    return all(hasattr(published, name) for name in ("cls_embedding", "tok_embedder", "layers", "config"))
+
+
+def config_of(published) -> dict:
+    """ModelArgs values of a published Transformer (its `config` dataclass) + the SwiGLU width."""
+    args = published.config
+    if dataclasses.is_dataclass(args):
+        values = dataclasses.asdict(args)
+    elif hasattr(args, "__dict__"):
+        values = dict(vars(args))
+    else:
+        raise ConfigError("not a published ELM Transformer: its config is not a ModelArgs")
+    if len(published.layers):
+        values["ffn_hidden_dim"] = published.layers[0].feed_forward.w1.weight.shape[0]
+    return values
+
+
+def accelerate(published, backend="auto", **config) -> ELMModel:
+    """An engine model with the published Transformer's weights (and device); its
+    generate_cfg gives the published tokens for the same seeds."""
+    from ..loading import build_module
+
+    values = {**config_of(published), **config}
+    cfg = ELMConfig.from_dict(values)
+    state = {k: v.detach() for k, v in published.state_dict().items() if ".kv_cache." not in k}
+    device = next(iter(state.values())).device
+    module = build_module(state, cfg, f"{type(published).__name__} instance").to(device)
+    return ELMModel(module, backend=backend)
+
+
+def _family() -> Family:
+    from ..models.elm import ELMTransformer
+
+    return Family(name=FAMILY_NAME, config_cls=ELMConfig, presets=PRESETS, module_cls=ELMTransformer,
+                  model_cls=ELMModel, marker_keys=("cls_embedding.embedding_table.weight", "norm.weight"),
+                  infer_sizes=infer_sizes, head_fields=("n_head",), ignored_args=TRAINING_ONLY,
+                  default_ema=False)   # ELM's sample.py reads a bare state dict ('model' of a training dict)
+
+
+FAMILY = _family()

@@ -1,0 +1,65 @@
+"""Causal attention with a static KV cache (the gpt-fast pattern), shared by the causal families.
+
+The cache holds every layer's keys and values for a fixed (batch, length, dtype, device): it is
+allocated once and reused by every call of that shape, so a decode step always sees the same
+tensor shapes. A step writes its new keys / values at `input_pos` (a tensor, never a Python int:
+the step's graph does not change with the position) and attends to the whole buffer under a
+mask `positions <= input_pos`; positions not written yet are masked out, so stale entries of an
+earlier call never leak into a later one.
+
+    cache = StaticKVCache(n_layer, batch, n_kv_head, length, head_dim, torch.float32, device)
+    out = prefill_attention(q, k, v, cache, layer)            # positions 0..S-1, causal
+    out = decode_attention(q, k, v, cache, layer, input_pos)  # one position, input_pos: [1]
+
+q is [B, H, S, D]; k, v are [B, Hkv, S, D] (grouped-query attention when Hkv < H: the keys and
+values are repeated per query head, as the published code does). No host synchronisation.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+class StaticKVCache:
+    """Keys and values [n_layer, B, Hkv, L, D] of one (batch, length, dtype, device)."""
+
+    def __init__(self, n_layer: int, batch: int, n_kv_head: int, length: int, head_dim: int,
+                 dtype=torch.float32, device="cpu"):
+        shape = (max(n_layer, 1), batch, n_kv_head, length, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.positions = torch.arange(length, device=device)
+
+    @property
+    def key(self) -> tuple:
+        _, batch, heads, length, dim = self.k.shape
+        return (batch, heads, length, dim, self.k.dtype, self.k.device)
+
+    @property
+    def length(self) -> int:
+        return self.k.shape[3]
+
+
+def _repeat_kv(x: torch.Tensor, n_head: int) -> torch.Tensor:
+    groups = n_head // x.shape[1]
+    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
+
+
+def prefill_attention(q, k, v, cache: StaticKVCache, layer: int) -> torch.Tensor:
+    """Causal attention over positions 0..S-1; their keys and values go into the cache."""
+    s = q.shape[2]
+    cache.k[layer, :, :, :s] = k
+    cache.v[layer, :, :, :s] = v
+    n_head = q.shape[1]
+    return F.scaled_dot_product_attention(q, _repeat_kv(k, n_head), _repeat_kv(v, n_head), is_causal=True)
+
+
+def decode_attention(q, k, v, cache: StaticKVCache, layer: int, input_pos: torch.Tensor) -> torch.Tensor:
+    """One new position `input_pos` ([1] int64 tensor): write its key / value, attend to every
+    cached position <= input_pos. Fixed shapes whatever the position."""
+    cache.k[layer].index_copy_(2, input_pos, k)
+    cache.v[layer].index_copy_(2, input_pos, v)
+    mask = (cache.positions <= input_pos).view(1, 1, 1, -1)
+    n_head = q.shape[1]
+    keys, values = _repeat_kv(cache.k[layer], n_head), _repeat_kv(cache.v[layer], n_head)
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
