@@ -7,11 +7,11 @@ setup(
     description="Fast, exact sampler for autoregressive image generators (MAR, Fluid text-to-image)",
     python_requires=">=3.10",
     packages=["engine", "engine.models", "engine.backends", "engine.families", "engine.kernels",
-              "engine.csrc"],
+              "engine.csrc", "engine.distributed"],
     # Triton kernels live in kernels/ and the native sources in csrc/ at the top of the repo;
     # they install as engine.kernels and engine.csrc (the C++ builds lazily on first use).
     package_dir={"engine.kernels": "kernels", "engine.csrc": "csrc"},
-    package_data={"engine": ["assets/*/*"], "engine.csrc": ["*.cpp", "*.h", "*.cu"]},
+    package_data={"engine": ["assets/*/*", "assets/*/*/*"], "engine.csrc": ["*.cpp", "*.h", "*.cu"]},
     install_requires=[
         "torch>=2.4",
         "triton>=3.0",
@@ -26,8 +26,13 @@ setup(
         "digits": ["scikit-learn"],
         # Text-to-image (Fluid): local T5 encoders and the SD-3.5 AutoencoderKL.
         "text": ["transformers>=4.56", "diffusers>=0.30", "sentencepiece"],
+        # `engine generate` on a Ray cluster (engine.distributed.generate_ray).
+        "ray": ["ray[data]>=2.10"],
+        # FID / IS (`engine generate --inception-weights`); install it with the torchvision that
+        # matches your torch (torch-fidelity needs torchvision).
+        "fid": ["torch-fidelity>=0.3"],
         "test": ["pytest", "pytest-benchmark", "scikit-learn", "matplotlib",
-                 "transformers>=4.56", "diffusers>=0.30"],
+                 "transformers>=4.56", "diffusers>=0.30", "ray[data]>=2.10"],
     },
     entry_points={"console_scripts": ["engine=engine.cli:main"]},
 )

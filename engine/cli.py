@@ -176,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-ema", action="store_true", help="take 'model' instead of 'model_ema'")
     c.set_defaults(func=_convert)
 
-    for name in ("evaluate", "geneval", "train", "distributed"):
+    for name in ("evaluate", "geneval", "train", "distributed", "serving"):
         try:
             module = __import__(f"engine.{name}", fromlist=["add_parser"])
         except ImportError:
