@@ -64,6 +64,9 @@ class FluidConfig(ConfigMixin):
     clip_range: tuple = field(default=(-1.0, 1.0), metadata={"coerce": parse_range})
     max_seq_len: int = 4096   # most tokens one call may sample (any height x width)
     img_width: int = 0        # default width when it differs from img_size (0: square)
+    # LightGen reads interpolated position tables back w-major (published; see
+    # models/fluid.interpolate_positions); False: h-major, as the tokens (the built-in model).
+    interpolate_w_major: bool = True
 
     def __post_init__(self):
         self._coerce_and_validate()

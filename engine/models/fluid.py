@@ -97,21 +97,25 @@ class CrossBlock(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-def interpolate_positions(pos: torch.Tensor, grid, offset: float) -> torch.Tensor:
+def interpolate_positions(pos: torch.Tensor, grid, offset: float, w_major: bool = True) -> torch.Tensor:
     """LightGen's `interpolate_pos_encoding`: [1, 256, dim] -> [1, h*w, dim] for grid (h, w).
 
     Bicubic on the [1, dim, 16, 16] view with scale factors ((w + offset) / 16, (h + offset) / 16),
     read back as [1, w*h, dim]: for non-square grids the rows come out w-major while tokens are
-    h-major; reproduced as published."""
+    h-major; reproduced as published (`w_major=True`). Its cost: for a 2:1 grid, token columns c
+    and c + w/2 get neighbouring rows of the interpolated table, so the two halves of the image
+    are hard to tell apart. `w_major=False` (an engine option, FluidConfig.interpolate_w_major)
+    interpolates to (h, w) with factors ((h + offset) / 16, (w + offset) / 16) and reads it back
+    h-major, the tokens' order."""
     h, w = grid
     n, dim = pos.shape[1], pos.shape[2]
     if n == h * w and h == w:
         return pos
     m = int(math.sqrt(n))
-    kwargs = ({"scale_factor": (float(w + offset) / m, float(h + offset) / m)} if offset
-              else {"size": (w, h)})
+    size = (w, h) if w_major else (h, w)
+    kwargs = ({"scale_factor": tuple(float(s + offset) / m for s in size)} if offset else {"size": size})
     out = F.interpolate(pos.float().reshape(1, m, m, dim).permute(0, 3, 1, 2), mode="bicubic", **kwargs)
-    if tuple(out.shape[-2:]) != (w, h):
+    if tuple(out.shape[-2:]) != size:
         raise SamplingError(f"position interpolation to a {h} x {w} grid gave {tuple(out.shape[-2:])}")
     return out.permute(0, 2, 3, 1).reshape(1, -1, dim).to(pos.dtype)
 
@@ -175,8 +179,8 @@ class Fluid(nn.Module):
             cache = self._positions = {"weights": weights}
         grid = tuple(grid)
         if grid not in cache:
-            offset = self.config.interpolate_offset
-            cache[grid] = tuple(interpolate_positions(p.detach(), grid, offset) for p in params)
+            offset, w_major = self.config.interpolate_offset, self.config.interpolate_w_major
+            cache[grid] = tuple(interpolate_positions(p.detach(), grid, offset, w_major) for p in params)
         return cache[grid]
 
     def text_condition(self, texts: torch.Tensor | None, bsz: int) -> torch.Tensor:
