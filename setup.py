@@ -7,7 +7,7 @@ setup(
     description="Fast, exact sampler for autoregressive image generators (MAR, Fluid text-to-image)",
     python_requires=">=3.10",
     packages=["engine", "engine.models", "engine.backends", "engine.families", "engine.kernels",
-              "engine.csrc", "engine.distributed"],
+              "engine.csrc", "engine.distributed", "engine.serving"],
     # Triton kernels live in kernels/ and the native sources in csrc/ at the top of the repo;
     # they install as engine.kernels and engine.csrc (the C++ builds lazily on first use).
     package_dir={"engine.kernels": "kernels", "engine.csrc": "csrc"},
@@ -31,8 +31,14 @@ setup(
         # FID / IS (`engine generate --inception-weights`); install it with the torchvision that
         # matches your torch (torch-fidelity needs torchvision).
         "fid": ["torch-fidelity>=0.3"],
+        # `engine serve` (engine.serving.http); the LitServe and Ray Serve adapters need their own.
+        "serve": ["fastapi>=0.110", "uvicorn>=0.29", "prometheus-client>=0.20"],
+        "litserve": ["fastapi>=0.110", "uvicorn>=0.29", "prometheus-client>=0.20", "litserve>=0.2.19"],
+        "ray-serve": ["fastapi>=0.110", "uvicorn>=0.29", "prometheus-client>=0.20", "ray[serve]>=2.10"],
         "test": ["pytest", "pytest-benchmark", "scikit-learn", "matplotlib",
-                 "transformers>=4.56", "diffusers>=0.30", "ray[data]>=2.10"],
+                 "transformers>=4.56", "diffusers>=0.30", "ray[data]>=2.10",
+                 "fastapi>=0.110", "uvicorn>=0.29", "prometheus-client>=0.20", "httpx",
+                 "litserve>=0.2.19", "ray[serve]>=2.10"],
     },
     entry_points={"console_scripts": ["engine=engine.cli:main"]},
 )

@@ -14,7 +14,7 @@ import torch
 from .conditioning import Condition
 from .errors import SamplingError
 from .plan import FLOAT32_MAX, build_plan, per_image
-from .rng import check_generator, draw_step_inputs, draw_step_noise, randn, sample_orders  # noqa: F401
+from .rng import _draw_one, check_generator, draw_step_inputs, draw_step_noise, randn, sample_orders  # noqa: F401
 
 
 def validate_labels(labels, bsz: int, class_num: int, device) -> torch.Tensor | None:
@@ -29,23 +29,36 @@ def validate_temperature(temperature) -> float:
     return float(temperature)
 
 
+def transformer_pass(model, tokens_in, known, predict, context) -> torch.Tensor:
+    """The family's transformer pass (under the model's autocast): z [B', n, D] float32 for the
+    predicted positions `predict [B', n]`, given the known ones `known [B', k]`."""
+    autocast = model.autocast_dtype
+    with torch.autocast(tokens_in.device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
+        z = model.mar.forward_step(tokens_in, known, predict, context)
+    return z.float()
+
+
+def scatter_tokens(tokens, predict, out) -> None:
+    """Write the head's output `out [B*n, C]` into `tokens [B, L, C]` at `predict [B, n]`."""
+    bsz, n = predict.shape
+    index = predict.unsqueeze(-1).expand(-1, -1, tokens.shape[-1])
+    tokens.scatter_(1, index, out.reshape(bsz, n, tokens.shape[-1]).to(tokens.dtype))
+
+
 def run_step(model, plan, step, tokens, orders, context, cfg_scales, temperatures, x, noise) -> None:
     """One plan step, in place on `tokens [B, L, C]`: gather known and predicted positions,
     transformer pass, the backend's head loop, scatter. `cfg_scales` and `temperatures` are [B]
     (per image; expanded to the image's predicted rows). Static shapes, no host synchronisation:
     this is what torch.compile(fullgraph=True) traces and what a CUDA graph captures."""
-    bsz, dim, n = plan.bsz, tokens.shape[-1], step.num_predict
+    bsz, n = plan.bsz, step.num_predict
     known, predict = plan.indices(step, orders)
     tokens_in = torch.cat([tokens, tokens]) if plan.use_cfg else tokens
-    autocast = model.autocast_dtype
-    with torch.autocast(tokens.device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
-        z = model.mar.forward_step(tokens_in, known, predict, context)
-    z = z.reshape(-1, z.shape[-1]).float()
+    z = transformer_pass(model, tokens_in, known, predict, context)
+    z = z.reshape(-1, z.shape[-1])
     temperature_rows = temperatures[:, None].expand(bsz, n).reshape(-1)
     scale_rows = cfg_scales[:, None].expand(bsz, n).reshape(-1) if plan.use_cfg else None
     out = model.backend.head_loop(model.head, z, x, noise, scale_rows, temperature_rows)
-    index = predict[:bsz].unsqueeze(-1).expand(-1, -1, dim)
-    tokens.scatter_(1, index, out.reshape(bsz, n, dim).to(tokens.dtype))
+    scatter_tokens(tokens, predict[:bsz], out)
 
 
 @torch.no_grad()
@@ -111,3 +124,130 @@ class EagerRunner:
     def finish(self):
         tokens, self.tokens = self.tokens, None
         return tokens
+
+
+# Iteration-level sampling: images in flight, each at its own step -------------------------------
+# engine.serving's scheduler admits images and retires finished ones between steps; `advance`
+# runs one step for any set of images, whatever their plans: images at the same step shape share
+# one transformer pass, and all their predicted rows go through one head call with per-row cfg
+# scales and temperatures. Each image draws its order and noise from its own generator exactly as
+# `sample` draws them for a batch of one, so its tokens equal that call's (up to float rounding).
+
+class InFlightImage:
+    """One image being sampled: its plan (a batch of one, its own cfg / schedule / num_iter),
+    generator, order, tokens [1, L, C], step context rows and step index `k`."""
+
+    def __init__(self, model, condition: Condition, grid, num_iter: int, cfg, cfg_schedule,
+                 temperature, generator: torch.Generator):
+        if not isinstance(generator, torch.Generator):
+            raise SamplingError(f"an in-flight image needs its own torch.Generator, got "
+                                f"{type(generator).__name__}")
+        device = model.device
+        self.grid = tuple(grid)
+        seq_len = self.grid[0] * self.grid[1]
+        self.plan = build_plan(1, num_iter, seq_len, cfg, cfg_schedule)
+        self.temperature = validate_temperature(temperature)
+        self.generator = generator
+        self.use_cfg = self.plan.use_cfg
+        # The same draw as `sample` makes first for a batch of one with a list of one generator.
+        self.orders = sample_orders(1, seq_len, [generator], device)
+        # Context rows of the condition and of the family's null condition (computed once):
+        # a batch of one with CFG gives [cond; null] rows; tensors of one row are shared tables
+        # (e.g. Fluid's position embeddings for the grid), equal for every image of the grid.
+        context = model.mar.step_context(condition, 1, True, self.grid)
+        self.context = tuple((t[:1], t[1:2]) if t.shape[0] == 2 else (t, None) for t in context)
+        self.tokens = torch.zeros(1, seq_len, model.config.token_dim, device=device)
+        self.k = 0
+
+    @property
+    def done(self) -> bool:
+        return self.k >= len(self.plan.steps)
+
+    @property
+    def step(self) -> "PlanStep":
+        return self.plan.steps[self.k]
+
+    @property
+    def shape_key(self) -> tuple:
+        """Images with equal keys share a transformer pass: grid, known and predicted counts."""
+        step = self.step
+        return (self.grid, step.unknown_before, step.unknown_after)
+
+    @property
+    def cfg_scale(self) -> float:
+        return self.step.cfg_scales[0]
+
+
+def _group_context(members, cfg_members):
+    """The step context of a group: condition rows of every member, then null rows of the
+    members with CFG (the row order of `sample`'s [cond; null] batch)."""
+    out = []
+    for j, (first, null) in enumerate(members[0].context):
+        if null is None:
+            out.append(first)
+        else:
+            out.append(torch.cat([m.context[j][0] for m in members]
+                                 + [m.context[j][1] for m in cfg_members]))
+    return tuple(out)
+
+
+@torch.no_grad()
+def advance(model, images: list) -> list:
+    """One step of every image in `images` (InFlightImage, none done); returns those finished.
+
+    Groups images by step shape for the transformer, then runs ONE head loop over all predicted
+    rows: with any image using CFG the call is guided, each image's rows at its own scale (1 for
+    an image without CFG, whose unconditional rows repeat its conditional ones, so its guided
+    eps equals its conditional eps); temperatures per row. Noise is drawn per image as a batch
+    of one draws it (null-half noise only for images with CFG)."""
+    if not images:
+        return []
+    device, dim = model.device, model.config.token_dim
+    groups: dict = {}
+    for image in images:
+        groups.setdefault(image.shape_key, []).append(image)
+    z_cond, z_null, predicts = {}, {}, {}
+    for (_, before, after), members in groups.items():
+        orders = torch.cat([m.orders for m in members])
+        known = torch.sort(orders[:, before:], dim=1).values          # as SamplingPlan.indices
+        predict = torch.sort(orders[:, after:before], dim=1).values
+        cfg_index = [i for i, m in enumerate(members) if m.use_cfg]
+        cfg_members = [members[i] for i in cfg_index]
+        tokens_in = torch.cat([m.tokens for m in members] + [m.tokens for m in cfg_members])
+        if cfg_index:
+            sel = torch.tensor(cfg_index, device=known.device)
+            known_in, predict_in = torch.cat([known, known[sel]]), torch.cat([predict, predict[sel]])
+        else:
+            known_in, predict_in = known, predict
+        z = transformer_pass(model, tokens_in, known_in, predict_in, _group_context(members, cfg_members))
+        for i, m in enumerate(members):
+            z_cond[id(m)], predicts[id(m)] = z[i], predict[i:i + 1]
+        for j, m in enumerate(cfg_members):
+            z_null[id(m)] = z[len(members) + j]
+    guided = any(image.use_cfg for image in images)
+    xs, conds, nulls, zc, zn, scales, temps = [], [], [], [], [], [], []
+    for image in images:
+        n = image.step.num_predict
+        x, noise = _draw_one(model.head.num_steps, n, dim, image.use_cfg, image.generator, device)
+        xs.append(x)
+        conds.append(noise[:, :n])
+        zc.append(z_cond[id(image)])
+        if guided:
+            nulls.append(noise[:, n:] if image.use_cfg else torch.zeros_like(noise))
+            zn.append(z_null[id(image)] if image.use_cfg else z_cond[id(image)])
+            scales += [image.cfg_scale] * n
+        temps += [image.temperature] * n
+    z_rows = torch.cat(zc + zn)
+    noise = torch.cat(conds + nulls, dim=1)
+    scale_rows = torch.tensor(scales, dtype=torch.float32, device=device) if guided else None
+    temperature_rows = torch.tensor(temps, dtype=torch.float32, device=device)
+    out = model.backend.head_loop(model.head, z_rows, torch.cat(xs), noise, scale_rows, temperature_rows)
+    start, finished = 0, []
+    for image in images:
+        n = image.step.num_predict
+        scatter_tokens(image.tokens, predicts[id(image)], out[start:start + n])
+        start += n
+        image.k += 1
+        if image.done:
+            finished.append(image)
+    return finished

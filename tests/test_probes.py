@@ -345,7 +345,7 @@ def test_overflowing_guidance_is_an_error_not_nan(golden_model):
         golden_model.sample_tokens(1, num_iter=2, cfg=3e38, cfg_schedule="constant", labels=[0],
                                    generator=torch.Generator().manual_seed(0))
     # Linear: the schedule's own arithmetic overflows first; refused before sampling.
-    with pytest.raises(engine.SamplingError, match="cfg=3e\+38 with its schedule overflows float32 at step 0"):
+    with pytest.raises(engine.SamplingError, match=r"cfg=3e\+38 with its schedule overflows float32 at step 0"):
         golden_model.sample_tokens(1, num_iter=2, cfg=3e38, labels=[0])
 
 

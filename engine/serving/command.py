@@ -1,0 +1,97 @@
+"""`python -m engine serve`: the HTTP service (engine.serving.http) for one model.
+
+    python -m engine serve --checkpoint digits --host 127.0.0.1 --port 8000 --max-queue 256
+
+The server listens at once; the model loads and warms up in the background (GET /health answers
+503 until then). A checkpoint that fails to load stops the server with one `error: ...` line
+and exit code 2."""
+from __future__ import annotations
+
+import argparse
+
+from ..errors import EngineError
+from .scheduler import MAX_IMAGES_PER_REQUEST
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("serve", help="serve a model over HTTP (OpenAI Images API shape)",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", default="digits",
+                   help="published .pth, engine model directory, or built-in name (default: digits)")
+    p.add_argument("--family", default=None, choices=["mar", "fluid"])
+    p.add_argument("--vae", default=None, help="kl16.ckpt or an AutoencoderKL directory (latent models)")
+    p.add_argument("--text-encoder", default=None, help="local T5 directory (text-to-image models)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-queue", type=int, default=256, help="requests that may wait (more get 429)")
+    p.add_argument("--max-batch-images", type=int, default=32, help="images in flight at once")
+    p.add_argument("--max-images", type=int, default=MAX_IMAGES_PER_REQUEST,
+                   help=f"largest n of one request (default {MAX_IMAGES_PER_REQUEST})")
+    p.add_argument("--timeout", type=float, default=300.0,
+                   help="default per-request deadline in seconds (504 past it)")
+    p.add_argument("--steps", default=None, help="diffusion respacing: '100', 'ddim25', '10,5'")
+    p.add_argument("--backend", default="auto", choices=["auto", "reference", "native", "triton"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--no-warmup", action="store_true", help="skip the warm-up request")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(func=_serve)
+    return p
+
+
+def _serve(args) -> int:
+    from pathlib import Path
+
+    for name in ("max_queue", "max_batch_images", "max_images"):
+        if getattr(args, name) < 1:
+            raise EngineError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if not 0 <= args.port <= 65535:
+        raise EngineError(f"--port must be in [0, 65535], got {args.port}")
+    if not args.timeout > 0:
+        raise EngineError(f"--timeout must be > 0, got {args.timeout}")
+    from ..loading import BUILTIN_MODELS
+
+    if args.checkpoint not in BUILTIN_MODELS and not Path(args.checkpoint).exists():
+        raise EngineError(f"--checkpoint {args.checkpoint}: checkpoint not found")
+    try:
+        import fastapi  # noqa: F401
+        import prometheus_client  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as err:
+        raise EngineError(f"serving needs FastAPI, uvicorn and prometheus-client ({err.name} is "
+                          "missing): pip install -e \".[serve]\"") from None
+    import torch
+
+    import engine
+    from .http import create_app, serve
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    def loader():
+        model = engine.load(args.checkpoint, device=args.device, backend=args.backend,
+                            num_sampling_steps=args.steps, precision=args.precision, family=args.family)
+        if args.text_encoder:
+            model.text_encoder = engine.load_text_encoder(
+                args.text_encoder, max_length=model.config.max_length, device=args.device)
+        vae = engine.load_vae(args.vae, device=args.device) if args.vae else None
+        return model, vae
+
+    holder = {}
+
+    def on_failure(err):
+        server = getattr(holder.get("app").state, "uvicorn_server", None)
+        if server is not None:
+            server.should_exit = True
+
+    app = create_app(loader=loader, max_queue=args.max_queue,
+                     max_batch_images=args.max_batch_images, max_images_per_request=args.max_images,
+                     timeout=args.timeout, warmup=not args.no_warmup, model_name=str(args.checkpoint),
+                     on_failure=on_failure)
+    holder["app"] = app
+    code = serve(app, host=args.host, port=args.port, log_level=args.log_level)
+    failed = app.state.engine.failed
+    if failed is not None:
+        raise EngineError(f"the model failed to load: {failed}")
+    return code

@@ -1,0 +1,604 @@
+"""Iteration-level batching of generation requests (Orca-style selective batching for MAR).
+
+    scheduler = engine.serving.Scheduler(engine.load("digits"), max_batch_images=32, max_queue=64)
+    future = scheduler.submit(engine.serving.Request(label=3, n=4, seed=7))
+    images = future.result().images("pil")          # == engine.generate(model, [3], generator=
+                                                    #    [torch.Generator().manual_seed(7 + i)])
+    result = await scheduler.submit_async(Request(label=1))   # from asyncio code
+
+One background worker thread owns the model. Between any two plan steps finished images leave
+and waiting ones join (up to `max_batch_images` images in flight); each iteration runs
+`engine.sampler.advance` over every image in flight: images at the same step shape (seq_len,
+known and predicted counts) share one transformer pass, and the predicted rows of all of them go
+through ONE head call with per-row cfg scales and temperatures. Image i of a request with seed s
+is sampled with its own generator `torch.Generator().manual_seed(s + i)` exactly as a batch of
+one would be, so its tokens do not depend on what else is in flight (CPU float32: equal to
+`engine.generate(model, [label], generator=[torch.Generator().manual_seed(s + i)], ...)` up to
+float rounding, ~1e-6 relative).
+
+Every submitted request ends, with its result or an error: `QueueFullError` at submission when
+`max_queue` requests already wait (nothing is queued then), `DeadlineExceeded` past its
+deadline, `concurrent.futures.CancelledError` after `future.cancel()` (its images leave at the
+next step), `WorkerError` when a step fails (the requests in flight at that step fail, the
+others carry on), `SchedulerClosed` when the scheduler shuts down without draining or its worker
+dies. Requests are checked when submitted: a bad field raises `RequestError` naming the field.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import dataclasses
+import math
+import secrets
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .. import sampler
+from ..conditioning import Condition
+from ..errors import EngineError, SamplingError
+from ..plan import MAX_NUM_ITER, build_plan, check_cfg, check_count, check_schedule
+
+MAX_SEED = 2 ** 63 - 1
+MAX_IMAGES_PER_REQUEST = 16     # default cap on `n` (Scheduler(max_images_per_request=...))
+FAMILIES = ("mar", "fluid")     # the masked continuous families the scheduler serves
+
+
+class ServingError(EngineError):
+    """Base class of the serving errors."""
+
+
+class RequestError(ServingError, ValueError):
+    """A request field that cannot be honoured; `field` names it (the message starts with it)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message if message.startswith(field) else f"{field}: {message}")
+        self.field = field
+
+    def __reduce__(self):   # picklable (Ray, LitServe workers)
+        return type(self), (self.field, str(self))
+
+
+class QueueFullError(ServingError):
+    """The scheduler's queue is full; the request was not queued. `retry_after`: seconds."""
+
+    def __init__(self, message: str, retry_after: float = 1.0):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+    def __reduce__(self):
+        return type(self), (str(self), self.retry_after)
+
+
+class DeadlineExceeded(ServingError, TimeoutError):
+    """The request passed its deadline before its images were done; its work was dropped."""
+
+
+class SchedulerClosed(ServingError):
+    """The scheduler was shut down (or its worker stopped) before the request finished."""
+
+
+class WorkerError(ServingError, RuntimeError):
+    """A sampling step failed while the request was in flight (the cause is chained)."""
+
+
+@dataclass
+class Request:
+    """One generation request: `n` images of one condition with shared settings.
+
+    label: class label (class-conditional models; None: unconditional). prompt: text (text
+    models; encoded by the scheduler's or the model's text encoder), or texts: the encoder's
+    output [max_length, channels] (or [1, max_length, channels]). Settings left None take the
+    model's recorded defaults (engine.sampling_settings), seed None a random seed (returned in
+    the result). timeout: seconds from submission (None: the scheduler's default_timeout)."""
+    label: int | None = None
+    prompt: str | None = None
+    texts: torch.Tensor | None = None
+    n: int = 1
+    num_iter: int | None = None
+    cfg: float | None = None
+    cfg_schedule: str | None = None
+    temperature: float | None = None
+    seed: int | None = None
+    timeout: float | None = None
+    request_id: str | None = None
+
+
+@dataclass
+class GenerationResult:
+    """What a request's future resolves to. `request` has every setting and the seed filled in."""
+    request: Request
+    tokens: torch.Tensor          # [n, C, H, W], as model.sample_tokens returns them
+    latency: float                # seconds from submission to the last image's last step
+    _decode: object = dataclasses.field(default=None, repr=False)
+
+    @property
+    def seed(self) -> int:
+        return self.request.seed
+
+    def images(self, output_type: str = "np"):
+        """The images as engine.generate returns them ("pil", "np" or "pt"): decoded by the
+        scheduler's VAE (pixel models need none). Runs in the calling thread."""
+        return self._decode(self.tokens, output_type)
+
+    def png(self) -> list[bytes]:
+        """Each image as PNG bytes (of the "pil" output)."""
+        import io
+
+        out = []
+        for image in self.images("pil"):
+            buf = io.BytesIO()
+            image.save(buf, format="PNG")
+            out.append(buf.getvalue())
+        return out
+
+
+class RequestFuture(concurrent.futures.Future):
+    """A concurrent.futures.Future with the resolved `request` (settings, seed) attached.
+    `cancel()` works until the result is set, also while the images are in flight."""
+
+    def __init__(self, request: Request):
+        super().__init__()
+        self.request = request
+
+
+@dataclass(eq=False)
+class _Job:
+    request: Request
+    future: RequestFuture
+    submitted: float
+    deadline: float | None
+    condition: Condition | None = None
+    admitted: int = 0             # images started
+    finished: int = 0
+    tokens: list = dataclasses.field(default_factory=list)
+    slots: list = dataclasses.field(default_factory=list)   # its images in flight
+    settled: bool = False
+
+
+class Scheduler:
+    """Iteration-level scheduler over one model (see the module docstring).
+
+    max_batch_images: images in flight at once (the batch every step runs). max_queue: requests
+    that may wait for a slot (more are refused with QueueFullError). max_images_per_request:
+    the largest `n`. default_timeout: seconds a request may take (None: unbounded). vae: the
+    decoder of latent-token models (engine.load_vae); text_encoder: for prompts (default: the
+    model's). admit_wait: after waking from idle the worker starts once no request arrived for
+    this long (at most 10 x admit_wait), so that requests sent together start together."""
+
+    def __init__(self, model, max_batch_images: int = 32, max_queue: int = 256,
+                 max_images_per_request: int = MAX_IMAGES_PER_REQUEST,
+                 default_timeout: float | None = None, vae=None, text_encoder=None,
+                 admit_wait: float = 0.002, start: bool = True):
+        if getattr(model, "family", None) not in FAMILIES:
+            raise ServingError(f"the scheduler serves the masked families {FAMILIES}; this model is "
+                               f"{getattr(model, 'family', type(model).__name__)!r}")
+        self.model = model
+        self.max_batch_images = check_count("max_batch_images", max_batch_images, 65536)
+        self.max_queue = check_count("max_queue", max_queue, 1 << 30)
+        self.max_images_per_request = check_count("max_images_per_request", max_images_per_request, 65536)
+        self.default_timeout = None if default_timeout is None else _check_timeout(default_timeout)
+        self.vae = vae
+        self.text_encoder = text_encoder
+        self.admit_wait = float(admit_wait)
+        self.grid = tuple(model.mar.grid())
+        self.text_model = model.family == "fluid"
+        if not self.text_model and model.config.tokenizer != "pixels" and vae is None:
+            self._decodable = False
+        else:
+            self._decodable = True
+        self._cv = threading.Condition()
+        self._waiting: collections.deque[_Job] = collections.deque()
+        self._active: list = []           # in-flight slots (worker thread only)
+        self._in_flight = 0               # images in flight (read by metrics)
+        self._closing = False
+        self._abort = False
+        self._alive = False
+        self._death: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        self._step_listeners: list = []
+        self._finish_listeners: list = []
+        self._latency_ewma = None
+        self._last_submit = 0.0
+        self.counts = collections.Counter()   # submitted, rejected, completed, images, ...
+        if start:
+            self.start()
+
+    # Lifecycle ---------------------------------------------------------------------------------
+    def start(self) -> "Scheduler":
+        with self._cv:
+            if self._thread is not None:
+                return self
+            self._alive = True
+            self._thread = threading.Thread(target=self._worker, name="engine-scheduler", daemon=True)
+            self._thread.start()
+        return self
+
+    def close(self, wait: bool = True, cancel: bool = False, timeout: float | None = None) -> None:
+        """Stop taking requests. `cancel=False` finishes the queued and in-flight ones first;
+        `cancel=True` ends them now with SchedulerClosed. `wait` joins the worker."""
+        with self._cv:
+            self._closing = True
+            self._abort = self._abort or cancel
+            self._cv.notify_all()
+            thread = self._thread
+        if thread is None:            # never started: nothing will run the queue
+            self._fail_all(SchedulerClosed("the scheduler was closed before it started"))
+        elif wait:
+            thread.join(timeout)
+
+    shutdown = close
+
+    def __enter__(self) -> "Scheduler":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close(cancel=exc[0] is not None)
+
+    @property
+    def running(self) -> bool:
+        return self._alive and not self._closing
+
+    # Observability -----------------------------------------------------------------------------
+    @property
+    def queue_depth(self) -> int:
+        """Requests waiting for their first image to start."""
+        return sum(1 for job in list(self._waiting) if job.admitted == 0)
+
+    @property
+    def images_in_flight(self) -> int:
+        return self._in_flight
+
+    def add_step_listener(self, fn) -> None:
+        """fn(seconds, images, rows, groups) after every iteration (from the worker thread):
+        its duration, images in flight, predicted rows (the head call's size) and transformer
+        passes (distinct step shapes)."""
+        self._step_listeners.append(fn)
+
+    def add_finish_listener(self, fn) -> None:
+        """fn(status, seconds, images) when a request ends: "ok", "cancelled", "deadline",
+        "error" (from the worker thread, or the closing one)."""
+        self._finish_listeners.append(fn)
+
+    def retry_after(self) -> float:
+        """Seconds a refused client should wait: the queue ahead, at the recent request latency."""
+        latency = self._latency_ewma or 1.0
+        ahead = self.queue_depth + self._in_flight / self.max_batch_images
+        return max(1.0, math.ceil(latency * max(ahead, 1.0) / max(self.max_batch_images, 1)))
+
+    # Submission --------------------------------------------------------------------------------
+    def resolve(self, request: Request) -> Request:
+        """The request with every setting checked and filled in (raises RequestError)."""
+        return _resolve(self, request)
+
+    def submit(self, request: Request) -> RequestFuture:
+        """Queue a request; returns its future (GenerationResult). Raises RequestError for a bad
+        field, QueueFullError when max_queue requests wait, SchedulerClosed after close()."""
+        request = self.resolve(request)
+        future = RequestFuture(request)
+        now = time.monotonic()
+        deadline = None if request.timeout is None else now + request.timeout
+        with self._cv:
+            if self._closing or not self._alive:
+                self.counts["rejected_closed"] += 1
+                reason = f": worker stopped ({self._death!r})" if self._death else ""
+                raise SchedulerClosed(f"the scheduler is not taking requests{reason}")
+            if self.queue_depth >= self.max_queue:
+                self.counts["rejected_full"] += 1
+                raise QueueFullError(f"the queue is full ({self.max_queue} requests waiting); "
+                                     "retry later", retry_after=self.retry_after())
+            self._waiting.append(_Job(request, future, now, deadline, tokens=[None] * request.n))
+            self._last_submit = now
+            self.counts["submitted"] += 1
+            self._cv.notify_all()
+        return future
+
+    async def submit_async(self, request: Request) -> GenerationResult:
+        """`await` the request's result; cancelling the awaiting task cancels the request."""
+        return await asyncio.wrap_future(self.submit(request))
+
+    def generate(self, request: Request, timeout: float | None = None) -> GenerationResult:
+        """Submit and wait (blocking)."""
+        return self.submit(request).result(timeout)
+
+    # The worker --------------------------------------------------------------------------------
+    def _worker(self) -> None:
+        try:
+            with torch.no_grad():
+                while True:
+                    with self._cv:
+                        idle = not self._active
+                        while not self._waiting and not self._active and not self._closing:
+                            self._cv.wait()
+                        if self._abort or (self._closing and not self._waiting and not self._active):
+                            break
+                    if idle and self.admit_wait > 0:
+                        self._gather()
+                    self._reap()
+                    self._admit()
+                    if self._active:
+                        self._iterate()
+        except BaseException as err:   # noqa: BLE001 - every request must still end
+            self._death = err
+        finally:
+            with self._cv:
+                self._alive = False
+            error = SchedulerClosed("the scheduler shut down before the request finished") \
+                if self._death is None else SchedulerClosed(f"the scheduler's worker stopped: {self._death!r}")
+            if self._death is not None:
+                error.__cause__ = self._death
+            self._fail_all(error)
+
+    def _gather(self) -> None:
+        """After waking from idle: wait until no request arrived for `admit_wait` seconds (at
+        most 10 x admit_wait, and not once the batch would be full), so that requests sent
+        together start together and share every step."""
+        start = time.monotonic()
+        while time.monotonic() - start < 10 * self.admit_wait:
+            with self._cv:
+                waiting = sum(job.request.n - job.admitted for job in self._waiting)
+                last = self._last_submit
+            if waiting >= self.max_batch_images:
+                return
+            quiet = time.monotonic() - last
+            if quiet >= self.admit_wait:
+                return
+            time.sleep(self.admit_wait - quiet)
+
+    def _fail_all(self, error: BaseException) -> None:
+        with self._cv:
+            jobs = list(self._waiting)
+            self._waiting.clear()
+        jobs += [slot.job for slot in self._active if slot.job not in jobs]
+        self._active = []
+        self._in_flight = 0
+        for job in dict.fromkeys(jobs):
+            self._settle(job, error=error, status="error")
+
+    def _settle(self, job: _Job, result=None, error=None, status="ok") -> None:
+        future = job.future
+        if job.settled:
+            return
+        job.settled = True
+        if not future.set_running_or_notify_cancel():
+            status = "cancelled"
+        elif error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+        self.counts[status] += 1
+        seconds = time.monotonic() - job.submitted
+        for fn in self._finish_listeners:
+            _call(fn, status, seconds, job.request.n)
+
+    def _drop(self, job: _Job) -> None:
+        if job.slots:
+            self._active = [s for s in self._active if s.job is not job]
+            job.slots.clear()
+            self._in_flight = len(self._active)
+
+    def _reap(self) -> None:
+        """Cancelled and expired requests leave (queued or in flight)."""
+        now = time.monotonic()
+        with self._cv:
+            jobs = list(self._waiting)
+        jobs += [s.job for s in self._active]
+        for job in dict.fromkeys(jobs):
+            cancelled = job.future.cancelled()
+            expired = job.deadline is not None and now > job.deadline
+            if not (cancelled or expired):
+                continue
+            with self._cv:
+                if job in self._waiting:
+                    self._waiting.remove(job)
+            self._drop(job)
+            if cancelled:
+                self._settle(job, status="cancelled")
+            else:
+                self._settle(job, error=DeadlineExceeded(
+                    f"the request passed its deadline ({job.request.timeout:g} s) with "
+                    f"{job.finished} of {job.request.n} images done"), status="deadline")
+
+    def _admit(self) -> None:
+        """Waiting images join, first come first served, while there is room."""
+        while len(self._active) < self.max_batch_images:
+            with self._cv:
+                if not self._waiting:
+                    return
+                job = self._waiting[0]
+            try:
+                if job.condition is None:
+                    job.condition = self._condition(job.request)
+                request = job.request
+                while job.admitted < request.n and len(self._active) < self.max_batch_images:
+                    seed = (request.seed + job.admitted) % (MAX_SEED + 1)
+                    image = sampler.InFlightImage(
+                        self.model, job.condition, self.grid, request.num_iter, request.cfg,
+                        request.cfg_schedule, request.temperature, torch.Generator().manual_seed(seed))
+                    slot = _Slot(job, job.admitted, image)
+                    job.slots.append(slot)
+                    self._active.append(slot)
+                    job.admitted += 1
+            except Exception as err:   # noqa: BLE001 - this request fails, the others go on
+                with self._cv:
+                    if job in self._waiting:
+                        self._waiting.remove(job)
+                self._drop(job)
+                if isinstance(err, SamplingError):
+                    field = "prompt" if job.request.prompt is not None else "request"
+                    err = RequestError(field, str(err))
+                self._settle(job, error=err, status="error")
+                continue
+            finally:
+                self._in_flight = len(self._active)
+            if job.admitted == request.n:
+                with self._cv:
+                    if self._waiting and self._waiting[0] is job:
+                        self._waiting.popleft()
+
+    def _condition(self, request: Request) -> Condition:
+        model, device = self.model, self.model.device
+        if not self.text_model:
+            labels = None if request.label is None else [request.label]
+            return Condition.labels(labels, 1, model.config.class_num, device)
+        c = model.config
+        texts = request.texts
+        if texts is None and request.prompt is not None:
+            encoder = self.text_encoder or getattr(model, "text_encoder", None)
+            texts = encoder([request.prompt])
+        if texts is not None:
+            texts = texts.reshape(1, *texts.shape[-2:])
+        return Condition.text(texts, 1, c.max_length, c.caption_channels, device)
+
+    def _iterate(self) -> None:
+        slots = list(self._active)
+        groups = len({s.image.shape_key for s in slots})   # transformer passes this iteration
+        start = time.perf_counter()
+        try:
+            finished = sampler.advance(self.model, [s.image for s in slots])
+        except Exception as err:   # noqa: BLE001 - fail the requests in flight, keep serving
+            error = WorkerError(f"a sampling step failed: {type(err).__name__}: {err}")
+            error.__cause__ = err
+            for job in dict.fromkeys(s.job for s in slots):
+                self._drop(job)
+                with self._cv:
+                    if job in self._waiting:
+                        self._waiting.remove(job)
+                self._settle(job, error=error, status="error")
+            return
+        seconds = time.perf_counter() - start
+        rows = sum(s.image.plan.steps[s.image.k - 1].num_predict for s in slots)
+        for fn in self._step_listeners:
+            _call(fn, seconds, len(slots), rows, groups)
+        done = {id(image) for image in finished}
+        if not done:
+            return
+        keep = []
+        for slot in self._active:
+            if id(slot.image) not in done:
+                keep.append(slot)
+                continue
+            job = slot.job
+            job.tokens[slot.index] = slot.image.tokens
+            job.slots.remove(slot)
+            job.finished += 1
+            if job.finished == job.request.n:
+                self._complete(job)
+        self._active = keep
+        self._in_flight = len(keep)
+
+    def _complete(self, job: _Job) -> None:
+        try:
+            tokens = torch.cat(job.tokens)
+            sampler.check_finite(tokens)
+            tokens = self.model.mar.unpatchify(tokens, self.grid)
+        except Exception as err:   # noqa: BLE001
+            self._settle(job, error=err, status="error")
+            return
+        latency = time.monotonic() - job.submitted
+        self._latency_ewma = latency if self._latency_ewma is None else 0.8 * self._latency_ewma + 0.2 * latency
+        self.counts["images"] += job.request.n
+        self._settle(job, result=GenerationResult(job.request, tokens, latency, self._decode))
+
+    def _decode(self, tokens: torch.Tensor, output_type: str = "np"):
+        from ..images import OUTPUT_TYPES, convert_output, tokens_to_images
+
+        if output_type not in OUTPUT_TYPES:
+            raise SamplingError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        return convert_output(tokens_to_images(self.model, tokens, self.vae), output_type)
+
+
+@dataclass(eq=False)
+class _Slot:
+    job: _Job
+    index: int
+    image: object
+
+
+def _call(fn, *args) -> None:
+    try:
+        fn(*args)
+    except Exception:   # noqa: BLE001 - a broken listener must not stop the worker
+        pass
+
+
+def _check_timeout(value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
+            or not math.isfinite(value) or value <= 0:
+        raise RequestError("timeout", f"must be a finite number of seconds > 0, got {value!r}")
+    return float(value)
+
+
+def _field(name: str, check, value):
+    try:
+        return check(value)
+    except SamplingError as err:
+        raise RequestError(name, str(err)) from None
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _resolve(scheduler: Scheduler, request: Request) -> Request:
+    from .. import sampling_settings
+    from ..sampler import validate_temperature
+
+    if not isinstance(request, Request):
+        raise RequestError("request", f"expected an engine.serving.Request, got {type(request).__name__}")
+    model = scheduler.model
+    if not scheduler._decodable:
+        raise RequestError("request", "this model generates VAE latents and the scheduler has no vae= "
+                           "to decode them")
+    if scheduler.text_model:
+        if request.label is not None:
+            raise RequestError("class_label", "this is a text-to-image model: pass prompt, not class_label")
+        if request.prompt is not None:
+            if not isinstance(request.prompt, str) or not request.prompt.strip():
+                raise RequestError("prompt", f"must be a non-empty string, got {request.prompt!r:.80}")
+            if request.texts is not None:
+                raise RequestError("prompt", "pass prompt or texts, not both")
+            if (scheduler.text_encoder or getattr(model, "text_encoder", None)) is None:
+                raise RequestError("prompt", "this server has no text encoder for prompts")
+        if request.texts is not None:
+            c = model.config
+            t = request.texts
+            if not isinstance(t, torch.Tensor) or tuple(t.shape[-2:]) != (c.max_length, c.caption_channels) \
+                    or t.dim() not in (2, 3) or (t.dim() == 3 and t.shape[0] != 1):
+                raise RequestError("texts", f"must be a tensor [{c.max_length}, {c.caption_channels}]")
+    else:
+        if request.prompt is not None or request.texts is not None:
+            raise RequestError("prompt", "this is a class-conditional model: pass class_label, not prompt")
+        if request.label is not None:
+            num = model.config.class_num
+            if not _is_int(request.label):
+                raise RequestError("class_label", f"must be an integer, got {request.label!r}")
+            if not 0 <= request.label < num:
+                raise RequestError("class_label", f"{request.label} is out of range: this model has "
+                                   f"{num} classes (0..{num - 1})")
+    n = request.n
+    if not _is_int(n) or not 1 <= n <= scheduler.max_images_per_request:
+        raise RequestError("n", f"must be an integer from 1 to {scheduler.max_images_per_request}, got {n!r}")
+    settings = sampling_settings(model, num_iter=request.num_iter, cfg=request.cfg,
+                                 cfg_schedule=request.cfg_schedule, temperature=request.temperature)
+    num_iter = _field("num_iter", lambda v: check_count("num_iter", v, MAX_NUM_ITER), settings["num_iter"])
+    cfg = _field("cfg", check_cfg, settings["cfg"])
+    schedule = _field("cfg_schedule", check_schedule, settings["cfg_schedule"])
+    temperature = _field("temperature", validate_temperature, settings["temperature"])
+    seq_len = scheduler.grid[0] * scheduler.grid[1]
+    _field("cfg", lambda v: build_plan(1, num_iter, seq_len, v, schedule), cfg)
+    seed = request.seed
+    if seed is None:
+        seed = secrets.randbelow(MAX_SEED + 1)
+    elif not _is_int(seed) or not 0 <= seed <= MAX_SEED:
+        raise RequestError("seed", f"must be an integer in [0, {MAX_SEED}], got {seed!r}")
+    timeout = request.timeout if request.timeout is not None else scheduler.default_timeout
+    if timeout is not None:
+        timeout = _check_timeout(timeout)
+    return dataclasses.replace(request, n=int(n), num_iter=num_iter, cfg=cfg, cfg_schedule=schedule,
+                               temperature=temperature, seed=int(seed), timeout=timeout,
+                               label=None if request.label is None else int(request.label))
