@@ -35,7 +35,7 @@ DIGITS_TEXT_MODEL = dict(
     # position rows (left and right barely differ: trained that way the model scored 0.4).
     interpolate_w_major=False,
 )
-DIGITS_TEXT_SAMPLING = dict(cfg=3.0, num_iter=8, temperature=1.0)
+DIGITS_TEXT_SAMPLING = dict(cfg=3.0, num_iter=16, temperature=1.0)
 # Training settings that differ from engine.train.TrainConfig's (the digits MAR's): batches of
 # 64 with two diffusion draws per token keep a step at ~0.4 CPU-seconds with 32 tokens per image;
 # one thread makes the run reproducible bit for bit on a shared 2-core machine (~27 min).
