@@ -461,3 +461,11 @@ def config_from_args(args: dict, inferred: dict, overrides: dict, config_cls=Non
             raise ConfigError(f"the checkpoint does not give {key}: {hint} records no head count, "
                               f"which the weights cannot tell; pass {key}=N")
     return config_cls.from_dict(values)
+
+
+def check_int_range(name, value, low, high) -> None:
+    """An integer configuration field in [low, high], or a ConfigError naming it."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ConfigError(f"config field {name} must be an integer >= {low}, got {value!r}")
+    if value > high:
+        raise ConfigError(f"config field {name} = {value} exceeds the engine's limit {high}")

@@ -38,6 +38,7 @@ import torch
 
 from ..categorical import check_top_k, check_top_p, exponential_noise, sample_logits
 from ..config import MAX_CLASSES, MAX_DEPTH, MAX_HEADS, MAX_PARAMS, MAX_SEQ_LEN, MAX_WIDTH, ConfigMixin
+from ..config import check_int_range as _check_range
 from ..errors import ConfigError, SamplingError
 from ..plan import FLOAT32_MAX, MAX_BATCH, check_count, per_image
 from ..rng import check_generator
@@ -194,13 +195,6 @@ class ELMConfig(ConfigMixin):
 
 ELMConfig.PRESETS = PRESETS
 ELMConfig.IGNORED = TRAINING_ONLY
-
-
-def _check_range(name, value, low, high) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ConfigError(f"config field {name} must be an integer >= {low}, got {value!r}")
-    if value > high:
-        raise ConfigError(f"config field {name} = {value} exceeds the engine's limit {high}")
 
 
 def infer_sizes(state: dict) -> dict:

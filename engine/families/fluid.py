@@ -9,6 +9,7 @@ from ..conditioning import Condition
 from ..config import (MAX_DEPTH, MAX_HEADS, MAX_MLP_RATIO, MAX_PARAMS, MAX_SEQ_LEN, MAX_STRIDE,
                       MAX_TOKEN_DIM, MAX_WIDTH, MAX_IMG_SIZE, ConfigMixin, _block_params,
                       _head_params, parse_range, parse_steps)
+from ..config import check_int_range as _check_range
 from ..errors import ConfigError
 from ..model import Model
 from ..plan import MAX_BATCH, check_count
@@ -136,13 +137,6 @@ class FluidConfig(ConfigMixin):
 
 FluidConfig.PRESETS = PRESETS
 FluidConfig.IGNORED = TRAINING_ONLY
-
-
-def _check_range(name, value, low, high) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ConfigError(f"config field {name} must be an integer >= {low}, got {value!r}")
-    if value > high:
-        raise ConfigError(f"config field {name} = {value} exceeds the engine's limit {high}")
 
 
 def infer_sizes(state: dict) -> dict:
