@@ -150,18 +150,22 @@ def generate(model: Model, labels=None, vae=None, num_images: int | None = None,
         if height is not None or width is not None:
             raise SamplingError("this is a class-conditional model: it samples at its img_size "
                                 f"({model.config.img_size}); height / width are for text-to-image models")
-        if labels is None:
-            if num_images is None:
-                raise SamplingError("pass labels, or num_images for unconditional samples")
-            bsz = num_images
-        else:
-            labels = list(labels.tolist() if hasattr(labels, "tolist") else labels)
-            if num_images is not None and num_images != len(labels):
-                raise SamplingError(f"num_images={num_images} but {len(labels)} labels")
-            bsz = len(labels)
+        labels, bsz = labels_and_batch(labels, num_images)
         tokens = model.sample_tokens(bsz, labels=labels, progress=progress, generator=generator,
                                      **settings)
     return convert_output(tokens_to_images(model, tokens, vae), output_type)
+
+
+def labels_and_batch(labels, num_images) -> tuple:
+    """(labels as a list or None, batch size) of a class-conditional call."""
+    if labels is None:
+        if num_images is None:
+            raise SamplingError("pass labels, or num_images for unconditional samples")
+        return None, num_images
+    labels = list(labels.tolist() if hasattr(labels, "tolist") else labels)
+    if num_images is not None and num_images != len(labels):
+        raise SamplingError(f"num_images={num_images} but {len(labels)} labels")
+    return labels, len(labels)
 
 
 def _texts_for(model, prompts, texts, text_encoder, num_images):

@@ -311,10 +311,14 @@ def format_table(report: dict, markdown: bool = False) -> str:
                  f"{report['real_vs_real_fd']:.2f}", "", ""])
     rows.append(["real held-out digits", "", "", f"{report['classifier']['heldout_accuracy']:.1%}",
                  "(reference set)", "", ""])
+    return text_table(head, rows, markdown)
+
+
+def text_table(head: list, rows: list, markdown: bool = False) -> str:
+    """Rows of strings as a markdown table or right-aligned plain text with a rule under the head."""
     if markdown:
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        lines += ["| " + " | ".join(r) + " |" for r in rows]
-        return "\n".join(lines)
+        return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
     widths = [max(len(x) for x in col) for col in zip(head, *rows)]
     fmt = "  ".join(f"{{:>{w}}}" for w in widths)
     return "\n".join([fmt.format(*head), fmt.format(*["-" * w for w in widths])] + [fmt.format(*r) for r in rows])

@@ -175,12 +175,9 @@ def format_table(report: dict, markdown: bool = False) -> str:
     rows = [[r["backend"], str(r["num_iter"]), f"{r['cfg']:.1f}", f"{r['overall']:.3f}",
              *[f"{r['per_category'].get(c, float('nan')):.2f}" for c in CATEGORIES], f"{r['seconds']:.1f}"]
             for r in report["results"]]
-    if markdown:
-        return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-                         + ["| " + " | ".join(r) + " |" for r in rows])
-    widths = [max(len(x) for x in col) for col in zip(head, *rows)]
-    fmt = "  ".join(f"{{:>{w}}}" for w in widths)
-    return "\n".join([fmt.format(*head), fmt.format(*["-" * w for w in widths])] + [fmt.format(*r) for r in rows])
+    from .evaluate import text_table
+
+    return text_table(head, rows, markdown)
 
 
 def plot_report(report: dict, path) -> Path:

@@ -495,15 +495,9 @@ def generate_images(model: ELMModel, labels, bae, num_images, num_iter, cfg, cfg
     if num_iter is not None and num_iter != c.block_size:
         raise SamplingError(f"an image is block_size = {c.block_size} tokens; num_iter must be {c.block_size} "
                             f"(or None), got {num_iter!r}")
-    if labels is None:
-        if num_images is None:
-            raise SamplingError("pass labels, or num_images for unconditional samples")
-        bsz = num_images
-    else:
-        labels = list(labels.tolist() if hasattr(labels, "tolist") else labels)
-        if num_images is not None and num_images != len(labels):
-            raise SamplingError(f"num_images={num_images} but {len(labels)} labels")
-        bsz = len(labels)
+    from .. import labels_and_batch
+
+    labels, bsz = labels_and_batch(labels, num_images)
     defaults = {"cfg": 1.0, "cfg_schedule": "constant", "temperature": 1.0, "top_k": None, "top_p": None,
                 **model.sampling_defaults}
     given = {"cfg": cfg, "cfg_schedule": cfg_schedule, "temperature": temperature, "top_k": top_k, "top_p": top_p}
