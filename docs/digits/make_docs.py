@@ -9,7 +9,8 @@ writes, next to this file,
   quality.md    the sweep table of `python -m engine evaluate` (accuracy and Fréchet distance vs
                 cfg and num_iter, per backend, with the real-vs-real floor)
   quality.png   the same as a plot
-  quality.json  the raw report
+  quality.json  the raw report, with bf16 at the model's defaults for every CPU backend and the
+                machine stamp of benchmarks/stamp.py (commit, clean/dirty tree, CPU, threads)
 """
 from __future__ import annotations
 
@@ -62,7 +63,9 @@ def markdown(report: dict, command: str) -> str:
         "",
         f"Generated with `{command}` ({report['samples_per_class']} samples per class, "
         f"generator seed {report['seed']}, temperature {report['temperature']}, "
-        f"{report['num_sampling_steps']} diffusion steps per token, x0 clipped to [-1, 1]).",
+        f"{report['num_sampling_steps']} diffusion steps per token, x0 clipped to [-1, 1]; "
+        f"commit {report['stamp']['commit'][:10]}, {report['stamp']['tree']} tree, "
+        f"{report['stamp'].get('cpu', '?')}, {report['stamp'].get('threads', '?')} threads).",
         "",
         f"* **Classifier**: {clf['arch']}, trained on the real train split "
         f"({report['image_size']}x{report['image_size']}); accuracy on the "
@@ -109,6 +112,14 @@ def main() -> int:
         make_samples(args.grid_per_class)
         make_real(args.grid_per_class)
     report = run_sweep("digits", args.samples_per_class, args.cfg, args.num_iter, args.backends)
+    # bf16 at the recorded defaults (the README's bf16 quality numbers), every backend.
+    bf16 = run_sweep("digits", args.samples_per_class, [report["sampling_defaults"]["cfg"]],
+                     [report["sampling_defaults"]["num_iter"]], args.backends, precision="bf16")
+    report["results"] += bf16["results"]
+    sys.path.insert(0, str(HERE.parents[1] / "benchmarks"))
+    from stamp import machine_stamp
+
+    report["stamp"] = machine_stamp()
     (HERE / "quality.json").write_text(json.dumps(report, indent=1) + "\n")
     plot_report(report, HERE / "quality.png")
     command = (f"python -m engine evaluate --samples-per-class {args.samples_per_class} --cfg "
