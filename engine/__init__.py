@@ -41,7 +41,7 @@ def load(path, ema: bool | None = None, device="cpu", backend="auto", num_sampli
     HeadBackend instance. precision: "fp32" (published tokens), "bf16" (CPU or CUDA) or "fp16"
     (CUDA); cuda_graphs applies on CUDA."""
     from .families import family_of_config
-    from .loading import build_module, companion_text_encoder, read_checkpoint
+    from .loading import BAE_DIR, build_module, companion_dir, companion_text_encoder, read_checkpoint
 
     if num_sampling_steps is not None:
         config["num_sampling_steps"] = str(num_sampling_steps)
@@ -54,6 +54,9 @@ def load(path, ema: bool | None = None, device="cpu", backend="auto", num_sampli
     text_dir = companion_text_encoder(path)
     if text_dir is not None:   # a text-to-image engine directory that ships its own T5
         model.text_encoder = load_text_encoder(text_dir, max_length=cfg.max_length, device=device)
+    bae_dir = companion_dir(path, BAE_DIR)
+    if bae_dir is not None:    # a BAE-token engine directory that ships its decoder (digits-elm-ar)
+        model.bae = load_bae(bae_dir, device=device)
     return model
 
 
@@ -122,20 +125,33 @@ def generate(model: Model, labels=None, vae=None, num_images: int | None = None,
     `generator`: one torch.Generator, or a list with one per image (image i then depends on
     generator i alone). output_type "pil": list of PIL images; "np": float array [N, H, W,
     channels] in [0, 1]; "pt": float tensor [N, channels, H, W] in [0, 1]. `vae` decodes
-    latent-token models (engine.load_vae); pixel models need none. ELM models (family "elm-ar")
+    latent-token models (engine.load_vae); pixel models need none. ELM models ("elm-ar", "elm-mlm")
     decode with `bae=engine.load_bae(path)` and also take `top_k` / `top_p`."""
     from .images import OUTPUT_TYPES, convert_output, tokens_to_images
 
     if output_type not in OUTPUT_TYPES:
         raise SamplingError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
-    if model.family == "elm-ar":
-        from .families.elm import generate_images
+    if model.family in ("elm-ar", "elm-mlm", "ctf"):
+        if model.family == "elm-mlm":
+            from .families.elm_mlm import generate_images
+        elif model.family == "ctf":
+            from .families.ctf import generate_images
+        else:
+            from .families.elm import generate_images
+        bae = getattr(model, "bae", None) if bae is None else bae   # the model's own BAE, if it ships one
         return convert_output(generate_images(model, labels, bae, num_images, num_iter, cfg, cfg_schedule,
                                               temperature, top_k, top_p, generator, progress,
                                               vae=vae, prompts=prompts, texts=texts, height=height,
                                               width=width), output_type)
     if bae is not None or top_k is not None or top_p is not None:
-        raise SamplingError("bae=, top_k= and top_p= are for ELM models (family 'elm-ar')")
+        raise SamplingError("bae=, top_k= and top_p= are for ELM models (families 'elm-ar', 'elm-mlm')")
+    if model.family == "causal":   # continuous causal AR: one step per token, class-conditional
+        if prompts is not None or texts is not None or text_encoder is not None or height or width:
+            raise SamplingError("this is a class-conditional model: pass labels=[...]; prompts, texts, "
+                                "height and width are for text-to-image models")
+        from .families.causal import generate_images as causal_images
+        return convert_output(causal_images(model, labels, num_images, num_iter, cfg, cfg_schedule, temperature,
+                                            generator, progress, vae), output_type)
     settings = sampling_settings(model, num_iter=num_iter, cfg=cfg, cfg_schedule=cfg_schedule,
                                  temperature=temperature)
     if model.family == "fluid":
@@ -207,7 +223,7 @@ def _texts_for(model, prompts, texts, text_encoder, num_images):
 
 def accelerate(published_model, backend="auto", num_sampling_steps=None, **config) -> MARModel:
     """An engine model from an instance of the published MAR class (same `sample_tokens` results),
-    of LightGen's FLUID, or of ELM's AR `Transformer` (same `generate_cfg` results)."""
+    of LightGen's FLUID, or of ELM's AR or masked `Transformer` (same `generate_cfg` results)."""
     from .dropin import accelerate as _accelerate
 
     return _accelerate(published_model, backend=backend, num_sampling_steps=num_sampling_steps, **config)

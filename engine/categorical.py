@@ -62,8 +62,10 @@ def top_k_mask(logits: torch.Tensor, top_k: int) -> torch.Tensor:
 
 def top_p_mask(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     """Nucleus filtering (engine addition; ELM has none): keep the smallest set of the most
-    likely tokens whose probability reaches `top_p` (at least the most likely one)."""
-    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    likely tokens whose probability reaches `top_p` (at least the most likely one). Tokens tied
+    in value are taken in index order (a stable sort: the unstable one orders ties by
+    implementation, so which tied token a boundary keeps would depend on the device)."""
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True, stable=True)
     probs = torch.softmax(sorted_logits, dim=-1)
     before = torch.cumsum(probs, dim=-1) - probs       # mass of the more likely tokens
     drop_sorted = before >= top_p
@@ -103,3 +105,31 @@ def check_top_p(top_p):
     if isinstance(top_p, bool) or not isinstance(top_p, numbers.Real) or not 0 < top_p <= 1:
         raise SamplingError(f"top_p must be a number in (0, 1] or None, got {top_p!r}")
     return float(top_p)
+
+
+def fused_unavailable_reason(device) -> str | None:
+    """Why the fused sampling kernel (engine.kernels.categorical_sample) cannot run on
+    `device`, or None when it can: CUDA with Triton (compute capability 8.0+), or CPU in
+    Triton's interpreter (tests). Asked at run time; importing this module touches no device."""
+    from .backends.triton import TritonBackend
+
+    device = torch.device(device)
+    backend = TritonBackend()
+    if not backend.available(device):
+        return backend.unavailable_reason(device)
+    if device.type == "cpu":
+        from .kernels import categorical_sample as module
+        if type(module._categorical_kernel).__name__ != "InterpretedFunction":
+            return "the kernel was imported before TRITON_INTERPRET=1 was set"
+    return None
+
+
+def sample_logits_fused(logits, noise, scale, temperature, top_k=None, top_p=None, want_logits=True):
+    """sample_logits in one fused kernel: (indices [B, T], filtered logits [B, T, V] or an
+    empty tensor without want_logits, ok [B, T]: the row's probabilities are finite). `scale`
+    and `temperature`: 0-d or per-image [B] tensors (a number becomes a 0-d tensor here)."""
+    from .kernels.categorical_sample import categorical_sample
+
+    if not isinstance(temperature, torch.Tensor):
+        temperature = torch.full((), float(temperature), dtype=torch.float32, device=logits.device)
+    return categorical_sample(logits, noise, scale, temperature, top_k, top_p, want_logits)

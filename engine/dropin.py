@@ -66,8 +66,10 @@ def config_of(published) -> dict:
 def accelerate(published, backend="auto", num_sampling_steps: str | None = None, **config):
     """An engine model with the published model's weights (and device); `sample_tokens` gives
     the same results as the published one for the same seeds."""
-    from .families import elm, get_family
+    from .families import elm, elm_mlm, get_family
 
+    if elm_mlm.is_elm_mlm(published):   # ELM's masked Transformer (checked first: it looks like the AR one)
+        return elm_mlm.accelerate(published, backend=backend, **config)
     if elm.is_elm(published):   # ELM's AR Transformer: no diffusion head, no respacing
         return elm.accelerate(published, backend=backend, **config)
     family = get_family("fluid" if is_fluid(published) else "mar")
@@ -86,7 +88,7 @@ def patch(published, backend="auto", num_sampling_steps: str | None = None, **co
     after changing them). Returns the same object. A FLUID keeps LightGen's signature defaults
     (height = width = 512)."""
     engine_model = accelerate(published, backend=backend, num_sampling_steps=num_sampling_steps, **config)
-    if engine_model.family == "elm-ar":   # ELM samples with generate_cfg
+    if engine_model.family in ("elm-ar", "elm-mlm"):   # ELM samples with generate_cfg
         published.generate_cfg = engine_model.generate_cfg
         published.engine_model = engine_model
         return published

@@ -229,6 +229,11 @@ def generate_digits(model, samples_per_class: int, cfg: float, num_iter: int, te
     chunks = []
     for k in range(0, len(labels), batch_size):
         batch = labels[k:k + batch_size]
+        if getattr(model, "bae", None) is not None:   # BAE-token models: images in [0, 1] from their BAE
+            import engine
+            chunks.append(engine.generate(model, batch, num_iter=num_iter, cfg=cfg, temperature=temperature,
+                                          generator=generator, output_type="pt") * 2 - 1)
+            continue
         chunks.append(model.sample_tokens(len(batch), num_iter=num_iter, cfg=cfg, labels=batch,
                                           temperature=temperature, generator=generator).float().cpu())
     return torch.cat(chunks).clamp(-1, 1), torch.tensor(labels)
@@ -244,10 +249,25 @@ def _load_model(checkpoint, backend: str, device: str, precision: str = "fp32"):
     import engine
 
     model = engine.load(checkpoint, device=device, backend=backend, precision=precision)
+    if getattr(model, "bae", None) is not None:   # a BAE-token model that ships its decoder (digits-elm-ar)
+        if model.config.num_classes < NUM_CLASSES:
+            raise EngineError(f"evaluate needs classes 0-9; this model has {model.config.num_classes}")
+        return model
     if model.config.tokenizer != "pixels" or model.config.vae_embed_dim != 1 or model.config.class_num < NUM_CLASSES:
         raise EngineError("evaluate needs a class-conditional single-channel pixel model with "
                           "classes 0-9 (such as the built-in 'digits')")
     return model
+
+
+def _family(checkpoint) -> str:
+    """The family an engine directory's config.json names ("mar" otherwise)."""
+    from .loading import BUILTIN_MODELS, CONFIG_FILE
+
+    path = BUILTIN_MODELS.get(checkpoint, checkpoint) if isinstance(checkpoint, str) else checkpoint
+    try:
+        return str(json.loads((Path(path) / CONFIG_FILE).read_text()).get("family", "mar"))
+    except (OSError, TypeError, ValueError, AttributeError):
+        return "mar"
 
 
 def run_sweep(checkpoint="digits", samples_per_class: int = 20, cfgs=(1.0, 2.0, 4.0), num_iters=None,
@@ -257,12 +277,14 @@ def run_sweep(checkpoint="digits", samples_per_class: int = 20, cfgs=(1.0, 2.0, 
     With a reduced `precision` the backends are labelled e.g. "native-bf16"."""
     from .backends import available_backends
 
-    backends = list(backends) if backends else available_backends(device)
+    if not backends:   # the head backends are MAR's; the other families sample in PyTorch
+        backends = available_backends(device) if _family(checkpoint) == "mar" else ["reference"]
+    backends = list(backends)
     first = _load_model(checkpoint, backends[0], device, precision)
     defaults = first.sampling_defaults
     num_iters = list(num_iters) if num_iters else [int(defaults.get("num_iter", 16))]
     temperature = float(defaults.get("temperature", 1.0)) if temperature is None else float(temperature)
-    size = first.config.img_size
+    size = first.config.img_size if hasattr(first.config, "img_size") else first.config.grid * 2 ** first.bae.upsamplings
     ref = make_reference(size, samples_per_class, seed=seed)
     if log:
         info = ref.classifier_info
@@ -291,7 +313,7 @@ def run_sweep(checkpoint="digits", samples_per_class: int = 20, cfgs=(1.0, 2.0, 
         "checkpoint": str(checkpoint), "samples_per_class": samples_per_class, "seed": seed,
         "precision": precision,
         "temperature": temperature, "sampling_defaults": defaults,
-        "num_sampling_steps": first.config.num_sampling_steps, "image_size": size,
+        "num_sampling_steps": getattr(first.config, "num_sampling_steps", None), "image_size": size,
         "classifier": ref.classifier_info, "real_vs_real_fd": ref.real_vs_real_fd,
         "real_vs_real_accuracy": ref.real_vs_real_accuracy, "real_vs_real_count": ref.floor_count,
         "heldout_count": int(len(ref.heldout_features)),

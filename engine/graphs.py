@@ -6,14 +6,40 @@ Per call the runner copies orders, the family's step context (condition rows, pe
 tables), the per-image cfg scales and temperatures and each step's noise into the static
 buffers and replays. Noise is drawn outside the graphs with the caller's generator(s), so
 graphed and eager runs draw the same numbers. With `capture=False` the same static-buffer path
-runs eagerly (used on CPU to test the bookkeeping)."""
+runs eagerly (used on CPU to test the bookkeeping).
+
+Causal families (ELM) decode one position per step with the same shapes at every position
+(static KV cache, the position a tensor): DecodeGraphRunner captures that step once per
+(batch, cache, dtype, settings) and replays it for every position (the gpt-fast pattern), with
+the same side-stream warm-up and the same capture=False mode."""
 from __future__ import annotations
 
+import functools
 import threading
 
 import torch
 
 from .sampler import run_step
+
+
+def capture_graphs(steps) -> list:
+    """Warm every step up on a side stream (Triton compiles, cuBLAS workspaces), then capture
+    each as its own CUDA graph, all in one memory pool: [(graph, what the step returned)]. The
+    returned tensors live in the pool: each replay rewrites them."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for step in steps:
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    pool = torch.cuda.graph_pool_handle()
+    captured = []
+    for step in steps:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            outputs = step()
+        captured.append((graph, outputs))
+    return captured
 
 
 class GraphedRunner:
@@ -39,21 +65,8 @@ class GraphedRunner:
                  self.cfg_table[k], self.temperatures, self.x[k], self.noise[k])
 
     def _capture_all(self) -> None:
-        # Warm up on a side stream (Triton compiles, cuBLAS workspaces), then capture each step.
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for k in range(len(self.plan.steps)):
-                self._step(k)
-        torch.cuda.current_stream().wait_stream(side)
-        pool = torch.cuda.graph_pool_handle()
-        graphs = []
-        for k in range(len(self.plan.steps)):
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self._step(k)
-            graphs.append(graph)
-        self.graphs = graphs
+        steps = [functools.partial(self._step, k) for k in range(len(self.plan.steps))]
+        self.graphs = [graph for graph, _ in capture_graphs(steps)]
 
     def start(self, orders, context, cfg_table, temperatures) -> torch.Tensor:
         if self.context is None:
@@ -92,3 +105,67 @@ def graphed_runner(model, plan, grid) -> GraphedRunner:
     if key not in cache:
         cache[key] = GraphedRunner(model, plan, grid, capture=model.device.type == "cuda")
     return cache[key]   # its plan has the same shapes; cfg scales arrive in the cfg_table buffer
+
+
+class DecodeGraphRunner:
+    """One decode step of a causal family, `model.decode_step(prev, input_pos, cache, scale,
+    temperature, top_k, top_p, noise, want_logits)` -> (indices, filtered logits, ok), over
+    static buffers: captured on the first run, replayed for every later position and call of
+    the same shapes. Per call `start` copies the temperatures; per position `run` copies the
+    tokens fed back, the position, that step's cfg scale and its noise (drawn outside the
+    graph with the caller's generators), then replays. Outputs are the graph's own tensors
+    (rewritten by the next replay: callers clone what they keep)."""
+
+    def __init__(self, model, cache, bsz: int, scale, temperature, top_k, top_p, want_logits: bool,
+                 capture: bool = True):
+        c, device = model.config, model.device
+        self.model, self.cache, self.capture = model, cache, capture
+        self.settings = (top_k, top_p, want_logits)
+        self.prev = torch.zeros(bsz, c.token_each, dtype=torch.long, device=device)
+        self.input_pos = torch.zeros(1, dtype=torch.long, device=device)
+        self.scale = None if scale is None else torch.ones_like(scale, device=device)
+        # A number becomes a 0-d buffer: one graph serves every temperature (on CUDA, x / t and
+        # x * reciprocal(t) round alike: engine.categorical.divide_by_temperature).
+        shape = temperature.shape if isinstance(temperature, torch.Tensor) else ()
+        self.temperature = torch.ones(shape, dtype=torch.float32, device=device)
+        self.noise = torch.ones(bsz, c.token_each, c.vocab_size, device=device)
+        self.graph, self.outputs = None, None
+        self.replays = 0   # host-side bookkeeping, checked by the CPU tests
+
+    def _step(self):
+        top_k, top_p, want_logits = self.settings
+        return self.model.decode_step(self.prev, self.input_pos, self.cache, self.scale, self.temperature,
+                                      top_k, top_p, self.noise, want_logits=want_logits)
+
+    def start(self, temperature) -> None:
+        if isinstance(temperature, torch.Tensor):
+            self.temperature.copy_(temperature)
+        else:
+            self.temperature.fill_(float(temperature))
+
+    def run(self, prev, input_pos, scale, noise):
+        self.prev.copy_(prev)
+        self.input_pos.copy_(input_pos)
+        if self.scale is not None:
+            self.scale.copy_(scale)
+        self.noise.copy_(noise)
+        if not self.capture:
+            return self._step()
+        if self.graph is None:   # the warm-up runs this very step: its cache write is the right one
+            (self.graph, self.outputs), = capture_graphs([self._step])
+        self.graph.replay()
+        self.replays += 1
+        return self.outputs
+
+
+def decode_graph_runner(model, cache, bsz: int, scale, temperature, top_k, top_p, want_logits: bool):
+    """The decode runner of these shapes and settings on `cache`, cached on the model (which
+    drops them with the cache they were captured on). Captures on CUDA only."""
+    runners = model.__dict__.setdefault("_graph_cache", {})
+    key = (cache.key, bsz, None if scale is None else tuple(scale.shape),
+           tuple(temperature.shape) if isinstance(temperature, torch.Tensor) else (),
+           top_k, top_p, want_logits, getattr(model, "backend_name", None))
+    if key not in runners:
+        runners[key] = DecodeGraphRunner(model, cache, bsz, scale, temperature, top_k, top_p, want_logits,
+                                         capture=model.device.type == "cuda")
+    return runners[key]

@@ -22,11 +22,15 @@ from .families.mar import infer_sizes  # noqa: F401  (MAR's, re-exported for cal
 
 ENGINE_FORMAT = "engine-mar"
 ENGINE_FORMAT_VERSION = 1
+ENGINE_FORMATS = {ENGINE_FORMAT: "mar", "engine-ctf": "ctf"}   # config.json "format" -> its default family
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 BUILTIN_DIR = Path(__file__).parent / "assets"
-BUILTIN_MODELS = {"digits": BUILTIN_DIR / "digits", "digits-text": BUILTIN_DIR / "digits-text"}
+BUILTIN_MODELS = {"digits": BUILTIN_DIR / "digits", "digits-text": BUILTIN_DIR / "digits-text",
+                  "digits-elm-ar": BUILTIN_DIR / "digits-elm-ar", "digits-causal": BUILTIN_DIR / "digits-causal",
+                  "digits-elm-mlm": BUILTIN_DIR / "digits-elm-mlm", "digits-ctf": BUILTIN_DIR / "digits-ctf"}
 TEXT_ENCODER_DIR = "text_encoder"   # an engine directory's own T5 (text-to-image models)
+BAE_DIR = "bae"                     # an engine directory's own binary autoencoder (BAE-token models)
 
 
 _SAFE_GLOBALS_LOCK = threading.Lock()
@@ -121,6 +125,9 @@ def check_state_dict(state: dict, config, source: str) -> None:
         if got != want:
             raise CheckpointError(f"{source}: {key} has shape {list(got)} but the configuration "
                                   f"({describe(config)}) needs {list(want)}")
+    check = family_of_config(config).check_state
+    if check is not None:   # values the shapes cannot vouch for (CTF's cluster map)
+        check(state, config, source)
     check_finite(state, source)
 
 
@@ -142,7 +149,7 @@ def build_module(state: dict, config, source: str, dtype=torch.float32):
     check_state_dict(state, config, source)
     with torch.device("meta"):
         module = family_of_config(config).module_cls(config)
-    module.load_state_dict({k: v.to(dtype) for k, v in state.items()}, assign=True)
+    module.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}, assign=True)
     return module
 
 
@@ -201,8 +208,8 @@ def read_engine_dir(path: Path, overrides: dict, family: str | None = None):
         meta = json.loads(cfg_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{cfg_file} is not valid JSON: {err}") from None
-    if not isinstance(meta, dict) or meta.get("format") != ENGINE_FORMAT or "config" not in meta:
-        raise CheckpointError(f"{cfg_file} is not an engine model config (format {ENGINE_FORMAT!r})")
+    if not isinstance(meta, dict) or meta.get("format") not in ENGINE_FORMATS or "config" not in meta:
+        raise CheckpointError(f"{cfg_file} is not an engine model config (format one of {sorted(ENGINE_FORMATS)})")
     if meta.get("version", 0) > ENGINE_FORMAT_VERSION:
         raise CheckpointError(f"{cfg_file} has format version {meta['version']}; this engine reads "
                               f"up to {ENGINE_FORMAT_VERSION}")
@@ -211,7 +218,7 @@ def read_engine_dir(path: Path, overrides: dict, family: str | None = None):
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f"{weights} is not a readable safetensors file: {err}") from None
     try:
-        fam = get_family(meta.get("family", "mar"))
+        fam = get_family(meta.get("family", ENGINE_FORMATS[meta["format"]]))
         if family is not None and family != fam.name:
             raise ConfigError(f"the directory holds a {fam.name!r} model, not {family!r}")
         values = {k: v for k, v in {**meta["config"], **overrides}.items() if k not in fam.ignored_args}
@@ -244,13 +251,19 @@ def read_checkpoint(path, ema: bool | None = None, family: str | None = None, **
 def companion_text_encoder(path) -> Path | None:
     """The text-encoder directory shipped inside an engine model directory (or built-in model),
     if any: DIR/text_encoder, a Hugging Face T5 directory."""
+    return companion_dir(path, TEXT_ENCODER_DIR)
+
+
+def companion_dir(path, name: str) -> Path | None:
+    """DIR/name when `path` is an engine model directory (or built-in model, or its weights
+    file) that ships one: TEXT_ENCODER_DIR (a T5), BAE_DIR (a binary autoencoder)."""
     if isinstance(path, str) and path in BUILTIN_MODELS:
         path = BUILTIN_MODELS[path]
     if not isinstance(path, (str, os.PathLike)):
         return None
     path = Path(path)
     root = path.parent if path.suffix == ".safetensors" else path
-    candidate = root / TEXT_ENCODER_DIR
+    candidate = root / name
     return candidate if (root / CONFIG_FILE).exists() and candidate.is_dir() else None
 
 

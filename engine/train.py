@@ -316,7 +316,9 @@ def train(model_config, tc: TrainConfig, images=None, labels=None, log=print,
         torch.set_num_threads(tc.threads)
     torch.manual_seed(tc.seed)
     generator = torch.Generator().manual_seed(tc.seed)
-    mar = init_weights(task.build()).train()
+    module = task.build()   # a task may bring its own initialisation (the discrete models do)
+    mar = (task.init_weights(module) if hasattr(task, "init_weights") else init_weights(module)).train()
+    stat_names = getattr(task, "stat_names", ("mse", "vb"))   # the per-step statistics logged
     tables = TrainTables()
     opt = torch.optim.AdamW(param_groups(mar, tc.weight_decay), lr=tc.lr, betas=(tc.beta1, tc.beta2))
     names = [name for name, _ in mar.named_parameters()]
@@ -370,17 +372,18 @@ def train(model_config, tc: TrainConfig, images=None, labels=None, log=print,
         decay = min(tc.ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
             torch._foreach_lerp_(ema, [p.detach() for p in params], 1.0 - decay)
-        window.append((loss.item(), stats["mse"], stats["vb"]))
+        window.append((loss.item(), *(stats[k] for k in stat_names)))
         if (step + 1) % tc.log_every == 0 or step + 1 == tc.steps:
             mean = np.mean(window, axis=0)
             elapsed = time.time() - start
             cpu = time.process_time() - cpu_start
-            history.append({"step": step + 1, "loss": float(mean[0]), "mse": float(mean[1]),
-                            "vb": float(mean[2]), "lr": lr, "elapsed_s": round(elapsed, 1),
-                            "cpu_s": round(cpu, 1)})
+            history.append({"step": step + 1, "loss": float(mean[0]),
+                            **{k: float(m) for k, m in zip(stat_names, mean[1:])}, "lr": lr,
+                            "elapsed_s": round(elapsed, 1), "cpu_s": round(cpu, 1)})
             if log:
-                log(f"step {step + 1:6d}/{tc.steps}  loss {mean[0]:.4f}  mse {mean[1]:.4f}  "
-                    f"vb {mean[2]:.4f}  lr {lr:.2e}  {elapsed:7.1f}s (cpu {cpu:.0f}s)", flush=True)
+                stats_text = "".join(f"  {k} {m:.4f}" for k, m in zip(stat_names, mean[1:]))
+                log(f"step {step + 1:6d}/{tc.steps}  loss {mean[0]:.4f}{stats_text}  "
+                    f"lr {lr:.2e}  {elapsed:7.1f}s (cpu {cpu:.0f}s)", flush=True)
             window = []
         if on_snapshot and snapshot_every and (step + 1) % snapshot_every == 0 and step + 1 < tc.steps:
             on_snapshot(step + 1, {name: t.clone() for name, t in zip(names, ema)})
@@ -405,6 +408,16 @@ def _command_line(args) -> str:
 
 def _run(args) -> int:
     from .loading import save_engine_dir
+    from .train_discrete import DISCRETE_MODELS, run as run_discrete
+
+    if args.model in DISCRETE_MODELS:   # the BAE-token digit models: engine/train_discrete.py
+        return run_discrete(args)
+    if args.model == "digits-ctf":      # coarse-to-fine on the same codes: engine/train_ctf.py
+        from .train_ctf import run as run_ctf
+        return run_ctf(args)
+    if args.model == "digits-elm-mlm":  # ELM's masked model on the same codes: engine/train_mlm.py
+        from .train_mlm import run as run_mlm
+        return run_mlm(args)
 
     overrides = {k: v for k, v in dict(
         img_size=args.img_size, patch_size=args.patch_size, encoder_embed_dim=args.width,
@@ -412,7 +425,11 @@ def _run(args) -> int:
         decoder_depth=args.decoder_depth, encoder_num_heads=args.heads, decoder_num_heads=args.heads,
         buffer_size=args.buffer_size, diffloss_d=args.head_depth, diffloss_w=args.head_width,
         num_sampling_steps=args.sampling_steps).items() if v is not None}
-    if args.model == "digits-text":
+    if args.family == "causal":   # the continuous causal AR (digits-causal): engine/train_causal.py
+        from .train_causal import setup as causal_setup
+
+        config, task, defaults, training_defaults, data = causal_setup(args, overrides)
+    elif args.model == "digits-text":
         from .train_text import (DIGITS_TEXT_SAMPLING, DIGITS_TEXT_TRAINING, TextCanvasTask,
                                  digits_text_config)
         from .text import load_text_encoder
@@ -479,8 +496,16 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     d = DIGITS_MODEL
     p = subparsers.add_parser("train", help="train a built-in digits model from a seed (CPU, minutes)",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="digits", choices=["digits", "digits-text"],
+    from .train_discrete import DISCRETE_MODELS
+
+    p.add_argument("--bae", default=None, help="discrete models: digits BAE directory whose codes to "
+                   "train on (default: the built-in digits-bae)")
+    p.add_argument("--model", default="digits", choices=["digits", "digits-text", *DISCRETE_MODELS, "digits-ctf",
+                                                          "digits-elm-mlm"],
                    help="digits: class-conditional MAR; digits-text: text-to-image Fluid (16 x 32 canvases)")
+    p.add_argument("--family", default="mar", choices=["mar", "causal"],
+                   help="with --model digits: mar (the built-in 'digits') or causal (continuous causal AR, "
+                        "'digits-causal')")
     p.add_argument("--out", required=True, help="engine model directory to write")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=None, help=f"(default {TrainConfig.steps}; the model's)")

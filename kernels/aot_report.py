@@ -25,8 +25,9 @@ from dataclasses import asdict, dataclass
 
 ARCHS = (80, 90)
 WIDTH, TOKEN_DIM, TOKENS, DEPTH, SMS = 1280, 16, 8, 8, 132
-FLOAT_ARGS = {"eps", "clip_lo", "clip_hi"}   # cfg_ptr / temp_ptr: per-row fp32 pointers
-WEIGHT_ARGS = {"w_ptr", "w1_ptr", "w2_ptr"}
+FLOAT_ARGS = {"eps", "clip_lo", "clip_hi", "top_p"}   # cfg_ptr / temp_ptr: per-row fp32 pointers
+WEIGHT_ARGS = {"w_ptr", "w1_ptr", "w2_ptr", "logits_ptr"}
+POINTER_TYPES = {"cnt_ptr": "*i32", "idx_ptr": "*i64", "ok_ptr": "*i1"}   # other pointers: fp32
 
 
 @dataclass
@@ -42,7 +43,8 @@ class Resources:
 
 def _variants():
     """(kernel name, variant label, jit function, constexprs, num_warps, fp fusion, weight dtype)."""
-    from . import ddpm_update as dd, head_block as hb, linear_epilogue as le, modulated_layernorm as ml
+    from . import categorical_sample as cs, ddpm_update as dd, head_block as hb, linear_epilogue as le
+    from . import modulated_layernorm as ml
 
     W, C, n = WIDTH, TOKEN_DIM, TOKENS
     M = 2 * n   # rows with CFG
@@ -76,6 +78,15 @@ def _variants():
         prec = "ieee" if wdt == "fp32" else "tf32"
         out.append(("final_ddpm", f"cfg+clip {wdt}", hb._final_kernel,
                     dict(HAS_CFG=True, HAS_CLIP=True, PRECISION=prec, **cfg), nw, False, wdt))
+    # One ELM decode step (2 sub-tokens x batch 8, CFG): code_dim 10 with top-k (ELM's
+    # sampling), code_dim 16 with top-k + top-p and bf16 logits (the largest tiles).
+    for vocab, top_p, wdt in ((1024, False, "fp32"), (65536, True, "bf16")):
+        cfg = cs.categorical_config(2 * 8, vocab)
+        nw = cfg.pop("num_warps")
+        out.append(("categorical_sample", f"V={vocab} top-k{'+top-p' if top_p else ''} {wdt}",
+                    cs._categorical_kernel, dict(HAS_CFG=True, RECIP_TEMP=True, HAS_TOP_K=True,
+                                                 HAS_TOP_P=top_p, WRITE_LOGITS=True, **cfg),
+                    nw, False, wdt))
     return out
 
 
@@ -85,8 +96,7 @@ def _signature(fn, constexprs, weight_dtype):
         if name in constexprs:
             sig[name] = "constexpr"
         elif name.endswith("_ptr"):
-            sig[name] = ("*" + weight_dtype if name in WEIGHT_ARGS else
-                         "*i32" if name == "cnt_ptr" else "*fp32")
+            sig[name] = "*" + weight_dtype if name in WEIGHT_ARGS else POINTER_TYPES.get(name, "*fp32")
             attrs[(i,)] = [["tt.divisibility", 16]]   # torch allocations are 16-byte aligned
         elif name in FLOAT_ARGS:
             sig[name] = "fp32"

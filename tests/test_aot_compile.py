@@ -18,7 +18,8 @@ def resources():
 
 
 def test_every_kernel_compiles_for_each_arch(resources):
-    kernels = {"linear_epilogue", "modulated_layernorm", "ddpm_update", "resblock", "final_ddpm"}
+    kernels = {"linear_epilogue", "modulated_layernorm", "ddpm_update", "resblock", "final_ddpm",
+               "categorical_sample"}
     for arch in ARCHS:
         assert {r.kernel for r in resources if r.arch == arch} == kernels
 

@@ -33,15 +33,17 @@ class Family:
     head_fields: tuple
     ignored_args: frozenset = field(default_factory=frozenset)   # training-only constructor args
     default_ema: bool = True   # which weights of a {'model', 'model_ema'} checkpoint load by default
+    check_state: object = None   # (state, config, source) -> None: checks of values, not shapes (CTF's cluster map)
 
     def owns_preset(self, preset) -> bool:
         return isinstance(preset, str) and preset in self.presets
 
 
 def families() -> dict[str, Family]:
-    from . import elm, fluid, mar   # imported on first use: keeps `import engine` light
+    from . import causal, ctf, elm, elm_mlm, fluid, mar   # imported on first use: keeps `import engine` light
 
-    return {f.name: f for f in (mar.FAMILY, fluid.FAMILY, elm.FAMILY)}
+    # elm-mlm before elm-ar: its checkpoints also have elm-ar's marker keys.
+    return {f.name: f for f in (mar.FAMILY, fluid.FAMILY, elm_mlm.FAMILY, elm.FAMILY, causal.FAMILY, ctf.FAMILY)}
 
 
 def get_family(name: str) -> Family:

@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import threading
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -269,17 +270,26 @@ class ELMModel:
     family = FAMILY_NAME
 
     def __init__(self, module, backend="auto", cuda_graphs: bool = True, precision: str = "fp32"):
-        if backend not in ("auto", "reference"):
-            raise ConfigError(f"ELM models run the KV-cached decode in PyTorch: backend must be 'auto' "
-                              f"or 'reference' (the diffusion-head backends do not apply), got {backend!r}")
+        """backend: where the categorical draw runs (the transformer is PyTorch either way):
+        "reference" the torch statement (engine/categorical.py), "triton" the fused kernel
+        (engine/kernels/categorical_sample.py: CUDA, or CPU in Triton's interpreter), "auto"
+        the kernel on CUDA when Triton can run it, else the torch statement. Chosen at run time
+        for the model's device; "triton" where it cannot run warns and uses the torch path.
+        cuda_graphs: on CUDA, each decode step is captured once and replayed per position."""
+        if backend not in ("auto", "reference", "triton"):
+            raise ConfigError(f"ELM models: backend must be 'auto' or 'reference' (PyTorch sampling), or 'triton' "
+                              f"(the fused sampling kernel; the diffusion-head backends do not apply), got {backend!r}")
         if precision != "fp32":
             raise ConfigError(f"ELM models run in float32 (precision='fp32'), got precision={precision!r}")
         self.mar = self.module = module.eval().requires_grad_(False)
         self.config = module.config
-        self.backend_name, self.precision, self.cuda_graphs = "reference", precision, cuda_graphs
+        self._backend_request, self.precision, self.cuda_graphs = backend, precision, cuda_graphs
         self.sampling_defaults: dict = {}
         self._cache = None
+        self._graph_cache: dict = {}
         self._lock = threading.Lock()
+        self._fused_on = None          # the device the sampling path below was chosen for
+        self._resolve_sampler()
 
     @property
     def device(self) -> torch.device:
@@ -287,8 +297,30 @@ class ELMModel:
 
     def to(self, device) -> "ELMModel":
         self.module.to(device)
-        self._cache = None
+        self._cache, self._graph_cache = None, {}
+        self._resolve_sampler()
         return self
+
+    @property
+    def backend_name(self) -> str:
+        return "triton" if self.fused_sampling else "reference"
+
+    def _resolve_sampler(self) -> None:
+        """Choose the sampling path for the current device (cheap when it has not changed)."""
+        device = self.device
+        if self._fused_on == device:
+            return
+        request = self._backend_request
+        fused = request == "triton" or (request == "auto" and device.type == "cuda")
+        if fused:   # (on CPU "auto" never imports triton: the interpreter is a test tool)
+            from ..categorical import fused_unavailable_reason
+
+            why = fused_unavailable_reason(device)
+            fused = why is None
+            if why is not None and request == "triton":
+                warnings.warn(f"engine: ELM backend 'triton' cannot run on {device} ({why}); sampling with "
+                              "the PyTorch statement instead", RuntimeWarning, stacklevel=3)
+        self.fused_sampling, self._fused_on = fused, device
 
     def state_dict(self) -> dict:
         return self.module.state_dict()
@@ -319,7 +351,8 @@ class ELMModel:
         scales = [cfg_at(cfg_schedule, cfg_scale, s, num_iter) for s in range(num_iter)]
         self._check_scales(scales)
         table = torch.tensor([float(s) for s in scales], dtype=torch.float32, device=self.device)
-        tokens, logits = self._run(labels, prefix, num_iter, table, temperature, top_k, None, None)
+        tokens, logits = self._run(labels, prefix, num_iter, table, temperature, top_k, None, None,
+                                   want_logits=True)
         return tokens, logits
 
     # The engine's sampler -----------------------------------------------------------------
@@ -364,19 +397,39 @@ class ELMModel:
         """The static KV cache of this batch (doubled rows with CFG): allocated once, reused."""
         cache = self._cache
         if cache is None or cache.key[0] != batch or cache.k.device != self.device:
-            self._cache = None   # free the old buffers before allocating new ones
+            self._cache, self._graph_cache = None, {}   # free the old buffers (and graphs on them)
             cache = self._cache = self.module.new_cache(batch)
         return cache
 
-    def decode_step(self, prev, input_pos, cache, scale, temperature, top_k, top_p, noise):
+    def decode_step(self, prev, input_pos, cache, scale, temperature, top_k, top_p, noise, want_logits=True):
         """One graph-safe step: feed the tokens sampled last step (`prev` [B, T], doubled for CFG
         when `scale` is given) at position `input_pos`, sample the next ones. Fixed shapes, no
-        host synchronisation: what torch.compile(fullgraph=True) traces."""
+        host synchronisation: what torch.compile(fullgraph=True) traces and a CUDA graph
+        captures. Returns (indices [B, T], filtered logits [B, T, V] (None when the kernel runs
+        without want_logits), ok: a bool tensor, False when the probabilities were not finite)."""
         tokens = torch.cat([prev, prev]) if scale is not None else prev
         logits = self.module.decode(tokens, input_pos, cache)
-        return sample_logits(logits, noise, scale, temperature, top_k, top_p)
+        return self.sample_step(logits, noise, scale, temperature, top_k, top_p, want_logits)
 
-    def _run(self, labels, prefix, num_iter, table, temperature, top_k, top_p, generator, progress=False):
+    def sample_step(self, logits, noise, scale, temperature, top_k, top_p, want_logits=True):
+        """The categorical draw of one step on the chosen path (see __init__'s backend)."""
+        if self.fused_sampling:
+            from ..categorical import sample_logits_fused
+            idx, filtered, ok = sample_logits_fused(logits, noise, scale, temperature, top_k, top_p, want_logits)
+            return idx, (filtered if want_logits else None), ok.all()
+        idx, filtered, probs = sample_logits(logits, noise, scale, temperature, top_k, top_p)
+        return idx, filtered, torch.isfinite(probs).all()
+
+    def decode_runner(self, cache, bsz, scale, temperature, top_k, top_p, want_logits):
+        """CUDA graphs for the decode steps on CUDA with cuda_graphs on (engine/graphs.py:
+        captured once per shapes and settings, replayed for every position); None: eager."""
+        if self.device.type == "cuda" and self.cuda_graphs:
+            from ..graphs import decode_graph_runner
+            return decode_graph_runner(self, cache, bsz, scale, temperature, top_k, top_p, want_logits)
+        return None
+
+    def _run(self, labels, prefix, num_iter, table, temperature, top_k, top_p, generator, progress=False,
+             want_logits=False):
         c, device = self.config, self.device
         bsz = labels.shape[0]
         use_cfg = table is not None
@@ -389,21 +442,35 @@ class ELMModel:
             steps = tqdm(steps, desc="sampling", unit="token")
         out = []
         with self._lock:
+            self._resolve_sampler()
             cache = self.cache_for(rows.shape[0])
+            if self.fused_sampling and not isinstance(temperature, torch.Tensor):   # the kernel reads tensors
+                temperature = torch.full((), float(temperature), dtype=torch.float32, device=device)
+            runner = None if num_iter == 1 else self.decode_runner(
+                cache, bsz, table[1] if use_cfg else None, temperature, top_k, top_p, want_logits)
+            if runner is not None:
+                runner.start(temperature)
             logits = self.module.prefill(rows, prefix_in, cache)
             input_pos = torch.tensor([start], device=device)
             ok = torch.ones((), dtype=torch.bool, device=device)
             for s in steps:
                 noise = exponential_noise(bsz, c.token_each, c.vocab_size, generator, device)
                 scale = table[s] if use_cfg else None
+                last = want_logits and s == num_iter - 1
                 if s == 0:
-                    nxt, filtered, probs = sample_logits(logits, noise, scale, temperature, top_k, top_p)
+                    nxt, filtered, step_ok = self.sample_step(logits, noise, scale, temperature, top_k, top_p, last)
                 else:
                     input_pos += 1
-                    nxt, filtered, probs = self.decode_step(out[-1], input_pos, cache, scale, temperature,
-                                                            top_k, top_p, noise)
-                ok &= torch.isfinite(probs).all()
+                    if runner is not None:
+                        nxt, filtered, step_ok = runner.run(out[-1], input_pos, scale, noise)
+                        nxt = nxt.clone()   # the graph's output buffer is rewritten next step
+                    else:
+                        nxt, filtered, step_ok = self.decode_step(out[-1], input_pos, cache, scale, temperature,
+                                                                  top_k, top_p, noise, last)
+                ok &= step_ok
                 out.append(nxt)
+            if runner is not None and want_logits:
+                filtered = filtered.clone()
         if not bool(ok):   # one host sync per call, after the last step
             raise SamplingError("sampling produced NaN/Inf probabilities: the logits overflow float32 with "
                                 "these weights and settings (temperature, cfg)")

@@ -203,9 +203,22 @@ def _build(state: dict, source: str, embed: tuple, count: int) -> BAEDecoder:
     return BAEDecoder(embed[0], embed[1], blocks)
 
 
+def _read_safetensors(path) -> dict:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{path} is not a readable safetensors file: {err}") from None
+
+
 def load_bae(path, device="cpu") -> BAEDecoder:
-    """ELM's BAE decoder from `binaryae_ema.th` (weights-only load; clear CheckpointError on a
-    missing, unreadable or foreign file)."""
+    """ELM's BAE decoder from `binaryae_ema.th` (weights-only load), a `.safetensors` file of the
+    same keys, or an engine BAE directory holding `bae.safetensors` (engine/assets/digits-bae);
+    clear CheckpointError on a missing, unreadable or foreign file."""
     import os
     from pathlib import Path
 
@@ -214,7 +227,9 @@ def load_bae(path, device="cpu") -> BAEDecoder:
     if not isinstance(path, (str, os.PathLike)):
         raise CheckpointError(f"expected a path to binaryae_ema.th, got {type(path).__name__}")
     path = Path(path)
-    ckpt = read_torch_file(path)
+    if path.is_dir() and (path / "bae.safetensors").exists():   # an engine BAE directory (digits-bae)
+        path = path / "bae.safetensors"
+    ckpt = _read_safetensors(path) if path.suffix == ".safetensors" else read_torch_file(path)
     if not isinstance(ckpt, dict) or not ckpt:
         raise CheckpointError(f"{path} holds a {type(ckpt).__name__}, not a BAE state dict")
     if any(isinstance(k, str) and k.startswith("ae.") for k in ckpt):

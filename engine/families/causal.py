@@ -1,0 +1,341 @@
+"""Continuous causal AR ("causal"): the MAR paper's AR baseline and Fluid's raster variant. A causal
+transformer over the tokens in raster order (or a given fixed order) with a static KV cache; the
+output at each position conditions MAR's diffusion head for the next token. Its module is
+engine/models/causal.py; there is no published checkpoint, so the engine format is the format.
+
+Sampling (`CausalModel.sample_tokens`): one prefill of the start position, then one decode step per
+token against a static KV cache allocated once per (batch, length, dtype, device). Each step the
+transformer runs the 1 new row per image (2 with CFG: the batch doubled as [cond; null]) and the
+model's head backend (reference / native / triton) runs the diffusion loop on those rows with the
+per-row cfg scales and temperatures, the shape those head loops are fastest at. An image takes L
+steps (L = seq_len tokens); `num_iter` is accepted only as None or L.
+
+CFG: the null half starts from `fake_latent`, as MAR's. Schedules: "constant", or MAR's "linear"
+`1 + (cfg - 1) * t / L` with t = s + 1 the number of tokens generated once step s is done (MAR's
+`L - mask_len`; float32 arithmetic as engine.plan.cfg_scale), so the first token gets
+1 + (cfg - 1) / L and the last one cfg.
+
+Random numbers: the generation order is fixed, so the head noise is the only randomness, drawn
+per step as MAR's head noise (engine.rng.draw_step_inputs): no generator = torch's global RNG, one
+torch.Generator for the batch, or a list with one per image (image i then equals a batch of one
+with generator i, up to float rounding of the batched transformer).
+"""
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..conditioning import Condition
+from ..config import (MAX_CLASSES, MAX_DEPTH, MAX_HEADS, MAX_IMG_SIZE, MAX_MLP_RATIO, MAX_PARAMS,
+                      MAX_SEQ_LEN, MAX_STRIDE, MAX_TOKEN_DIM, MAX_WIDTH, ConfigMixin, _block_params,
+                      _head_params, check_int_range, parse_int, parse_range, parse_steps)
+from ..errors import ConfigError, SamplingError
+from ..model import Model
+from ..plan import (MAX_BATCH, PlanStep, SamplingPlan, cfg_scale, check_cfg, check_count,
+                    check_schedule, per_image)
+from ..rng import check_generator, draw_step_inputs
+from ..sampler import check_finite, validate_temperature
+from . import Family
+from .mar import depth_of, head_and_mlp_sizes, shape_of
+
+FAMILY_NAME = "causal"
+
+
+def parse_order(name: str, value):
+    """A generation order: None (raster) or a list / tuple of integer positions."""
+    if value is None:
+        return None
+    if isinstance(value, torch.Tensor):
+        value = value.tolist()
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"config field {name} must be None (raster) or a list of token positions, "
+                          f"got {type(value).__name__}")
+    if len(value) > MAX_SEQ_LEN:
+        raise ConfigError(f"config field {name} has {len(value)} entries, over MAX_SEQ_LEN = {MAX_SEQ_LEN}")
+    return tuple(parse_int(f"{name}[{i}]", v) for i, v in enumerate(value))
+
+
+def check_order(order, seq_len: int, name: str = "order", error=ConfigError) -> tuple:
+    """`order` as a tuple, or `error` unless it is a permutation of 0..seq_len-1."""
+    if len(order) != seq_len or sorted(order) != list(range(seq_len)):
+        raise error(f"{name} must be a permutation of the {seq_len} token positions 0..{seq_len - 1}, "
+                    f"got {list(order)[:8]}{'...' if len(order) > 8 else ''} ({len(order)} entries)")
+    return tuple(order)
+
+
+@dataclass
+class CausalConfig(ConfigMixin):
+    """Sizes of engine.models.causal.CausalAR and the engine's sampling options (the tokenizer
+    fields and the diffusion head are MAR's)."""
+    img_size: int = 256
+    vae_stride: int = 16
+    patch_size: int = 1
+    vae_embed_dim: int = 16
+    embed_dim: int = 768
+    depth: int = 24
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    class_num: int = 1000
+    diffloss_d: int = 6
+    diffloss_w: int = 1024
+    num_sampling_steps: str = field(default="100", metadata={"coerce": parse_steps})
+    tokenizer: str = "vae"
+    clip_denoised: bool = False
+    clip_range: tuple = field(default=(-1.0, 1.0), metadata={"coerce": parse_range})
+    # The generation order the model was trained with: None = raster (0..L-1).
+    order: tuple | None = field(default=None, metadata={"coerce": parse_order, "optional": True})
+
+    def __post_init__(self):
+        self._coerce_and_validate()
+
+    @property
+    def seq_h(self) -> int:
+        return self.img_size // self.vae_stride // self.patch_size
+
+    @property
+    def seq_len(self) -> int:
+        return self.seq_h * self.seq_h
+
+    @property
+    def token_dim(self) -> int:
+        return self.vae_embed_dim * self.patch_size ** 2
+
+    @property
+    def generation_order(self) -> tuple:
+        return tuple(range(self.seq_len)) if self.order is None else self.order
+
+    def to_dict(self) -> dict:
+        d = super().to_dict()
+        d["order"] = None if self.order is None else list(self.order)
+        return d
+
+    def describe(self) -> str:
+        return (f"img_size={self.img_size}, vae_stride={self.vae_stride}, patch_size={self.patch_size}, "
+                f"vae_embed_dim={self.vae_embed_dim}, blocks={self.depth}x{self.embed_dim} "
+                f"({self.num_heads} heads), head={self.diffloss_d}x{self.diffloss_w}, class_num={self.class_num}")
+
+    def validate(self) -> None:
+        ranges = {"img_size": (1, MAX_IMG_SIZE), "vae_stride": (1, MAX_STRIDE), "patch_size": (1, MAX_STRIDE),
+                  "vae_embed_dim": (1, MAX_TOKEN_DIM), "embed_dim": (1, MAX_WIDTH), "depth": (0, MAX_DEPTH),
+                  "num_heads": (1, MAX_HEADS), "class_num": (1, MAX_CLASSES), "diffloss_d": (0, MAX_DEPTH),
+                  "diffloss_w": (1, MAX_WIDTH)}
+        for name, (low, high) in ranges.items():
+            check_int_range(name, getattr(self, name), low, high)
+        if self.img_size % (self.vae_stride * self.patch_size):
+            raise ConfigError(f"img_size {self.img_size} is not a multiple of vae_stride*patch_size "
+                              f"= {self.vae_stride * self.patch_size}")
+        if self.embed_dim % self.num_heads:
+            raise ConfigError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+        if not 0 < self.mlp_ratio <= MAX_MLP_RATIO or int(self.embed_dim * self.mlp_ratio) < 1:
+            raise ConfigError(f"config field mlp_ratio must be in (0, {MAX_MLP_RATIO}] and give an MLP "
+                              f"of width >= 1, got {self.mlp_ratio}")
+        if self.token_dim > MAX_TOKEN_DIM:
+            raise ConfigError(f"token_dim (vae_embed_dim * patch_size**2) = {self.token_dim} exceeds "
+                              f"the engine's limit MAX_TOKEN_DIM = {MAX_TOKEN_DIM}")
+        if self.seq_len > MAX_SEQ_LEN:
+            raise ConfigError(f"seq_len ((img_size // vae_stride // patch_size)**2) = {self.seq_len} "
+                              f"exceeds the engine's limit MAX_SEQ_LEN = {MAX_SEQ_LEN}")
+        if self.tokenizer not in ("vae", "pixels"):
+            raise ConfigError(f"tokenizer must be 'vae' or 'pixels', got {self.tokenizer!r}")
+        if self.clip_range[0] >= self.clip_range[1]:
+            raise ConfigError(f"clip_range {self.clip_range} is empty")
+        if self.order is not None:
+            check_order(self.order, self.seq_len, "config field order")
+        if self.estimate_params() > MAX_PARAMS:
+            raise ConfigError(f"this configuration ({self.describe()}) has {self.estimate_params():,} "
+                              f"parameters, over the engine's limit MAX_PARAMS = {MAX_PARAMS:,}")
+
+    def estimate_params(self) -> int:
+        """Parameters of engine.models.causal.CausalAR(config), from the sizes alone (exact)."""
+        d, length, c = self.embed_dim, self.seq_len, self.token_dim
+        return (self.class_num * d + d                  # class_emb, fake_latent
+                + c * d + d + 2 * d                     # z_proj, z_proj_ln
+                + (2 * length + 1) * d                  # pos_embed_learned, target_pos_embed_learned
+                + self.depth * _block_params(d, self.mlp_ratio) + 2 * d
+                + _head_params(c, d, self.diffloss_w, self.diffloss_d))
+
+
+# The built-in digits model's sizes, and a MAR-B-shaped model (24 blocks of 768: MAR-B's 12 + 12)
+# on MAR's ImageNet tokens (KL-16 latents, 16 x 16 tokens) for benchmarks.
+PRESETS: dict[str, dict] = {
+    "causal_digits": dict(img_size=16, vae_stride=1, patch_size=4, vae_embed_dim=1, tokenizer="pixels",
+                          embed_dim=128, depth=4, num_heads=4, mlp_ratio=4.0, class_num=10,
+                          diffloss_d=3, diffloss_w=128, num_sampling_steps="50", clip_denoised=True,
+                          clip_range=(-1.0, 1.0)),
+    "causal_base": dict(embed_dim=768, depth=24, num_heads=12, diffloss_d=6, diffloss_w=1024),
+}
+CausalConfig.PRESETS = PRESETS
+
+
+def infer_sizes(state: dict) -> dict:
+    """Configuration fields the tensor shapes determine (not num_heads, nor the token grid when
+    patch / stride are not given: seq_len is read from the position table)."""
+    out: dict = {}
+    if shape_of(state, "class_emb.weight"):
+        out["class_num"], out["embed_dim"] = shape_of(state, "class_emb.weight")
+    out["depth"] = depth_of(state, "blocks")
+    out["diffloss_d"] = depth_of(state, "diffloss.net.res_blocks")
+    out.update(head_and_mlp_sizes(state, None))
+    fc1 = shape_of(state, "blocks.0.mlp.fc1.weight")
+    if fc1 and out.get("embed_dim"):
+        out["mlp_ratio"] = fc1[0] / out["embed_dim"]
+    return out
+
+
+# The sampling plan: one token per step, fixed shapes ----------------------------------------------
+def causal_plan(bsz: int, seq_len: int, cfg=1.0, cfg_schedule="linear") -> SamplingPlan:
+    """A SamplingPlan of L steps of one token each, with per-image cfg scales and schedules.
+    Step s's `mask_len` is the tokens still unknown after it, L - s - 1, so MAR's linear
+    schedule gives 1 + (cfg - 1) * (s + 1) / L (float32, engine.plan.cfg_scale)."""
+    cfgs = per_image("cfg", cfg, bsz, check_cfg)
+    schedules = per_image("cfg_schedule", cfg_schedule, bsz, check_schedule)
+    use_cfg = any(c != 1.0 for c in cfgs)
+    steps = []
+    for s in range(seq_len):
+        mask_len = seq_len - s - 1
+        with np.errstate(over="ignore"):
+            scales = tuple(cfg_scale(c, sch, mask_len, seq_len) if use_cfg else 1.0
+                           for c, sch in zip(cfgs, schedules))
+        if not all(math.isfinite(v) for v in scales):
+            raise SamplingError(f"cfg={cfgs[0]!r} with its schedule overflows float32 at step {s}")
+        steps.append(PlanStep(s, seq_len - s, mask_len, mask_len, scales))
+    return SamplingPlan(bsz, seq_len, seq_len, cfgs, schedules, tuple(steps))
+
+
+class CausalModel(Model):
+    """A loaded continuous causal AR model; `sample_tokens` has MAR's signature and output
+    ([B, vae_embed_dim, H, W] unpatchified tokens; pixels in [-1, 1] for pixel models)."""
+
+    family = FAMILY_NAME
+
+    def __init__(self, module, backend="auto", num_sampling_steps=None, cuda_graphs: bool = True,
+                 precision: str = "fp32"):
+        super().__init__(module, backend=backend, num_sampling_steps=num_sampling_steps,
+                         cuda_graphs=cuda_graphs, precision=precision)
+        self._cache = None
+        self._lock = threading.Lock()   # the static cache serves one call at a time
+
+    def __repr__(self) -> str:
+        return (f"CausalModel({self.config.describe()}, steps={self.config.num_sampling_steps!r}, "
+                f"backend={self.backend.name!r}, device={self.device})")
+
+    def to(self, device) -> "CausalModel":
+        self._cache = None
+        return super().to(device)
+
+    @torch.no_grad()
+    def sample_tokens(self, bsz: int, num_iter: int | None = None, cfg=1.0, cfg_schedule="linear",
+                      labels=None, temperature=1.0, progress: bool = False, generator=None, order=None):
+        """Sample [bsz, vae_embed_dim, h, w] tokens, one per step in `order` (default: the
+        model's, raster unless it was trained otherwise). `num_iter` must be None or seq_len
+        (an AR image takes one step per token). `cfg`, `cfg_schedule` ("linear" / "constant")
+        and `temperature` take one value or one per image; `generator`: None (torch's global
+        RNG), one torch.Generator, or a list with one per image."""
+        c = self.config
+        bsz = check_count("bsz", bsz, MAX_BATCH)
+        if num_iter is not None and (isinstance(num_iter, bool) or num_iter != c.seq_len):
+            raise SamplingError(f"a causal AR image takes one step per token: num_iter must be None or "
+                                f"seq_len = {c.seq_len}, got {num_iter!r}")
+        condition = Condition.labels(labels, bsz, c.class_num, self.device)
+        order = c.generation_order if order is None else check_order(
+            parse_order_arg(order), c.seq_len, "order", SamplingError)
+        plan = causal_plan(bsz, c.seq_len, cfg, cfg_schedule)
+        temperatures = per_image("temperature", temperature, bsz, validate_temperature)
+        generator = check_generator(generator, bsz)
+        tokens = self._run(plan, condition, order, temperatures, generator, progress)
+        check_finite(tokens)
+        return self.mar.unpatchify(tokens)
+
+    # The KV-cached loop -----------------------------------------------------------------------
+    def cache_for(self, batch: int, dtype) -> object:
+        """The static KV cache of this batch (doubled rows with CFG) and dtype: allocated once,
+        reused by every call of that shape."""
+        cache = self._cache
+        if cache is None or cache.key[0] != batch or cache.k.dtype != dtype or cache.k.device != self.device:
+            self._cache = None   # free the old buffers before allocating new ones
+            cache = self._cache = self.mar.new_cache(batch, dtype)
+        return cache
+
+    def decode_step(self, prev, input_pos, cache, seq_pos, use_cfg: bool) -> torch.Tensor:
+        """One graph-safe step: feed the tokens sampled last step (`prev` [B, C]; doubled for CFG)
+        at sequence position `input_pos` ([1] int64 tensor), return the head conditions z
+        [B', D] float32 of the next token. Fixed shapes, no host synchronisation: what
+        torch.compile(fullgraph=True) traces, one graph for every position."""
+        tokens = torch.cat([prev, prev]) if use_cfg else prev
+        return self.mar.decode(tokens, input_pos, cache, seq_pos).float()
+
+    def _autocast(self):
+        dtype = self.autocast_dtype
+        return torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+    def _run(self, plan, condition, order, temperatures, generator, progress) -> torch.Tensor:
+        """Tokens [B, L, C] in position order."""
+        m, device, dim = self.mar, self.device, self.config.token_dim
+        bsz, use_cfg = plan.bsz, plan.use_cfg
+        cfg_table = plan.cfg_table(device)                              # [L, B]
+        temps = torch.tensor(temperatures, dtype=torch.float32, device=device)
+        cfg_images = [v != 1.0 for v in plan.cfgs]
+        order_t = torch.tensor(order, dtype=torch.int64, device=device)
+        steps = list(enumerate(plan.steps))
+        if progress:
+            from tqdm.auto import tqdm
+            steps = tqdm(steps, desc="sampling", unit="token")
+        out = torch.zeros(bsz, plan.seq_len, dim, device=device)
+        with self._lock:
+            with self._autocast():
+                seq_pos = m.position_table(order_t)
+                start = m.class_embedding(condition.value, bsz, use_cfg)
+            cache = self.cache_for(start.shape[0], self.autocast_dtype or torch.float32)
+            input_pos = torch.zeros(1, dtype=torch.int64, device=device)
+            prev = None
+            for s, step in steps:
+                with self._autocast():
+                    if s == 0:
+                        z = m.prefill(start, seq_pos, cache).float()
+                    else:
+                        input_pos += 1
+                        z = self.decode_step(prev, input_pos, cache, seq_pos, use_cfg)
+                x, noise = draw_step_inputs(self.head, plan, step, generator, device, dim, cfg_images)
+                prev = self.backend.head_loop(self.head, z, x, noise, cfg_table[s] if use_cfg else None, temps)
+                out[:, s] = prev
+        tokens = torch.empty_like(out)
+        tokens[:, order_t] = out             # generation order -> position order
+        return tokens
+
+
+def parse_order_arg(order) -> tuple:
+    try:
+        return parse_order("order", order)
+    except ConfigError as err:
+        raise SamplingError(str(err).replace("config field ", "")) from None
+
+
+def generate_images(model: CausalModel, labels, num_images, num_iter, cfg, cfg_schedule, temperature,
+                    generator, progress, vae=None) -> torch.Tensor:
+    """engine.generate for causal models: float32 [N, C, H, W] in [0, 1]. Unset settings take the
+    model's recorded defaults, else cfg 1, linear schedule, temperature 1 (num_iter: seq_len)."""
+    from .. import labels_and_batch
+    from ..images import tokens_to_images
+
+    labels, bsz = labels_and_batch(labels, num_images)
+    defaults = {"cfg": 1.0, "cfg_schedule": "linear", "temperature": 1.0, "num_iter": None,
+                **model.sampling_defaults}
+    given = {"cfg": cfg, "cfg_schedule": cfg_schedule, "temperature": temperature, "num_iter": num_iter}
+    settings = {k: defaults.get(k) if v is None else v for k, v in given.items()}
+    tokens = model.sample_tokens(bsz, labels=labels, generator=generator, progress=progress, **settings)
+    return tokens_to_images(model, tokens, vae)
+
+
+def _family() -> Family:
+    from ..models.causal import CausalAR
+
+    return Family(name=FAMILY_NAME, config_cls=CausalConfig, presets=PRESETS, module_cls=CausalAR,
+                  model_cls=CausalModel, marker_keys=("class_emb.weight", "target_pos_embed_learned"),
+                  infer_sizes=infer_sizes, head_fields=("num_heads",))
+
+
+FAMILY = _family()

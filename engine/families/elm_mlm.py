@@ -1,0 +1,538 @@
+"""ELM's masked family ("elm-mlm"): Pepper-lll/LMforImageGeneration `llama/mlm_model.py`
+`Transformer` with its MaskGIT-style `generate_cfg`, reproduced exactly, every step one
+graph-safe function of fixed shapes (no host synchronisation inside the loop).
+
+Compatibility: as published, `ModelArgs` has no `model_type` field while `Transformer.__init__`
+reads `config.model_type`, so the published model does not construct (AttributeError) until the
+attribute is added (e.g. `args.model_type = "c2i"`). The engine needs no such field (it accepts
+and ignores one). Checkpoints are bare state dicts, as ELM ships them (mlmL-1-16.pth ...).
+
+Published behaviour reproduced (quirks included). One step of `generate_cfg(idx, cond, num_iter,
+...)`, ratio = (step + 1) / num_iter:
+  * `idx` is ignored: every call starts from all positions masked (the mask id 2**code_dim).
+  * CFG always doubles the batch with the null class `num_classes` (also at cfg_scale 1:
+    logits `u + (c - u) * 1`). Guidance schedules: constant s; linear 1 + (s - 1) ratio;
+    powercos 1 + (s - 1) (1 - cos(ratio**scale_pow * pi)) / 2 (the published one prints each
+    step's scale; the engine does not). An unknown schedule: the published code fails (its
+    `cfg` is unbound); here SamplingError. `scale_pow` only matters for powercos.
+  * Every position is drawn, masked or not: `Categorical(logits=guided).sample()`, i.e.
+    softmax(logits - logsumexp(logits)) and torch.multinomial's exponential race over
+    [B * S * token_each, V] (one draw of torch's global RNG per step, reproduced from the same
+    state without host syncs). No temperature, no top-k: `temperature` only scales the
+    confidence noise below and `top_k` is accepted and unused (ELM's sample.py passes
+    --top-k 10 by default; it has no effect on the masked model).
+  * Known sub-tokens keep their value. Confidence of a sub-token: the guided softmax
+    probability of its (new or kept) value, +inf where it was known; per position
+    mean_t(log p_t + temperature * (1 - ratio) * g_t), g ~ Gumbel from numpy's global RNG
+    (`np.random.gumbel`, float64, times the scale in float64, then float32), drawn every step
+    (also the last, where the scale is 0). So a position stays known unless all its sub-tokens
+    are re-drawn by remask.
+  * remask (steps < int(num_iter * 0.5)): a known sub-token whose fresh draw differs from its
+    value gets the fresh draw's probability as confidence (its value is kept unless the
+    position is masked).
+  * Positions masked for the next step: those with confidence <= the n-th smallest of their
+    image (ties at the cut all masked), n = max(1, min(U - 1, floor(block_size * r))), r =
+    cos(pi / 2 * ratio) (mask_schtype 'cos') or 1 - ratio ('linear'), U = the number of unknown
+    positions of image 0 (the published code takes mask_len[0] for the whole batch). Computed
+    on the device: a sort and a gather, no host sync.
+  * Returns (the last step's indices [B, block_size, token_each] with every position filled,
+    its guided logits [B, block_size * token_each, 2**code_dim]). The last step's re-masking is
+    computed and discarded. num_iter may exceed block_size (n is then 1 at every step).
+
+`sample_tokens` (the engine's idiom): per-image cfg / schedule / temperature, optional top-k /
+top-p on the draw (engine additions; confidence then uses the filtered distribution), and
+random numbers from torch generators: one generator drives the batch; a list gives image i its
+own (each step: the draw's exponential race, then Gumbel noise as -log(Exp(1)) in float32),
+drawn as a batch of one would. With a generator U is counted per image, so with a list image i
+equals a solo run with generator i. generator None draws as generate_cfg does (torch's and
+numpy's global RNGs, U of image 0).
+When no image uses CFG the null half is not run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import threading
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..categorical import check_top_k, check_top_p
+from ..config import MAX_CLASSES, MAX_DEPTH, MAX_HEADS, MAX_PARAMS, MAX_SEQ_LEN, MAX_WIDTH, ConfigMixin
+from ..config import check_int_range as _check_range
+from ..errors import ConfigError, SamplingError
+from ..plan import FLOAT32_MAX, MAX_BATCH, MAX_NUM_ITER, check_count, per_image
+from ..models.elm_mlm import refine_step
+from ..rng import check_generator
+from . import Family
+from .elm import MAX_CODE_DIM, MAX_TOKEN_EACH, ELMModel, config_of, is_elm
+from .mar import depth_of, shape_of
+
+FAMILY_NAME = "elm-mlm"
+# The published GPT_models presets of llama/mlm_model.py: layers, heads, width (no GPT-2B).
+PRESETS: dict[str, dict] = {
+    name: dict(n_layer=layers, n_head=heads, dim=dim)
+    for name, (layers, heads, dim) in {
+        "GPT-B": (12, 12, 768), "GPT-L": (24, 16, 1024), "GPT-XL": (36, 20, 1280),
+        "GPT-XXL": (48, 24, 1536), "GPT-XXXL": (48, 40, 2560)}.items()
+}
+# ModelArgs fields the masked model only uses in training, or stores and never reads
+# (use_adaLN, norm_type: always RMSNorm, vocab_size: replaced by 2**code_dim + 1), plus the
+# model_type the published ModelArgs lacks: accepted and ignored.
+TRAINING_ONLY = frozenset({
+    "mask_ratio_min", "mask_ratio_max", "mask_ratio_mu", "mask_ratio_std", "pause_num", "use_adaLN",
+    "smoothing", "gen_iter", "maskpersample", "mask_schstep", "norm_type", "initializer_range",
+    "token_dropout_p", "attn_dropout_p", "resid_dropout_p", "ffn_dropout_p", "drop_path_rate",
+    "caption_dim", "vocab_size", "max_batch_size", "max_seq_len", "model_type"})
+CFG_SCHEDULES = ("linear", "constant", "powercos")
+MASK_SCHEDULES = ("cos", "linear")
+NOISE_CHUNK = 1 << 24      # numpy Gumbel values uploaded at a time (one host->device copy each)
+
+
+@dataclass
+class ELMMLMConfig(ConfigMixin):
+    """The masked model's `ModelArgs` (same names and defaults) for the parts that sampling
+    reads, plus one engine field. Options the engine does not implement are fields too, so a
+    value it cannot run is refused by name instead of silently ignored."""
+    mask_schtype: str = "cos"
+    pause: bool = False
+    token_each: int = 4
+    cls_row: bool = False          # only read by the published sincos / rope1d paths
+    pos_type: str = "rope2d"
+    code_dim: int = 16
+    dim: int = 4096
+    n_layer: int = 32
+    n_head: int = 32
+    n_kv_head: int | None = None
+    multiple_of: int = 256
+    ffn_dim_multiplier: float | None = None
+    rope_base: float = 10000.0
+    norm_eps: float = 1e-5
+    num_classes: int = 1000
+    class_dropout_prob: float = 0.1
+    cls_token_num: int = 1
+    block_size: int = 256
+    # Engine addition: the SwiGLU hidden width when the weights tell it (see ELMConfig).
+    ffn_hidden_dim: int | None = field(default=None)
+
+    def __post_init__(self):
+        self._coerce_and_validate()
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_head if self.n_kv_head is None else self.n_kv_head
+
+    @property
+    def vocab_size(self) -> int:
+        """Sub-token values (the logits' width)."""
+        return 2 ** self.code_dim
+
+    @property
+    def mask_id(self) -> int:
+        return 2 ** self.code_dim
+
+    @property
+    def embedding_rows(self) -> int:
+        """Rows of the token table, the heads and mlm_layer.bias: values + mask (+ pause)."""
+        return 2 ** self.code_dim + 1 + (1 if self.pause else 0)
+
+    @property
+    def grid(self) -> int:
+        return math.isqrt(self.block_size)
+
+    @property
+    def has_null_class(self) -> bool:
+        return self.class_dropout_prob > 0
+
+    @property
+    def class_rows(self) -> int:
+        return self.num_classes + (1 if self.has_null_class else 0)
+
+    @property
+    def hidden_dim(self) -> int:
+        if self.ffn_hidden_dim is not None:
+            return self.ffn_hidden_dim
+        hidden = int(2 * (4 * self.dim) / 3)
+        if self.ffn_dim_multiplier is not None:
+            hidden = int(self.ffn_dim_multiplier * hidden)
+        return hidden if hidden % self.multiple_of == 0 else hidden + self.multiple_of - hidden % self.multiple_of
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def describe(self) -> str:
+        return (f"dim={self.dim}, n_layer={self.n_layer}, n_head={self.n_head}, n_kv_head={self.n_kv_head}, "
+                f"token_each={self.token_each}, code_dim={self.code_dim}, pause={self.pause}, "
+                f"num_classes={self.num_classes}, block_size={self.block_size}, ffn hidden={self.hidden_dim}")
+
+    def validate(self) -> None:
+        if self.pos_type != "rope2d":
+            raise ConfigError(f"config field pos_type={self.pos_type!r} is not supported: the engine "
+                              "implements ELM's released configuration (pos_type='rope2d')")
+        if self.mask_schtype not in MASK_SCHEDULES:
+            raise ConfigError(f"config field mask_schtype={self.mask_schtype!r} is not one of {MASK_SCHEDULES} "
+                              "(the published generate_cfg fails on others: its mask_ratio is unbound)")
+        if self.cls_token_num != 1:
+            raise ConfigError(f"config field cls_token_num={self.cls_token_num!r}: the published masked model "
+                              "only runs with cls_token_num = 1 (its RoPE table no longer fits the sequence)")
+        ranges = {"dim": (1, MAX_WIDTH), "n_layer": (0, MAX_DEPTH), "n_head": (1, MAX_HEADS),
+                  "token_each": (1, MAX_TOKEN_EACH), "code_dim": (1, MAX_CODE_DIM),
+                  "num_classes": (1, MAX_CLASSES), "block_size": (1, MAX_SEQ_LEN), "multiple_of": (1, MAX_WIDTH)}
+        for name, (low, high) in ranges.items():
+            _check_range(name, getattr(self, name), low, high)
+        if self.n_kv_head is not None:
+            _check_range("n_kv_head", self.n_kv_head, 1, self.n_head)
+            if self.n_head % self.n_kv_head:
+                raise ConfigError(f"n_head {self.n_head} is not a multiple of n_kv_head {self.n_kv_head}")
+        if self.ffn_hidden_dim is not None:
+            _check_range("ffn_hidden_dim", self.ffn_hidden_dim, 1, 8 * MAX_WIDTH)
+        if self.dim % self.n_head:
+            raise ConfigError(f"dim {self.dim} is not divisible by n_head {self.n_head}")
+        if self.head_dim % 4:
+            raise ConfigError(f"head dimension dim / n_head = {self.head_dim} must be a multiple of 4 "
+                              "(ELM's 2D RoPE splits it into row and column halves of pairs)")
+        if math.isqrt(self.block_size) ** 2 != self.block_size:
+            raise ConfigError(f"block_size {self.block_size} must be a square (grid x grid tokens)")
+        if (self.block_size + 1) * self.token_each > MAX_SEQ_LEN:
+            raise ConfigError(f"(block_size + 1) * token_each = {(self.block_size + 1) * self.token_each} "
+                              f"sequence elements exceed the engine's limit {MAX_SEQ_LEN}")
+        if not 0 < self.norm_eps < 1:
+            raise ConfigError(f"config field norm_eps must be in (0, 1), got {self.norm_eps}")
+        if not 0 <= self.class_dropout_prob <= 1:
+            raise ConfigError(f"config field class_dropout_prob must be in [0, 1], got {self.class_dropout_prob}")
+        if not 0 < self.rope_base <= 1e12:
+            raise ConfigError(f"config field rope_base must be in (0, 1e12], got {self.rope_base}")
+        if self.ffn_dim_multiplier is not None and not 0 < self.ffn_dim_multiplier <= 64:
+            raise ConfigError(f"config field ffn_dim_multiplier must be in (0, 64], got {self.ffn_dim_multiplier}")
+        if self.hidden_dim < 1:
+            raise ConfigError(f"the feed-forward width is {self.hidden_dim}; check ffn_dim_multiplier")
+        if self.estimate_params() > MAX_PARAMS:
+            raise ConfigError(f"this configuration ({self.describe()}) has {self.estimate_params():,} "
+                              f"parameters, over the engine's limit MAX_PARAMS = {MAX_PARAMS:,}")
+
+    def estimate_params(self) -> int:
+        """Parameters of engine.models.elm_mlm.ELMMLMTransformer(config), from the sizes (exact)."""
+        d, t, rows = self.dim, self.token_each, self.embedding_rows
+        attn = d * (self.n_head + 2 * self.kv_heads) * self.head_dim + d * d
+        layer = attn + 3 * d * self.hidden_dim + 2 * d
+        unused = self.block_size * d + (t * d * d if t > 1 else 0) + t * d * rows
+        mlm = d * d + d + 2 * d + rows
+        return self.class_rows * d + rows * d + self.n_layer * layer + d + mlm + unused
+
+
+ELMMLMConfig.PRESETS = PRESETS
+ELMMLMConfig.IGNORED = TRAINING_ONLY
+
+
+def infer_sizes(state: dict) -> dict:
+    """The ModelArgs fields a bare masked-model state dict determines: num_classes and dim (the
+    class table, num_classes + 1 rows as with ModelArgs' class_dropout_prob), code_dim and pause
+    (the token table has 2**code_dim + 1 (+ 1) rows), token_each (the heads), block_size
+    (pos_embed), n_layer, the SwiGLU width, n_head (a preset of that width and depth) and
+    n_kv_head (given n_head). Not among them: norm_eps, rope_base, mask_schtype."""
+    out: dict = {}
+    shape = lambda key: shape_of(state, key)  # noqa: E731
+    table = shape("cls_embedding.embedding_table.weight")
+    if table:
+        out["num_classes"], out["dim"] = table[0] - 1, table[1]
+    rows = (shape("tok_embedder.weight") or (0,))[0]
+    for pause in (False, True):
+        values = rows - 1 - pause
+        if values > 1 and values & (values - 1) == 0:
+            out["code_dim"], out["pause"] = values.bit_length() - 1, pause
+            break
+    out["token_each"] = 1 if shape("output.weight") else depth_of(state, "output")
+    if shape("pos_embed.weight"):
+        out["block_size"] = shape("pos_embed.weight")[0]
+    out["n_layer"] = depth_of(state, "layers")
+    w1 = shape("layers.0.feed_forward.w1.weight")
+    if w1:
+        out["ffn_hidden_dim"] = w1[0]
+    for preset in PRESETS.values():
+        if preset["dim"] == out.get("dim") and preset["n_layer"] == out["n_layer"]:
+            out["n_head"] = preset["n_head"]
+    wqkv = shape("layers.0.attention.wqkv.weight")
+    if wqkv and "n_head" in out and wqkv[0] != 3 * out["dim"]:
+        out["n_kv_head"] = (wqkv[0] - out["dim"]) // (2 * (out["dim"] // out["n_head"]))
+    return out
+
+
+# The published per-step numbers (host floats, computed before the loop) -------------------------
+def cfg_at(schedule: str, cfg_scale, step: int, num_iter: int, scale_pow=1.0):
+    ratio = 1.0 * (step + 1) / num_iter
+    if schedule == "linear":
+        return 1.0 + (cfg_scale - 1.0) * ratio
+    if schedule == "constant":
+        return cfg_scale
+    if schedule == "powercos":
+        scale_step = (1 - np.cos((((step + 1) / num_iter) ** scale_pow) * math.pi)) * 1 / 2
+        return (cfg_scale - 1) * scale_step + 1
+    raise SamplingError(f"unknown cfg_schedule {schedule!r}; expected one of {CFG_SCHEDULES}")
+
+
+def mask_floor_at(mask_schtype: str, step: int, num_iter: int, block_size: int) -> int:
+    """floor(block_size * mask_ratio): how many positions the schedule re-masks after `step`
+    (before the published clamp to [1, unknown - 1])."""
+    ratio = 1.0 * (step + 1) / num_iter
+    mask_ratio = np.cos(math.pi / 2.0 * ratio) if mask_schtype == "cos" else 1.0 - ratio
+    return int(np.floor(block_size * mask_ratio))
+
+
+def _check_schedule(schedule) -> str:
+    if schedule not in CFG_SCHEDULES:
+        raise SamplingError(f"unknown cfg_schedule {schedule!r}; expected one of {CFG_SCHEDULES}")
+    return schedule
+
+
+def _check_number(name: str, value, low=None) -> float:
+    """A finite number within float32 range (and >= low when given)."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
+            or not math.isfinite(value) or abs(value) > FLOAT32_MAX or (low is not None and value < low):
+        what = "a finite number" + ("" if low is None else f" >= {low}")
+        raise SamplingError(f"{name} must be {what} (within float32 range), got {value!r}")
+    return value
+
+
+class ELMMLMModel:
+    """A loaded ELM masked model. `generate_cfg` has the published signature and results;
+    `sample_tokens` is the engine's idiom (per-image settings and generators)."""
+
+    family = FAMILY_NAME
+
+    def __init__(self, module, backend="auto", cuda_graphs: bool = True, precision: str = "fp32"):
+        if backend not in ("auto", "reference"):
+            raise ConfigError(f"ELM models run in PyTorch: backend must be 'auto' or 'reference' (the "
+                              f"diffusion-head backends do not apply), got {backend!r}")
+        if precision != "fp32":
+            raise ConfigError(f"ELM models run in float32 (precision='fp32'), got precision={precision!r}")
+        self.module = module.eval().requires_grad_(False)
+        self.config = module.config
+        self.backend_name, self.precision, self.cuda_graphs = "reference", precision, cuda_graphs
+        self.sampling_defaults: dict = {}
+        self._lock = threading.Lock()
+
+    @property
+    def device(self) -> torch.device:
+        return self.module.device
+
+    def to(self, device) -> "ELMMLMModel":
+        self.module.to(device)
+        return self
+
+    def state_dict(self) -> dict:
+        return self.module.state_dict()
+
+    def __repr__(self) -> str:
+        return f"ELMMLMModel({self.config.describe()}, device={self.device})"
+
+    # The published sampler ------------------------------------------------------------------
+    @torch.no_grad()
+    def generate_cfg(self, idx, cond, num_iter=10, temperature=1.0, top_k=None, cfg_scale=10.0, remask=False,
+                     cfg_schedule="constant", scale_pow=1.0):
+        """ELM's masked `Transformer.generate_cfg`: same arguments, same return value (indices
+        [B, block_size, token_each], last guided logits [B, block_size * token_each, V]) and,
+        after torch.manual_seed(s); np.random.seed(s), the same tokens. `idx` and `top_k` are
+        unused, as published (top_k is still checked)."""
+        if cond is None:
+            raise SamplingError("generate_cfg needs cond (class labels [B]; the published code fails "
+                                "without them); for unconditional samples use sample_tokens(labels=None)")
+        labels = self._labels(cond, None, allow_null=True)
+        bsz = labels.shape[0]
+        num_iter = check_count("num_iter", num_iter, MAX_NUM_ITER)
+        temperature = _check_number("temperature", temperature, low=0)
+        check_top_k(top_k)
+        cfg_scale = _check_number("cfg_scale", cfg_scale)
+        scale_pow = _check_number("scale_pow", scale_pow)
+        if not isinstance(remask, (bool, np.bool_)):
+            raise SamplingError(f"remask must be True or False, got {remask!r}")
+        _check_schedule(cfg_schedule)
+        self._need_null()
+        scales = [cfg_at(cfg_schedule, cfg_scale, s, num_iter, scale_pow) for s in range(num_iter)]
+        table = self._scale_table(scales)
+        noise_scales = np.array([[temperature * (1 - (s + 1) / num_iter)] * bsz for s in range(num_iter)])
+        return self._run(labels, num_iter, table, noise_scales, bool(remask), None, None, None, shared_count=True)
+
+    # The engine's sampler -----------------------------------------------------------------
+    @torch.no_grad()
+    def sample_tokens(self, bsz: int, labels=None, num_iter: int = 10, cfg=1.0, cfg_schedule="constant",
+                      temperature=1.0, top_k=None, top_p=None, remask: bool = False, scale_pow=1.0,
+                      generator=None, progress: bool = False) -> torch.Tensor:
+        """Sub-token indices [bsz, block_size, token_each] after `num_iter` refinement steps.
+        labels: one class per image, or None for unconditional samples (the null class).
+        `cfg`, `cfg_schedule` and `temperature` (the confidence noise scale, as published) take
+        one value or one per image; top_k / top_p filter the draw (engine additions, shared).
+        generator None: the global RNGs as generate_cfg; one torch.Generator: it alone; a list:
+        image i from generator i alone (see the module docstring)."""
+        bsz = check_count("bsz", bsz, MAX_BATCH)
+        labels = self._labels(labels, bsz, allow_null=False)
+        num_iter = check_count("num_iter", num_iter, MAX_NUM_ITER)
+        cfgs = per_image("cfg", cfg, bsz, lambda v: _check_number("cfg", v))
+        schedules = per_image("cfg_schedule", cfg_schedule, bsz, _check_schedule)
+        temperatures = per_image("temperature", temperature, bsz, lambda v: _check_number("temperature", v, low=0))
+        scale_pow = _check_number("scale_pow", scale_pow)
+        top_k, top_p = check_top_k(top_k), check_top_p(top_p)
+        if not isinstance(remask, (bool, np.bool_)):
+            raise SamplingError(f"remask must be True or False, got {remask!r}")
+        generator = check_generator(generator, bsz)
+        table = None
+        if any(v != 1.0 for v in cfgs):
+            self._need_null()
+            per_step = [[cfg_at(sch, v, s, num_iter, scale_pow) for v, sch in zip(cfgs, schedules)]
+                        for s in range(num_iter)]
+            if all(row.count(row[0]) == len(row) for row in per_step):
+                per_step = [row[0] for row in per_step]
+            table = self._scale_table(per_step)
+        noise_scales = np.array([[t * (1 - (s + 1) / num_iter) for t in temperatures] for s in range(num_iter)])
+        tokens, _ = self._run(labels, num_iter, table, noise_scales, bool(remask), top_k, top_p, generator,
+                              shared_count=generator is None, progress=progress)
+        return tokens
+
+    # The loop -------------------------------------------------------------------------------
+    def refine_step(self, tokens, rows, scale, draw_noise, confidence_noise, mask_floor, remask_on,
+                    shared_count: bool = True, top_k=None, top_p=None):
+        """One step (engine.models.elm_mlm.refine_step): what torch.compile(fullgraph=True) traces."""
+        return refine_step(self.module, tokens, rows, scale, draw_noise, confidence_noise, mask_floor,
+                           remask_on, shared_count, top_k, top_p)
+
+    def _run(self, labels, num_iter, table, noise_scales, remask, top_k, top_p, generator, shared_count,
+             progress=False):
+        c, device = self.config, self.device
+        bsz, seq, each = labels.shape[0], c.block_size, c.token_each
+        use_cfg = table is not None
+        rows = torch.cat([labels, torch.full_like(labels, c.num_classes)]) if use_cfg else labels
+        floors = torch.tensor([mask_floor_at(c.mask_schtype, s, num_iter, seq) for s in range(num_iter)],
+                              dtype=torch.int64, device=device)
+        remask_on = (torch.arange(num_iter, device=device) < int(num_iter * 0.5)) if remask else None
+        noise_scales_t = torch.tensor(noise_scales, dtype=torch.float32, device=device)
+        steps = range(num_iter)
+        if progress:
+            from tqdm.auto import tqdm
+            steps = tqdm(steps, desc="sampling", unit="step")
+        with self._lock:
+            tokens = torch.full((bsz, seq, each), c.mask_id, dtype=torch.int64, device=device)
+            ok = torch.ones((), dtype=torch.bool, device=device)
+            gumbel = None
+            for s in steps:
+                if generator is None:
+                    draw = torch.empty(bsz * seq * each, c.vocab_size, device=device).exponential_(1)
+                    if gumbel is None or s - gumbel[0] == gumbel[1].shape[0]:
+                        gumbel = (s, self._numpy_gumbel(noise_scales[s:], bsz))
+                    confidence_noise = gumbel[1][s - gumbel[0]]
+                else:
+                    draw, g = self._generator_noise(generator, bsz)
+                    confidence_noise = g * noise_scales_t[s].view(bsz, 1, 1)
+                draw = draw.view(bsz, seq * each, c.vocab_size)
+                sampled, tokens, logits = self.refine_step(
+                    tokens, rows, table[s] if use_cfg else None, draw, confidence_noise, floors[s],
+                    None if remask_on is None else remask_on[s], shared_count, top_k, top_p)
+                ok &= torch.isfinite(logits).all()
+        if not bool(ok):   # one host sync per call, after the last step
+            raise SamplingError("sampling produced NaN/Inf logits: they overflow float32 with these weights "
+                                "and settings (cfg)")
+        return sampled, logits
+
+    def _numpy_gumbel(self, noise_scales: np.ndarray, bsz: int) -> torch.Tensor:
+        """The confidence noise of the next steps [k, B, S, T] from numpy's global RNG, as the
+        published per-step `torch.Tensor(scale * np.random.gumbel(size=(B, S, T)))` (one draw of
+        several steps is the same stream); at most NOISE_CHUNK values per upload."""
+        c = self.config
+        per_step = bsz * c.block_size * c.token_each
+        k = max(1, min(len(noise_scales), NOISE_CHUNK // per_step))
+        g = np.random.gumbel(size=(k, bsz, c.block_size, c.token_each))
+        scaled = noise_scales[:k].reshape(k, bsz, 1, 1) * g
+        return torch.from_numpy(scaled).to(torch.float32).to(self.device)
+
+    def _generator_noise(self, generator, bsz: int):
+        """(draw [B * S * T, V] ~ Exp(1), Gumbel [B, S, T] float32) of one step from a generator
+        or, per image, from a list of them (each drawn as a batch of one)."""
+        c = self.config
+        if isinstance(generator, list):
+            parts = [self._generator_noise(g, 1) for g in generator]
+            return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        gen_device = generator.device
+        draw = torch.empty(bsz * c.block_size * c.token_each, c.vocab_size, device=gen_device)
+        draw.exponential_(1, generator=generator)
+        g = torch.empty(bsz, c.block_size, c.token_each, device=gen_device).exponential_(1, generator=generator)
+        return draw.to(self.device), (-torch.log(g)).to(self.device)
+
+    # Validation --------------------------------------------------------------------------------
+    def _scale_table(self, scales) -> torch.Tensor:
+        flat = np.asarray(scales, dtype=np.float64).ravel()
+        bad = [s for s in flat if not math.isfinite(s) or abs(s) > FLOAT32_MAX]
+        if bad:
+            raise SamplingError(f"the cfg schedule gives a scale {bad[0]!r} outside float32 range")
+        return torch.tensor(np.asarray(scales, dtype=np.float64), dtype=torch.float32, device=self.device)
+
+    # The AR family's checks (same config fields: class_rows, num_classes, has_null_class).
+    _need_null = ELMModel._need_null
+    _labels = ELMModel._labels
+
+
+def generate_images(model: ELMMLMModel, labels, bae, num_images, num_iter, cfg, cfg_schedule, temperature,
+                    top_k, top_p, generator, progress, vae=None, prompts=None, texts=None, height=None,
+                    width=None) -> torch.Tensor:
+    """engine.generate for the masked family: one image per label after num_iter refinement
+    steps (default 10, generate_cfg's), decoded by the BAE; float32 [N, C, H, W] in [0, 1]."""
+    c = model.config
+    if prompts is not None or texts is not None:
+        raise SamplingError("this is a class-conditional model: pass labels=[...], not prompts")
+    if height is not None or width is not None:
+        raise SamplingError(f"ELM models sample their {c.grid} x {c.grid} token grid; height / width are "
+                            "for text-to-image models")
+    if vae is not None:
+        raise SamplingError("ELM tokens decode with a binary autoencoder: pass bae=engine.load_bae(path), not vae=")
+    if bae is None or not hasattr(bae, "decode_indices"):
+        raise SamplingError("ELM tokens need a binary autoencoder to become images: pass "
+                            "bae=engine.load_bae('binaryae_ema.th'), or use model.sample_tokens for the tokens")
+    if bae.bits != c.token_each * c.code_dim:
+        raise SamplingError(f"the BAE has {bae.bits} bits per position but the model's tokens carry "
+                            f"token_each * code_dim = {c.token_each} * {c.code_dim} = {c.token_each * c.code_dim}")
+    from .. import labels_and_batch
+
+    labels, bsz = labels_and_batch(labels, num_images)
+    defaults = {"num_iter": 10, "cfg": 1.0, "cfg_schedule": "constant", "temperature": 1.0, "top_k": None,
+                "top_p": None, **model.sampling_defaults}
+    given = {"num_iter": num_iter, "cfg": cfg, "cfg_schedule": cfg_schedule, "temperature": temperature,
+             "top_k": top_k, "top_p": top_p}
+    settings = {k: defaults.get(k) if v is None else v for k, v in given.items()}
+    tokens = model.sample_tokens(bsz, labels=labels, generator=generator, progress=progress, **settings)
+    with torch.no_grad():
+        images = bae.decode_indices(tokens.to(bae.device))
+    return images.float().clamp(0, 1)
+
+
+# Drop-in use with an instance of the published masked Transformer ---------------------------------
+def is_elm_mlm(published) -> bool:
+    return is_elm(published) and hasattr(published, "mlm_layer")
+
+
+def accelerate(published, backend="auto", **config) -> ELMMLMModel:
+    """An engine model with the published masked Transformer's weights (and device); its
+    generate_cfg gives the published tokens for the same seeds."""
+    from ..loading import build_module
+
+    values = {**config_of(published), **config}
+    cfg = ELMMLMConfig.from_dict(values)
+    state = {k: v.detach() for k, v in published.state_dict().items() if ".kv_cache." not in k}
+    device = next(iter(state.values())).device
+    module = build_module(state, cfg, f"{type(published).__name__} instance").to(device)
+    return ELMMLMModel(module, backend=backend)
+
+
+def _family() -> Family:
+    from ..models.elm_mlm import ELMMLMTransformer
+
+    return Family(name=FAMILY_NAME, config_cls=ELMMLMConfig, presets=PRESETS, module_cls=ELMMLMTransformer,
+                  model_cls=ELMMLMModel, marker_keys=("mlm_layer.fc.weight", "mlm_layer.bias"),
+                  infer_sizes=infer_sizes, head_fields=("n_head",), ignored_args=TRAINING_ONLY,
+                  default_ema=False)   # bare state dicts, as ELM's sample.py reads them
+
+
+FAMILY = _family()
