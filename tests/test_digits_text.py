@@ -232,3 +232,69 @@ def test_geneval_refuses_prompts_outside_the_grammar(tmp_path, capsys):
     f.write_text("a 3\na 3 beside a 4\n")
     assert main(["geneval", "--prompts-file", str(f), "--backends", "reference"]) == 2
     assert "unknown word 'beside'" in capsys.readouterr().err
+
+
+# The engine's Fluid options the built-in model uses (default off: LightGen's FLUID) -----------------
+def _plain_block(block, x):
+    """timm's pre-norm ViT block written out in plain torch (independent of engine.models.mar)."""
+    heads, (b, n, d) = block.attn.num_heads, x.shape
+    qkv = torch.nn.functional.linear(block.norm1(x), block.attn.qkv.weight, block.attn.qkv.bias)
+    q, k, v = qkv.reshape(b, n, 3, heads, d // heads).permute(2, 0, 3, 1, 4)
+    att = torch.softmax(q @ k.transpose(-1, -2) / (d // heads) ** 0.5, dim=-1) @ v
+    x = x + torch.nn.functional.linear(att.transpose(1, 2).reshape(b, n, d), block.attn.proj.weight,
+                                       block.attn.proj.bias)
+    mlp = block.mlp
+    h = torch.nn.functional.gelu(torch.nn.functional.linear(block.norm2(x), mlp.fc1.weight, mlp.fc1.bias))
+    return x + torch.nn.functional.linear(h, mlp.fc2.weight, mlp.fc2.bias)
+
+
+def test_text_options_default_off_and_match_a_plain_restatement():
+    from engine.families.fluid import FluidConfig
+    from engine.models.fluid import Fluid
+    from engine.train import init_weights
+
+    small = dict(img_size=8, img_width=16, vae_stride=1, patch_size=4, vae_embed_dim=1, tokenizer="pixels",
+                 text_depth=1, caption_channels=8, max_length=5, encoder_embed_dim=16, encoder_depth=1,
+                 encoder_num_heads=2, decoder_embed_dim=16, decoder_depth=2, decoder_num_heads=2,
+                 cross_embed_dim=16, cross_depth=1, cross_num_heads=2, diffloss_d=1, diffloss_w=16)
+    plain = Fluid(FluidConfig.from_dict(small))
+    assert FluidConfig().text_positions is False and FluidConfig().decoder_text is False
+    assert not any("text_pos_embed" in k or "decoder_text" in k for k in plain.state_dict())
+    config = FluidConfig.from_dict({**small, "text_positions": True, "decoder_text": True})
+    torch.manual_seed(0)
+    m = init_weights(Fluid(config)).eval()
+    with torch.no_grad():
+        m.text_emb.text_pos_embed.normal_()
+    assert sum(p.numel() for p in m.parameters()) == config.estimate_params()
+    texts = torch.randn(2, 5, 8)
+    with torch.no_grad():
+        # The aligner: projection + positions, blocks, norm.
+        a = m.text_emb
+        x = a.text_proj(texts) + a.text_pos_embed
+        for block in a.text_aligner:
+            x = _plain_block(block, x)
+        text = a.text_aligner_norm(x)
+        assert torch.allclose(m.text_emb(texts), text, atol=1e-5)
+        # The decoder: [Linear(text); image rows + positions] through every block; the predicted rows.
+        grid = m.grid()
+        enc_pos, dec_pos, last_pos = m.positions(grid)
+        tokens = torch.randn(2, 8, 16)
+        known, predict = torch.tensor([[1, 4, 6], [0, 2, 7]]), torch.tensor([[0, 3], [5, 6]])
+        encoded = m.encode(tokens, known, enc_pos)
+        full = m.mask_token.expand(2, 8, 16).clone()
+        full.scatter_(1, known[..., None].expand(-1, -1, 16), m.decoder_embed(encoded))
+        seq = torch.cat([text @ m.decoder_text_embed.weight.T + m.decoder_text_embed.bias, full + dec_pos], 1)
+        for block in m.decoder_blocks:
+            seq = _plain_block(block, seq)
+        want = m.decoder_norm(seq[:, 5:])[torch.arange(2)[:, None], predict]
+        got = m.decode(encoded, known, predict, dec_pos, m.decoder_text_rows(text))
+        assert torch.allclose(got, want, atol=1e-5)
+        # The step context carries the prefix (with CFG, the null text's after the text's).
+        from engine.conditioning import Condition
+
+        context = m.step_context(Condition.text(texts, 2, 5, 8, "cpu"), 2, True, grid)
+        null = m.decoder_text_embed(m.fake_latent.expand(2, 5, 16))
+        assert torch.allclose(context[3], torch.cat([m.decoder_text_rows(text), null]), atol=1e-6)
+        z = m.forward_step(torch.cat([tokens, tokens]), torch.cat([known, known]),
+                           torch.cat([predict, predict]), context)
+        assert torch.allclose(z[:2], m.text_decode(want, predict, last_pos, [t[:2] for t in context[4:]]), atol=1e-5)

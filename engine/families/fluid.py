@@ -68,6 +68,13 @@ class FluidConfig(ConfigMixin):
     # LightGen reads interpolated position tables back w-major (published; see
     # models/fluid.interpolate_positions); False: h-major, as the tokens (the built-in model).
     interpolate_w_major: bool = True
+    # Engine options for models trained here (off: LightGen's FLUID, whose text reaches the image
+    # tokens only through the cross blocks after the decoder). text_positions: a learned table of
+    # text positions (max_length rows) added in the aligner; decoder_text: the aligned text rows,
+    # through a Linear, prefix the decoder's sequence (every decoder block attends to the text,
+    # as in the Fluid paper, where every block sees it).
+    text_positions: bool = False
+    decoder_text: bool = False
 
     def __post_init__(self):
         self._coerce_and_validate()
@@ -132,7 +139,8 @@ class FluidConfig(ConfigMixin):
         encoder = c * e + e + 2 * e + length * e + self.encoder_depth * _block_params(e, r) + 2 * e
         decoder = e * d + d + d + length * d + self.decoder_depth * _block_params(d, r) + 2 * d
         cross = (d * x + x + length * x + x + self.cross_depth * (_block_params(x, r) + 2 * x) + 2 * x)
-        return text + encoder + decoder + cross + _head_params(c, d, self.diffloss_w, self.diffloss_d)
+        options = self.text_positions * self.max_length * e + self.decoder_text * (x * d + d)
+        return text + encoder + decoder + cross + options + _head_params(c, d, self.diffloss_w, self.diffloss_d)
 
 
 FluidConfig.PRESETS = PRESETS

@@ -40,16 +40,22 @@ class TextProjection(nn.Module):
 
 
 class TextAligner(nn.Module):
-    """LightGen's `Text_Embedding`: projection, `text_depth` ViT blocks, LayerNorm."""
+    """LightGen's `Text_Embedding`: projection, `text_depth` ViT blocks, LayerNorm. With
+    `max_length` (engine option FluidConfig.text_positions) a learned table of text positions is
+    added after the projection, so the aligner knows word order beyond what the encoder keeps."""
 
-    def __init__(self, caption_channels, width, num_heads, depth, mlp_ratio, eps):
+    def __init__(self, caption_channels, width, num_heads, depth, mlp_ratio, eps, max_length: int = 0):
         super().__init__()
         self.text_proj = TextProjection(caption_channels, width)
+        if max_length:
+            self.text_pos_embed = nn.Parameter(torch.zeros(1, max_length, width))
         self.text_aligner = nn.ModuleList(Block(width, num_heads, mlp_ratio, eps) for _ in range(depth))
         self.text_aligner_norm = nn.LayerNorm(width, eps=eps)
 
     def forward(self, texts):
         x = self.text_proj(texts)
+        if hasattr(self, "text_pos_embed"):
+            x = x + self.text_pos_embed[:, :x.shape[1]].to(x.dtype)
         for block in self.text_aligner:
             x = block(x)
         return self.text_aligner_norm(x)
@@ -130,7 +136,8 @@ class Fluid(nn.Module):
         self.last_embed = nn.Linear(d, x)
         self.last_pos_embed_learned = nn.Parameter(torch.zeros(1, length, x))
         self.fake_latent = nn.Parameter(torch.zeros(1, 1, x))
-        self.text_emb = TextAligner(c.caption_channels, e, c.encoder_num_heads, c.text_depth, c.mlp_ratio, eps)
+        self.text_emb = TextAligner(c.caption_channels, e, c.encoder_num_heads, c.text_depth, c.mlp_ratio, eps,
+                                    c.max_length if c.text_positions else 0)
         self.cross_attn_blocks = nn.ModuleList(
             CrossBlock(x, c.cross_num_heads, c.mlp_ratio, eps) for _ in range(c.cross_depth))
         self.cross_norm = nn.LayerNorm(x, eps=eps)
@@ -143,6 +150,8 @@ class Fluid(nn.Module):
         self.decoder_embed = nn.Linear(e, d)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, d))
         self.decoder_pos_embed_learned = nn.Parameter(torch.zeros(1, length, d))
+        if c.decoder_text:   # engine option: the text rows prefix the decoder's sequence
+            self.decoder_text_embed = nn.Linear(x, d)
         self.decoder_blocks = nn.ModuleList(
             Block(d, c.decoder_num_heads, c.mlp_ratio, eps) for _ in range(c.decoder_depth))
         self.decoder_norm = nn.LayerNorm(d, eps=eps)
@@ -193,8 +202,14 @@ class Fluid(nn.Module):
     def null_text(self, bsz: int) -> torch.Tensor:
         return self.fake_latent.expand(bsz, self.config.max_length, self.config.cross_embed_dim)
 
+    def decoder_text_rows(self, text: torch.Tensor) -> torch.Tensor | None:
+        """The decoder's text prefix [B, Lt, D] from aligned (or null) text rows; None unless
+        FluidConfig.decoder_text."""
+        return self.decoder_text_embed(text) if self.config.decoder_text else None
+
     def step_context(self, condition, bsz: int, use_cfg: bool, grid) -> tuple[torch.Tensor, ...]:
-        """(encoder / decoder / text-decoder positions, then K and V of every cross block)."""
+        """(encoder / decoder / text-decoder positions, with decoder_text the decoder's text
+        prefix, then K and V of every cross block)."""
         if condition.kind not in ("text", "none"):
             raise SamplingError(f"Fluid is text-conditioned; got a {condition.kind!r} condition")
         c = self.config
@@ -206,7 +221,8 @@ class Fluid(nn.Module):
         if use_cfg:
             text = torch.cat([text, self.null_text(bsz)])
         kv = [t for block in self.cross_attn_blocks for t in block.keys_values(text)]
-        return (*self.positions(grid), *kv)
+        prefix = (self.decoder_text_rows(text),) if self.config.decoder_text else ()
+        return (*self.positions(grid), *prefix, *kv)
 
     def unpatchify(self, tokens: torch.Tensor, grid) -> torch.Tensor:
         return unpatchify(tokens, self.config.patch_size, self.config.vae_embed_dim, grid[0], grid[1])
@@ -222,13 +238,18 @@ class Fluid(nn.Module):
                 x = block(x)
         return self.encoder_norm(x)
 
-    def decode(self, x, known, predict, dec_pos):
-        """Decoder over the full sequence; returns the rows of `predict [B, n]` only."""
+    def decode(self, x, known, predict, dec_pos, text_rows=None):
+        """Decoder over the full sequence; returns the rows of `predict [B, n]` only. With
+        `text_rows [B, Lt, D]` (FluidConfig.decoder_text) the sequence is [text; image], so every
+        decoder block attends to the text as MAR's blocks attend to its class rows."""
         x = self.decoder_embed(x)
         b, d = x.shape[0], self.config.decoder_embed_dim
         full = self.mask_token.to(x.dtype).expand(b, dec_pos.shape[1], d).clone()
         full.scatter_(1, known.unsqueeze(-1).expand(-1, -1, d), x)
         x = full + dec_pos
+        if text_rows is not None:
+            x = torch.cat([text_rows.to(x.dtype), x], dim=1)
+            predict = predict + text_rows.shape[1]
         blocks = list(self.decoder_blocks)
         for block in blocks[:-1]:
             x = block(x)
@@ -243,6 +264,7 @@ class Fluid(nn.Module):
 
     def forward_step(self, tokens, known, predict, context) -> torch.Tensor:
         """One transformer pass of a sampling step: z [B', n, X] for the predicted positions."""
-        enc_pos, dec_pos, last_pos, *kv = context
-        x = self.decode(self.encode(tokens, known, enc_pos), known, predict, dec_pos)
+        enc_pos, dec_pos, last_pos, *rest = context
+        text_rows, kv = (rest[0], rest[1:]) if self.config.decoder_text else (None, rest)
+        x = self.decode(self.encode(tokens, known, enc_pos), known, predict, dec_pos, text_rows)
         return self.text_decode(x, predict, last_pos, kv)
