@@ -24,7 +24,6 @@ tuple may hold such lists: cfg=([2.0, 3.0], 1.5).
 from __future__ import annotations
 
 import dataclasses
-import math
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -33,13 +32,13 @@ import numpy as np
 import torch
 
 from ..categorical import check_top_k, check_top_p, exponential_noise, guide, sample_logits
-from ..config import MAX_CLASSES, MAX_DEPTH, MAX_HEADS, MAX_PARAMS, MAX_SEQ_LEN, MAX_WIDTH, ConfigMixin
+from ..config import MAX_CLASSES, MAX_PARAMS, MAX_SEQ_LEN, ConfigMixin
 from ..config import check_int_range as _check_range
 from ..errors import CheckpointError, ConfigError, SamplingError
 from ..plan import MAX_BATCH, check_count, per_image
 from ..rng import check_generator
 from . import Family
-from .elm import CFG_SCHEDULES, _check_number, _check_schedule, cfg_at
+from .elm import CFG_SCHEDULES, ClassGrid, LlamaSizes, _check_number, _check_schedule, cfg_at
 
 FAMILY_NAME = "ctf"
 CTF_FORMAT = "engine-ctf"
@@ -53,7 +52,7 @@ PAPER_SAMPLING = {"cfg": (2.0, 2.0), "temperature": (1.1, 1.1), "top_k": (None, 
 
 # Configuration ---------------------------------------------------------------------------------
 @dataclass
-class CTFStageConfig(ConfigMixin):
+class CTFStageConfig(LlamaSizes, ConfigMixin):
     """One stage's transformer sizes (ELM / LlamaGen names and defaults: GPT-B)."""
     dim: int = 768
     n_layer: int = 12
@@ -68,53 +67,13 @@ class CTFStageConfig(ConfigMixin):
     def __post_init__(self):
         self._coerce_and_validate()
 
-    @property
-    def head_dim(self) -> int:
-        return self.dim // self.n_head
-
-    @property
-    def kv_heads(self) -> int:
-        return self.n_head if self.n_kv_head is None else self.n_kv_head
-
-    @property
-    def hidden_dim(self) -> int:
-        if self.ffn_hidden_dim is not None:
-            return self.ffn_hidden_dim
-        hidden = int(2 * (4 * self.dim) / 3)
-        if self.ffn_dim_multiplier is not None:
-            hidden = int(self.ffn_dim_multiplier * hidden)
-        return hidden if hidden % self.multiple_of == 0 else hidden + self.multiple_of - hidden % self.multiple_of
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
     def layer_params(self) -> int:
         d = self.dim
         return d * (self.n_head + 2 * self.kv_heads) * self.head_dim + d * d + 3 * d * self.hidden_dim + 2 * d
 
     def validate(self) -> None:
-        for name, (low, high) in {"dim": (1, MAX_WIDTH), "n_layer": (0, MAX_DEPTH), "n_head": (1, MAX_HEADS),
-                                  "multiple_of": (1, MAX_WIDTH)}.items():
-            _check_range(name, getattr(self, name), low, high)
-        if self.n_kv_head is not None:
-            _check_range("n_kv_head", self.n_kv_head, 1, self.n_head)
-            if self.n_head % self.n_kv_head:
-                raise ConfigError(f"n_head {self.n_head} is not a multiple of n_kv_head {self.n_kv_head}")
-        if self.ffn_hidden_dim is not None:
-            _check_range("ffn_hidden_dim", self.ffn_hidden_dim, 1, 8 * MAX_WIDTH)
-        if self.dim % self.n_head:
-            raise ConfigError(f"dim {self.dim} is not divisible by n_head {self.n_head}")
-        if self.head_dim % 4:
-            raise ConfigError(f"head dimension dim / n_head = {self.head_dim} must be a multiple of 4 "
-                              "(2D RoPE splits it into row and column halves of pairs)")
-        if not 0 < self.norm_eps < 1:
-            raise ConfigError(f"config field norm_eps must be in (0, 1), got {self.norm_eps}")
-        if not 0 < self.rope_base <= 1e12:
-            raise ConfigError(f"config field rope_base must be in (0, 1e12], got {self.rope_base}")
-        if self.ffn_dim_multiplier is not None and not 0 < self.ffn_dim_multiplier <= 64:
-            raise ConfigError(f"config field ffn_dim_multiplier must be in (0, 64], got {self.ffn_dim_multiplier}")
-        if self.hidden_dim < 1:
-            raise ConfigError(f"the feed-forward width is {self.hidden_dim}; check ffn_dim_multiplier")
+        self.check_llama_sizes()
 
 
 def parse_stage(name: str, value) -> CTFStageConfig:
@@ -130,7 +89,7 @@ def parse_stage(name: str, value) -> CTFStageConfig:
 
 
 @dataclass
-class CTFConfig(ConfigMixin):
+class CTFConfig(ClassGrid, ConfigMixin):
     """Both stages, the token layout and the cluster count. The codebook has
     V = 2 ** (token_each * code_dim) indices; a position's index is its token_each sub-tokens of
     code_dim bits, most significant first (ELM / BAE layout; token_each 1 for a VQ codebook)."""
@@ -153,18 +112,6 @@ class CTFConfig(ConfigMixin):
     @property
     def sub_vocab(self) -> int:
         return 2 ** self.code_dim
-
-    @property
-    def grid(self) -> int:
-        return math.isqrt(self.block_size)
-
-    @property
-    def has_null_class(self) -> bool:
-        return self.class_dropout_prob > 0
-
-    @property
-    def class_rows(self) -> int:
-        return self.num_classes + (1 if self.has_null_class else 0)
 
     def _shape(self, stage: CTFStageConfig, vocab: int, token_each: int):
         from ..models.ctf import StageShape
@@ -209,10 +156,7 @@ class CTFConfig(ConfigMixin):
         if self.num_clusters > self.codebook_size:
             raise ConfigError(f"num_clusters {self.num_clusters} exceeds the codebook size "
                               f"2 ** (token_each * code_dim) = {self.codebook_size}")
-        if math.isqrt(self.block_size) ** 2 != self.block_size:
-            raise ConfigError(f"block_size {self.block_size} must be a square (grid x grid tokens)")
-        if not 0 <= self.class_dropout_prob <= 1:
-            raise ConfigError(f"config field class_dropout_prob must be in [0, 1], got {self.class_dropout_prob}")
+        self.check_grid()
         if self.estimate_params() > MAX_PARAMS:
             raise ConfigError(f"this configuration ({self.describe()}) has {self.estimate_params():,} "
                               f"parameters, over the engine's limit MAX_PARAMS = {MAX_PARAMS:,}")

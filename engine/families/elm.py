@@ -65,8 +65,83 @@ MAX_CODE_DIM = 24
 MAX_CLS_TOKENS = 1024
 
 
+class LlamaSizes:
+    """Derived sizes and size checks of a LlamaGen-style transformer configuration (ELM's AR and
+    masked models, CTF's stages): fields dim, n_head, n_kv_head, multiple_of, ffn_dim_multiplier,
+    ffn_hidden_dim, norm_eps, rope_base."""
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_head if self.n_kv_head is None else self.n_kv_head
+
+    @property
+    def hidden_dim(self) -> int:
+        """The SwiGLU width: `ffn_hidden_dim` when the weights told it, else LlamaGen's formula."""
+        if self.ffn_hidden_dim is not None:
+            return self.ffn_hidden_dim
+        hidden = int(2 * (4 * self.dim) / 3)
+        if self.ffn_dim_multiplier is not None:
+            hidden = int(self.ffn_dim_multiplier * hidden)
+        return hidden if hidden % self.multiple_of == 0 else hidden + self.multiple_of - hidden % self.multiple_of
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def check_llama_sizes(self) -> None:
+        """The checks every such configuration needs (ranges of the fields, head split, 2D RoPE)."""
+        for name, (low, high) in {"dim": (1, MAX_WIDTH), "n_layer": (0, MAX_DEPTH), "n_head": (1, MAX_HEADS),
+                                  "multiple_of": (1, MAX_WIDTH)}.items():
+            _check_range(name, getattr(self, name), low, high)
+        if self.n_kv_head is not None:
+            _check_range("n_kv_head", self.n_kv_head, 1, self.n_head)
+            if self.n_head % self.n_kv_head:
+                raise ConfigError(f"n_head {self.n_head} is not a multiple of n_kv_head {self.n_kv_head}")
+        if self.ffn_hidden_dim is not None:
+            _check_range("ffn_hidden_dim", self.ffn_hidden_dim, 1, 8 * MAX_WIDTH)
+        if self.dim % self.n_head:
+            raise ConfigError(f"dim {self.dim} is not divisible by n_head {self.n_head}")
+        if self.head_dim % 4:
+            raise ConfigError(f"head dimension dim / n_head = {self.head_dim} must be a multiple of 4 "
+                              "(the 2D RoPE splits it into row and column halves of pairs)")
+        if not 0 < self.norm_eps < 1:
+            raise ConfigError(f"config field norm_eps must be in (0, 1), got {self.norm_eps}")
+        if not 0 < self.rope_base <= 1e12:
+            raise ConfigError(f"config field rope_base must be in (0, 1e12], got {self.rope_base}")
+        if self.ffn_dim_multiplier is not None and not 0 < self.ffn_dim_multiplier <= 64:
+            raise ConfigError(f"config field ffn_dim_multiplier must be in (0, 64], got {self.ffn_dim_multiplier}")
+        if self.hidden_dim < 1:
+            raise ConfigError(f"the feed-forward width is {self.hidden_dim}; check ffn_dim_multiplier")
+
+
+class ClassGrid:
+    """A class-conditional model over a square grid (fields block_size, num_classes,
+    class_dropout_prob): its grid and class-embedding rows (the null class for CFG last)."""
+
+    @property
+    def grid(self) -> int:
+        return math.isqrt(self.block_size)
+
+    @property
+    def has_null_class(self) -> bool:
+        return self.class_dropout_prob > 0
+
+    @property
+    def class_rows(self) -> int:
+        return self.num_classes + (1 if self.has_null_class else 0)
+
+    def check_grid(self) -> None:
+        if math.isqrt(self.block_size) ** 2 != self.block_size:
+            raise ConfigError(f"block_size {self.block_size} must be a square (grid x grid tokens)")
+        if not 0 <= self.class_dropout_prob <= 1:
+            raise ConfigError(f"config field class_dropout_prob must be in [0, 1], got {self.class_dropout_prob}")
+
+
 @dataclass
-class ELMConfig(ConfigMixin):
+class ELMConfig(LlamaSizes, ClassGrid, ConfigMixin):
     """ELM's `ModelArgs` (same names and defaults) for the parts the sampler reads, plus one
     engine field. Unsupported published options are fields too, so that a value the engine does
     not implement is refused by name instead of silently ignored."""
@@ -97,47 +172,15 @@ class ELMConfig(ConfigMixin):
     def __post_init__(self):
         self._coerce_and_validate()
 
-    # Derived sizes ------------------------------------------------------------------------
-    @property
-    def head_dim(self) -> int:
-        return self.dim // self.n_head
-
-    @property
-    def kv_heads(self) -> int:
-        return self.n_head if self.n_kv_head is None else self.n_kv_head
-
+    # Derived sizes (also LlamaSizes, ClassGrid) -------------------------------------------
     @property
     def vocab_size(self) -> int:
         return 2 ** self.code_dim
 
     @property
-    def grid(self) -> int:
-        return math.isqrt(self.block_size)
-
-    @property
-    def has_null_class(self) -> bool:
-        return self.class_dropout_prob > 0
-
-    @property
-    def class_rows(self) -> int:
-        return self.num_classes + (1 if self.has_null_class else 0)
-
-    @property
-    def hidden_dim(self) -> int:
-        if self.ffn_hidden_dim is not None:
-            return self.ffn_hidden_dim
-        hidden = int(2 * (4 * self.dim) / 3)
-        if self.ffn_dim_multiplier is not None:
-            hidden = int(self.ffn_dim_multiplier * hidden)
-        return hidden if hidden % self.multiple_of == 0 else hidden + self.multiple_of - hidden % self.multiple_of
-
-    @property
     def max_positions(self) -> int:
         """Sequence positions a call can use (class position included): the RoPE table length."""
         return self.cls_token_num + self.block_size
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
     def describe(self) -> str:
         return (f"dim={self.dim}, n_layer={self.n_layer}, n_head={self.n_head}, n_kv_head={self.n_kv_head}, "
@@ -152,35 +195,13 @@ class ELMConfig(ConfigMixin):
                 raise ConfigError(f"config field {name}={getattr(self, name)!r} is not supported: the "
                                   f"engine implements ELM's released configuration ({name}={supported!r}; "
                                   "the published rope1d path does not run)")
-        ranges = {"dim": (1, MAX_WIDTH), "n_layer": (0, MAX_DEPTH), "n_head": (1, MAX_HEADS),
-                  "token_each": (1, MAX_TOKEN_EACH), "code_dim": (1, MAX_CODE_DIM),
+        ranges = {"token_each": (1, MAX_TOKEN_EACH), "code_dim": (1, MAX_CODE_DIM),
                   "num_classes": (1, MAX_CLASSES), "cls_token_num": (1, MAX_CLS_TOKENS),
-                  "block_size": (1, MAX_SEQ_LEN), "multiple_of": (1, MAX_WIDTH), "pause_num": (0, MAX_SEQ_LEN)}
+                  "block_size": (1, MAX_SEQ_LEN), "pause_num": (0, MAX_SEQ_LEN)}
         for name, (low, high) in ranges.items():
             _check_range(name, getattr(self, name), low, high)
-        if self.n_kv_head is not None:
-            _check_range("n_kv_head", self.n_kv_head, 1, self.n_head)
-            if self.n_head % self.n_kv_head:
-                raise ConfigError(f"n_head {self.n_head} is not a multiple of n_kv_head {self.n_kv_head}")
-        if self.ffn_hidden_dim is not None:
-            _check_range("ffn_hidden_dim", self.ffn_hidden_dim, 1, 8 * MAX_WIDTH)
-        if self.dim % self.n_head:
-            raise ConfigError(f"dim {self.dim} is not divisible by n_head {self.n_head}")
-        if self.head_dim % 4:
-            raise ConfigError(f"head dimension dim / n_head = {self.head_dim} must be a multiple of 4 "
-                              "(ELM's 2D RoPE splits it into row and column halves of pairs)")
-        if math.isqrt(self.block_size) ** 2 != self.block_size:
-            raise ConfigError(f"block_size {self.block_size} must be a square (grid x grid tokens)")
-        if not 0 < self.norm_eps < 1:
-            raise ConfigError(f"config field norm_eps must be in (0, 1), got {self.norm_eps}")
-        if not 0 <= self.class_dropout_prob <= 1:
-            raise ConfigError(f"config field class_dropout_prob must be in [0, 1], got {self.class_dropout_prob}")
-        if not 0 < self.rope_base <= 1e12:
-            raise ConfigError(f"config field rope_base must be in (0, 1e12], got {self.rope_base}")
-        if self.ffn_dim_multiplier is not None and not 0 < self.ffn_dim_multiplier <= 64:
-            raise ConfigError(f"config field ffn_dim_multiplier must be in (0, 64], got {self.ffn_dim_multiplier}")
-        if self.hidden_dim < 1:
-            raise ConfigError(f"the feed-forward width is {self.hidden_dim}; check ffn_dim_multiplier")
+        self.check_llama_sizes()
+        self.check_grid()
         if self.estimate_params() > MAX_PARAMS:
             raise ConfigError(f"this configuration ({self.describe()}) has {self.estimate_params():,} "
                               f"parameters, over the engine's limit MAX_PARAMS = {MAX_PARAMS:,}")

@@ -59,14 +59,14 @@ import numpy as np
 import torch
 
 from ..categorical import check_top_k, check_top_p
-from ..config import MAX_CLASSES, MAX_DEPTH, MAX_HEADS, MAX_PARAMS, MAX_SEQ_LEN, MAX_WIDTH, ConfigMixin
+from ..config import MAX_CLASSES, MAX_PARAMS, MAX_SEQ_LEN, ConfigMixin
 from ..config import check_int_range as _check_range
 from ..errors import ConfigError, SamplingError
 from ..plan import FLOAT32_MAX, MAX_BATCH, MAX_NUM_ITER, check_count, per_image
 from ..models.elm_mlm import refine_step
 from ..rng import check_generator
 from . import Family
-from .elm import MAX_CODE_DIM, MAX_TOKEN_EACH, ELMModel, config_of, is_elm
+from .elm import MAX_CODE_DIM, MAX_TOKEN_EACH, ClassGrid, ELMModel, LlamaSizes, config_of, is_elm
 from .mar import depth_of, shape_of
 
 FAMILY_NAME = "elm-mlm"
@@ -91,7 +91,7 @@ NOISE_CHUNK = 1 << 24      # numpy Gumbel values uploaded at a time (one host->d
 
 
 @dataclass
-class ELMMLMConfig(ConfigMixin):
+class ELMMLMConfig(LlamaSizes, ClassGrid, ConfigMixin):
     """The masked model's `ModelArgs` (same names and defaults) for the parts that sampling
     reads, plus one engine field. Options the engine does not implement are fields too, so a
     value it cannot run is refused by name instead of silently ignored."""
@@ -120,14 +120,6 @@ class ELMMLMConfig(ConfigMixin):
         self._coerce_and_validate()
 
     @property
-    def head_dim(self) -> int:
-        return self.dim // self.n_head
-
-    @property
-    def kv_heads(self) -> int:
-        return self.n_head if self.n_kv_head is None else self.n_kv_head
-
-    @property
     def vocab_size(self) -> int:
         """Sub-token values (the logits' width)."""
         return 2 ** self.code_dim
@@ -140,30 +132,6 @@ class ELMMLMConfig(ConfigMixin):
     def embedding_rows(self) -> int:
         """Rows of the token table, the heads and mlm_layer.bias: values + mask (+ pause)."""
         return 2 ** self.code_dim + 1 + (1 if self.pause else 0)
-
-    @property
-    def grid(self) -> int:
-        return math.isqrt(self.block_size)
-
-    @property
-    def has_null_class(self) -> bool:
-        return self.class_dropout_prob > 0
-
-    @property
-    def class_rows(self) -> int:
-        return self.num_classes + (1 if self.has_null_class else 0)
-
-    @property
-    def hidden_dim(self) -> int:
-        if self.ffn_hidden_dim is not None:
-            return self.ffn_hidden_dim
-        hidden = int(2 * (4 * self.dim) / 3)
-        if self.ffn_dim_multiplier is not None:
-            hidden = int(self.ffn_dim_multiplier * hidden)
-        return hidden if hidden % self.multiple_of == 0 else hidden + self.multiple_of - hidden % self.multiple_of
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
     def describe(self) -> str:
         return (f"dim={self.dim}, n_layer={self.n_layer}, n_head={self.n_head}, n_kv_head={self.n_kv_head}, "
@@ -180,37 +148,15 @@ class ELMMLMConfig(ConfigMixin):
         if self.cls_token_num != 1:
             raise ConfigError(f"config field cls_token_num={self.cls_token_num!r}: the published masked model "
                               "only runs with cls_token_num = 1 (its RoPE table no longer fits the sequence)")
-        ranges = {"dim": (1, MAX_WIDTH), "n_layer": (0, MAX_DEPTH), "n_head": (1, MAX_HEADS),
-                  "token_each": (1, MAX_TOKEN_EACH), "code_dim": (1, MAX_CODE_DIM),
-                  "num_classes": (1, MAX_CLASSES), "block_size": (1, MAX_SEQ_LEN), "multiple_of": (1, MAX_WIDTH)}
+        ranges = {"token_each": (1, MAX_TOKEN_EACH), "code_dim": (1, MAX_CODE_DIM),
+                  "num_classes": (1, MAX_CLASSES), "block_size": (1, MAX_SEQ_LEN)}
         for name, (low, high) in ranges.items():
             _check_range(name, getattr(self, name), low, high)
-        if self.n_kv_head is not None:
-            _check_range("n_kv_head", self.n_kv_head, 1, self.n_head)
-            if self.n_head % self.n_kv_head:
-                raise ConfigError(f"n_head {self.n_head} is not a multiple of n_kv_head {self.n_kv_head}")
-        if self.ffn_hidden_dim is not None:
-            _check_range("ffn_hidden_dim", self.ffn_hidden_dim, 1, 8 * MAX_WIDTH)
-        if self.dim % self.n_head:
-            raise ConfigError(f"dim {self.dim} is not divisible by n_head {self.n_head}")
-        if self.head_dim % 4:
-            raise ConfigError(f"head dimension dim / n_head = {self.head_dim} must be a multiple of 4 "
-                              "(ELM's 2D RoPE splits it into row and column halves of pairs)")
-        if math.isqrt(self.block_size) ** 2 != self.block_size:
-            raise ConfigError(f"block_size {self.block_size} must be a square (grid x grid tokens)")
+        self.check_llama_sizes()
+        self.check_grid()
         if (self.block_size + 1) * self.token_each > MAX_SEQ_LEN:
             raise ConfigError(f"(block_size + 1) * token_each = {(self.block_size + 1) * self.token_each} "
                               f"sequence elements exceed the engine's limit {MAX_SEQ_LEN}")
-        if not 0 < self.norm_eps < 1:
-            raise ConfigError(f"config field norm_eps must be in (0, 1), got {self.norm_eps}")
-        if not 0 <= self.class_dropout_prob <= 1:
-            raise ConfigError(f"config field class_dropout_prob must be in [0, 1], got {self.class_dropout_prob}")
-        if not 0 < self.rope_base <= 1e12:
-            raise ConfigError(f"config field rope_base must be in (0, 1e12], got {self.rope_base}")
-        if self.ffn_dim_multiplier is not None and not 0 < self.ffn_dim_multiplier <= 64:
-            raise ConfigError(f"config field ffn_dim_multiplier must be in (0, 64], got {self.ffn_dim_multiplier}")
-        if self.hidden_dim < 1:
-            raise ConfigError(f"the feed-forward width is {self.hidden_dim}; check ffn_dim_multiplier")
         if self.estimate_params() > MAX_PARAMS:
             raise ConfigError(f"this configuration ({self.describe()}) has {self.estimate_params():,} "
                               f"parameters, over the engine's limit MAX_PARAMS = {MAX_PARAMS:,}")
