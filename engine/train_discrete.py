@@ -76,7 +76,7 @@ def drop_labels(labels: torch.Tensor, null_class: int, prob: float, generator) -
     return torch.where(drop, torch.full_like(labels, null_class), labels)
 
 
-class _Batched:
+class BatchedTask:
     """start / state / load_state of engine.train's task protocol, from `self.batches`."""
 
     def start(self, generator) -> None:
@@ -90,7 +90,7 @@ class _Batched:
 
 
 # The tasks ---------------------------------------------------------------------------------------
-class BAETask(_Batched):
+class BAETask(BatchedTask):
     name = "digits-bae"
     stat_names = ("mse", "bit_var")
 
@@ -114,7 +114,7 @@ class BAETask(_Batched):
         return mse + BIT_PENALTY * bit_var, {"mse": float(mse.detach()), "bit_var": float(bit_var.detach())}
 
 
-class ELMARTask(_Batched):
+class ELMARTask(BatchedTask):
     name = "digits-elm-ar"
     stat_names = ("ce", "accuracy")
 

@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import ConfigError
-from .train_discrete import CodeBatches, _Batched, drop_labels
+from .train_discrete import BatchedTask, CodeBatches, drop_labels
 
 # The built-in model's settings -------------------------------------------------------------------
 DIGITS_ELM_MLM = dict(dim=128, n_layer=4, n_head=4, multiple_of=64, token_each=2, code_dim=8,
@@ -76,7 +76,7 @@ def mlm_loss(module, codes: torch.Tensor, labels: torch.Tensor, masked: torch.Te
     return ce, {"ce": float(ce.detach()), "accuracy": float(accuracy)}
 
 
-class ELMMLMTask(_Batched):
+class ELMMLMTask(BatchedTask):
     """engine.train task: the MaskGIT objective above for an ELMMLMConfig on codes [N, S, T]."""
 
     name = "digits-elm-mlm"

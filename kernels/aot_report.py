@@ -178,8 +178,19 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print JSON instead of markdown")
     parser.add_argument("--arch", default=",".join(map(str, ARCHS)), help="e.g. 80,90")
+    parser.add_argument("--out", default=None, help="also write the rows with the machine stamp to "
+                        "this JSON file (from a source checkout: benchmarks/results/aot.json)")
     args = parser.parse_args(argv)
     rows = collect(tuple(int(a) for a in args.arch.split(",")))
+    if args.out:
+        from pathlib import Path
+
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+        from stamp import machine_stamp
+
+        Path(args.out).write_text(json.dumps({
+            "stamp": machine_stamp(), "command": "python -m engine.kernels.aot_report --out " + args.out,
+            "kernels": [asdict(r) for r in rows]}, indent=1) + "\n")
     print(json.dumps([asdict(r) for r in rows]) if args.json else markdown(rows))
     return 1 if any(r.n_spills for r in rows) and not args.json else 0
 
