@@ -107,7 +107,8 @@ def fluid_loss(model: Fluid, tables, images, texts, generator=None, text_drop_pr
     drop = torch.rand(bsz, generator=generator) < text_drop_prob
     text = torch.where(drop[:, None, None], model.fake_latent.expand_as(text), text)
     kv = [t for block in model.cross_attn_blocks for t in block.keys_values(text)]
-    x = model.decode(model.encode(tokens, known, enc_pos), known, masked, dec_pos, model.decoder_text_rows(text))
+    encoded = model.encode(tokens, known, enc_pos, model.encoder_text_rows(text))
+    x = model.decode(encoded, known, masked, dec_pos, model.decoder_text_rows(text))
     z = model.text_decode(x, masked, last_pos, kv)                       # [B, m, D]
     target = gather_rows(tokens, masked)
     loss, mse, vb = diffusion_loss(model.diffloss.net, tables, target.reshape(-1, dim),

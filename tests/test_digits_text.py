@@ -298,3 +298,55 @@ def test_text_options_default_off_and_match_a_plain_restatement():
         z = m.forward_step(torch.cat([tokens, tokens]), torch.cat([known, known]),
                            torch.cat([predict, predict]), context)
         assert torch.allclose(z[:2], m.text_decode(want, predict, last_pos, [t[:2] for t in context[4:]]), atol=1e-5)
+
+
+def test_encoder_text_option_matches_a_plain_restatement():
+    """FluidConfig.encoder_text: the aligned text, through a Linear, prefixes the encoder's
+    sequence (as MAR's class buffer); the encoder's rows of it prefix the decoder's."""
+    from engine.conditioning import Condition
+    from engine.families.fluid import FluidConfig
+    from engine.models.fluid import Fluid
+    from engine.train import init_weights
+
+    small = dict(img_size=8, img_width=16, vae_stride=1, patch_size=4, vae_embed_dim=1, tokenizer="pixels",
+                 text_depth=1, caption_channels=8, max_length=5, encoder_embed_dim=16, encoder_depth=2,
+                 encoder_num_heads=2, decoder_embed_dim=16, decoder_depth=2, decoder_num_heads=2,
+                 cross_embed_dim=16, cross_depth=1, cross_num_heads=2, diffloss_d=1, diffloss_w=16)
+    assert FluidConfig().encoder_text is False
+    assert not any("encoder_text" in k for k in Fluid(FluidConfig.from_dict(small)).state_dict())
+    config = FluidConfig.from_dict({**small, "encoder_text": True})
+    torch.manual_seed(0)
+    m = init_weights(Fluid(config)).eval()
+    assert sum(p.numel() for p in m.parameters()) == config.estimate_params()
+    texts = torch.randn(2, 5, 8)
+    grid = m.grid()
+    enc_pos, dec_pos, last_pos = m.positions(grid)
+    tokens = torch.randn(2, 8, 16)
+    with torch.no_grad():
+        text = m.text_emb(texts)
+        prefix = text @ m.encoder_text_embed.weight.T + m.encoder_text_embed.bias
+        for known, predict in ((torch.tensor([[1, 4, 6], [0, 2, 7]]), torch.tensor([[0, 3], [5, 6]])),
+                               (torch.zeros(2, 0, dtype=torch.long), torch.tensor([[2, 3], [0, 1]]))):
+            rows = torch.gather(tokens, 1, known[..., None].expand(-1, -1, 16))
+            pos = torch.gather(enc_pos.expand(2, -1, -1), 1, known[..., None].expand(-1, -1, 16))
+            seq = torch.cat([prefix, m.z_proj_ln(rows @ m.z_proj.weight.T + m.z_proj.bias + pos)], 1)
+            for block in m.encoder_blocks:
+                seq = _plain_block(block, seq)
+            encoded = m.encoder_norm(seq)
+            assert torch.allclose(m.encode(tokens, known, enc_pos, m.encoder_text_rows(text)), encoded, atol=1e-5)
+            embedded = m.decoder_embed(encoded)
+            full = m.mask_token.expand(2, 8, 16).clone()
+            full.scatter_(1, known[..., None].expand(-1, -1, 16), embedded[:, 5:])
+            seq = torch.cat([embedded[:, :5], full + dec_pos], 1)
+            for block in m.decoder_blocks:
+                seq = _plain_block(block, seq)
+            want = m.decoder_norm(seq[:, 5:])[torch.arange(2)[:, None], predict]
+            assert torch.allclose(m.decode(encoded, known, predict, dec_pos), want, atol=1e-5)
+            # The step context carries the encoder prefix (with CFG, the null text's after the text's).
+            context = m.step_context(Condition.text(texts, 2, 5, 8, "cpu"), 2, True, grid)
+            null = m.encoder_text_embed(m.fake_latent.expand(2, 5, 16))
+            assert torch.allclose(context[3], torch.cat([prefix, null]), atol=1e-6)
+            z = m.forward_step(torch.cat([tokens, tokens]), torch.cat([known, known]),
+                               torch.cat([predict, predict]), context)
+            assert torch.allclose(z[:2], m.text_decode(want, predict, last_pos, [t[:2] for t in context[4:]]),
+                                  atol=1e-5)

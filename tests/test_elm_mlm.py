@@ -28,7 +28,8 @@ RUNS = {r["name"]: r for r in META["runs"]}
 # What a user passes for these small configurations: what a bare state dict cannot tell.
 SIZES = {"a": dict(n_head=4),
          "b": dict(n_head=2, n_kv_head=1, norm_eps=1e-6, rope_base=500.0, mask_schtype="linear"),
-         "c": dict(n_head=2)}
+         "c": dict(n_head=2),
+         "d": dict(n_head=2, pos_type="rope1d")}
 BAE = Path(__file__).parent / "data" / "elm" / "binaryae_ema.th"     # 8 bits: config a's 2 x 4
 
 
@@ -66,6 +67,7 @@ def test_goldens_cover_the_brief():
     assert {c["token_each"] for c in configs.values()} == {1, 2, 3}
     assert {c["block_size"] for c in configs.values()} == {16, 64}                 # 4x4 and 8x8 grids
     assert {c.get("mask_schtype", "cos") for c in configs.values()} == {"cos", "linear"}
+    assert {c.get("pos_type", "rope2d") for c in configs.values()} == {"rope2d", "rope1d"}
     failures = {f["call"]: f["error"] for f in META["failures"]}
     assert "no attribute 'model_type'" in failures["ModelArgs without model_type"]
     assert failures["top_k=0 (unused)"] is None                                    # top_k is never read
@@ -76,12 +78,23 @@ def test_generate_cfg_reproduces_the_published_tokens(models, name):
     check_run(models[RUNS[name]["config"]], name)
 
 
-@pytest.mark.parametrize("name", ["a", "b", "c"])
+@pytest.mark.parametrize("name", ["a", "b", "c", "d"])
 def test_module_forward_equals_the_published_forward(models, name):
     # The published forward passes an all-True attention mask; the engine passes none.
     m = models[name].module
     logits = m(GOLD[f"forward.{name}.idx"], GOLD[f"forward.{name}.cond"])
     torch.testing.assert_close(logits, GOLD[f"forward.{name}"], rtol=1e-5, atol=1e-5)
+
+
+def test_rope2d_cannot_tell_a_masked_positions_sub_tokens_apart(models):
+    # Published rope2d: the sub-tokens of a masked position share the mask embedding and the
+    # rotation, so their logits are equal; rope1d rotates every element and they differ.
+    for name, equal in (("a", True), ("d", False)):
+        m = models[name].module
+        c = m.config
+        idx = torch.full((1, c.block_size, c.token_each), m.mask_id)
+        logits = m(idx, torch.tensor([1])).view(1, c.block_size, c.token_each, -1)
+        assert torch.equal(logits[:, :, 0], logits[:, :, 1]) is equal, name
 
 
 @dataclass
@@ -322,7 +335,7 @@ def test_configuration_and_checkpoint_errors():
         engine.load(DATA / "ck_a.pth", family="elm-ar", n_head=4, block_size=16)
     with pytest.raises(ConfigError, match="backend must be 'auto' or 'reference'"):
         engine.load(DATA / "ck_a.pth", family="elm-mlm", n_head=4, backend="native")
-    for values, match in [(dict(pos_type="rope1d"), "pos_type"), (dict(mask_schtype="square"), "mask_schtype"),
+    for values, match in [(dict(pos_type="sincos"), "pos_type"), (dict(mask_schtype="square"), "mask_schtype"),
                           (dict(cls_token_num=2), "cls_token_num"), (dict(block_size=15), "must be a square"),
                           (dict(dim=40, n_head=4), "multiple of 4"), (dict(code_dim=40), "exceeds the engine's limit"),
                           (dict(n_layer="x"), "n_layer")]:

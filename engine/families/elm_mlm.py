@@ -87,6 +87,7 @@ TRAINING_ONLY = frozenset({
     "caption_dim", "vocab_size", "max_batch_size", "max_seq_len", "model_type"})
 CFG_SCHEDULES = ("linear", "constant", "powercos")
 MASK_SCHEDULES = ("cos", "linear")
+POS_TYPES = ("rope2d", "rope1d")
 NOISE_CHUNK = 1 << 24      # numpy Gumbel values uploaded at a time (one host->device copy each)
 
 
@@ -98,7 +99,7 @@ class ELMMLMConfig(LlamaSizes, ClassGrid, ConfigMixin):
     mask_schtype: str = "cos"
     pause: bool = False
     token_each: int = 4
-    cls_row: bool = False          # only read by the published sincos / rope1d paths
+    cls_row: bool = False          # only read by the published sincos path (not implemented)
     pos_type: str = "rope2d"
     code_dim: int = 16
     dim: int = 4096
@@ -139,9 +140,9 @@ class ELMMLMConfig(LlamaSizes, ClassGrid, ConfigMixin):
                 f"num_classes={self.num_classes}, block_size={self.block_size}, ffn hidden={self.hidden_dim}")
 
     def validate(self) -> None:
-        if self.pos_type != "rope2d":
+        if self.pos_type not in POS_TYPES:
             raise ConfigError(f"config field pos_type={self.pos_type!r} is not supported: the engine "
-                              "implements ELM's released configuration (pos_type='rope2d')")
+                              f"implements the published {POS_TYPES} (not 'sincos')")
         if self.mask_schtype not in MASK_SCHEDULES:
             raise ConfigError(f"config field mask_schtype={self.mask_schtype!r} is not one of {MASK_SCHEDULES} "
                               "(the published generate_cfg fails on others: its mask_ratio is unbound)")

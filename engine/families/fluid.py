@@ -72,9 +72,12 @@ class FluidConfig(ConfigMixin):
     # tokens only through the cross blocks after the decoder). text_positions: a learned table of
     # text positions (max_length rows) added in the aligner; decoder_text: the aligned text rows,
     # through a Linear, prefix the decoder's sequence (every decoder block attends to the text,
-    # as in the Fluid paper, where every block sees it).
+    # as in the Fluid paper, where every block sees it); encoder_text: the aligned text rows,
+    # through a Linear, prefix the encoder's sequence as MAR's class buffer does (the encoder and
+    # decoder then read the text and the known tokens together; their outputs prefix the decoder).
     text_positions: bool = False
     decoder_text: bool = False
+    encoder_text: bool = False
 
     def __post_init__(self):
         self._coerce_and_validate()
@@ -139,7 +142,8 @@ class FluidConfig(ConfigMixin):
         encoder = c * e + e + 2 * e + length * e + self.encoder_depth * _block_params(e, r) + 2 * e
         decoder = e * d + d + d + length * d + self.decoder_depth * _block_params(d, r) + 2 * d
         cross = (d * x + x + length * x + x + self.cross_depth * (_block_params(x, r) + 2 * x) + 2 * x)
-        options = self.text_positions * self.max_length * e + self.decoder_text * (x * d + d)
+        options = (self.text_positions * self.max_length * e + self.decoder_text * (x * d + d)
+                   + self.encoder_text * (x * e + e))
         return text + encoder + decoder + cross + options + _head_params(c, d, self.diffloss_w, self.diffloss_d)
 
 

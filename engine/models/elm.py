@@ -40,6 +40,15 @@ def rope_table_2d(grid: int, head_dim: int, base: float, zero_rows: int) -> torc
     return torch.cat([torch.zeros(zero_rows, half, 2, device="cpu"), table])
 
 
+def rope_table_1d(seq: int, head_dim: int, base: float) -> torch.Tensor:
+    """[seq, head_dim // 2, 2] (cos, sin) of 1D RoPE, as the published precompute_freqs_cis
+    (torch.polar, so the values are the published ones bit for bit): one angle per element."""
+    inv = 1.0 / (base ** (torch.arange(0, head_dim, 2, device="cpu")[: head_dim // 2].float() / head_dim))
+    angles = torch.outer(torch.arange(seq, device="cpu"), inv)
+    rotation = torch.polar(torch.ones_like(angles), angles)
+    return torch.stack([rotation.real, rotation.imag], dim=-1)
+
+
 def apply_rotary(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
     """x [B, S, H, D], freqs [S, D // 2, 2]: rotate adjacent channel pairs (in float32)."""
     xs = x.float().reshape(*x.shape[:-1], -1, 2)

@@ -13,8 +13,11 @@ Reproduced as published (the blocks, RMSNorm, SwiGLU and RoPE are engine/models/
     row of it): a sequence of (block_size + 1) * token_each vectors.
   * Bidirectional attention (the published all-True boolean mask; without it SDPA gives the
     same values on CPU, checked in the tests).
-  * 2D RoPE with one all-zero class row, each row repeated token_each times: sub-tokens of a
-    position share its rotation and the class copies get q = k = 0.
+  * pos_type 'rope2d' (ELM's released setting): 2D RoPE with one all-zero class row, each row
+    repeated token_each times: sub-tokens of a position share its rotation and the class copies
+    get q = k = 0. With token_each > 1 the sub-tokens of a masked position are then identical
+    inputs and get identical logits (the model cannot tell them apart).
+    pos_type 'rope1d': 1D RoPE over all (block_size + 1) * token_each elements.
   * Logits: final RMSNorm, then `mlm_layer`: Linear (with bias), exact GELU, LayerNorm, a
     matmul with the token table's transpose plus a bias (in that order: no fused addmm), for
     every sequence element; the class elements and the mask / pause columns are then cut off:
@@ -30,7 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..categorical import guide, top_k_mask, top_p_mask
-from .elm import LabelEmbedder, RMSNorm, TransformerBlock, rope_table_2d
+from .elm import LabelEmbedder, RMSNorm, TransformerBlock, rope_table_1d, rope_table_2d
 
 
 class MlmLayer(nn.Module):
@@ -60,8 +63,8 @@ def bidirectional_block(block: TransformerBlock, x: torch.Tensor, freqs: torch.T
 
 
 class ELMMLMTransformer(nn.Module):
-    """The published masked `Transformer` for `engine.families.elm_mlm.ELMMLMConfig` (rope2d,
-    one class token: the configuration that runs)."""
+    """The published masked `Transformer` for `engine.families.elm_mlm.ELMMLMConfig` (rope2d or
+    rope1d, one class token: the configurations that run)."""
 
     def __init__(self, config):
         super().__init__()
@@ -79,9 +82,15 @@ class ELMMLMTransformer(nn.Module):
             self.output = nn.Linear(c.dim, rows, bias=False)                   # unused (as published)
         self.norm = RMSNorm(c.dim, c.norm_eps)
         self.mlm_layer = MlmLayer(c.dim, rows)
-        # The published table, each row repeated for the token_each sub-tokens (what its
-        # apply_rotary_emb does on every call); on the CPU even when built on the meta device.
-        table = rope_table_2d(c.grid, c.head_dim, c.rope_base, 1).repeat_interleave(c.token_each, dim=0)
+        # The published tables, on the CPU even when built on the meta device. rope2d: one row
+        # per position, repeated for its token_each sub-tokens (what apply_rotary_emb does on
+        # every call), the class row zero; rope1d: one angle per sequence element, class copies
+        # included, so a masked position's sub-tokens differ (under rope2d they are identical
+        # inputs and get identical logits).
+        if c.pos_type == "rope1d":
+            table = rope_table_1d((c.block_size + 1) * c.token_each, c.head_dim, c.rope_base)
+        else:
+            table = rope_table_2d(c.grid, c.head_dim, c.rope_base, 1).repeat_interleave(c.token_each, dim=0)
         self.register_buffer("freqs_cis", table, persistent=False)
 
     @property

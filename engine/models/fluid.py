@@ -152,6 +152,8 @@ class Fluid(nn.Module):
         self.decoder_pos_embed_learned = nn.Parameter(torch.zeros(1, length, d))
         if c.decoder_text:   # engine option: the text rows prefix the decoder's sequence
             self.decoder_text_embed = nn.Linear(x, d)
+        if c.encoder_text:   # engine option: the text rows prefix the encoder's sequence
+            self.encoder_text_embed = nn.Linear(x, e)
         self.decoder_blocks = nn.ModuleList(
             Block(d, c.decoder_num_heads, c.mlp_ratio, eps) for _ in range(c.decoder_depth))
         self.decoder_norm = nn.LayerNorm(d, eps=eps)
@@ -207,6 +209,11 @@ class Fluid(nn.Module):
         FluidConfig.decoder_text."""
         return self.decoder_text_embed(text) if self.config.decoder_text else None
 
+    def encoder_text_rows(self, text: torch.Tensor) -> torch.Tensor | None:
+        """The encoder's text prefix [B, Lt, E] from aligned (or null) text rows; None unless
+        FluidConfig.encoder_text."""
+        return self.encoder_text_embed(text) if self.config.encoder_text else None
+
     def step_context(self, condition, bsz: int, use_cfg: bool, grid) -> tuple[torch.Tensor, ...]:
         """(encoder / decoder / text-decoder positions, with decoder_text the decoder's text
         prefix, then K and V of every cross block)."""
@@ -222,18 +229,22 @@ class Fluid(nn.Module):
             text = torch.cat([text, self.null_text(bsz)])
         kv = [t for block in self.cross_attn_blocks for t in block.keys_values(text)]
         prefix = (self.decoder_text_rows(text),) if self.config.decoder_text else ()
+        prefix += (self.encoder_text_rows(text),) if self.config.encoder_text else ()
         return (*self.positions(grid), *prefix, *kv)
 
     def unpatchify(self, tokens: torch.Tensor, grid) -> torch.Tensor:
         return unpatchify(tokens, self.config.patch_size, self.config.vae_embed_dim, grid[0], grid[1])
 
     # The step --------------------------------------------------------------------------------
-    def encode(self, tokens, known, enc_pos):
-        """Encoder over the known tokens only (none at the first step)."""
+    def encode(self, tokens, known, enc_pos, text_rows=None):
+        """Encoder over the known tokens only (none at the first step); with `text_rows [B, Lt, E]`
+        (FluidConfig.encoder_text) over [text; known tokens], as MAR's over [buffer; known]."""
         b = tokens.shape[0]
         x = self.z_proj(gather_rows(tokens, known)) + gather_rows(enc_pos.expand(b, -1, -1), known)
         x = self.z_proj_ln(x)
-        if known.shape[1]:   # static: the first step's encoder input is empty
+        if text_rows is not None:
+            x = torch.cat([text_rows.to(x.dtype), x], dim=1)
+        if x.shape[1]:   # static: the first step's encoder input is empty without text rows
             for block in self.encoder_blocks:
                 x = block(x)
         return self.encoder_norm(x)
@@ -241,15 +252,21 @@ class Fluid(nn.Module):
     def decode(self, x, known, predict, dec_pos, text_rows=None):
         """Decoder over the full sequence; returns the rows of `predict [B, n]` only. With
         `text_rows [B, Lt, D]` (FluidConfig.decoder_text) the sequence is [text; image], so every
-        decoder block attends to the text as MAR's blocks attend to its class rows."""
+        decoder block attends to the text as MAR's blocks attend to their class rows. With
+        FluidConfig.encoder_text, `x`'s first rows are the encoder's text rows: they prefix the
+        sequence too (after the decoder_text rows), as MAR's buffer rows do."""
         x = self.decoder_embed(x)
         b, d = x.shape[0], self.config.decoder_embed_dim
+        encoder_prefix = x.shape[1] - known.shape[1]
+        prefix, x = x[:, :encoder_prefix], x[:, encoder_prefix:]
         full = self.mask_token.to(x.dtype).expand(b, dec_pos.shape[1], d).clone()
         full.scatter_(1, known.unsqueeze(-1).expand(-1, -1, d), x)
         x = full + dec_pos
         if text_rows is not None:
-            x = torch.cat([text_rows.to(x.dtype), x], dim=1)
-            predict = predict + text_rows.shape[1]
+            prefix = torch.cat([text_rows.to(x.dtype), prefix], dim=1)
+        if prefix.shape[1]:
+            x = torch.cat([prefix, x], dim=1)
+            predict = predict + prefix.shape[1]
         blocks = list(self.decoder_blocks)
         for block in blocks[:-1]:
             x = block(x)
@@ -265,6 +282,7 @@ class Fluid(nn.Module):
     def forward_step(self, tokens, known, predict, context) -> torch.Tensor:
         """One transformer pass of a sampling step: z [B', n, X] for the predicted positions."""
         enc_pos, dec_pos, last_pos, *rest = context
-        text_rows, kv = (rest[0], rest[1:]) if self.config.decoder_text else (None, rest)
-        x = self.decode(self.encode(tokens, known, enc_pos), known, predict, dec_pos, text_rows)
+        text_rows, rest = (rest[0], rest[1:]) if self.config.decoder_text else (None, rest)
+        encoder_rows, kv = (rest[0], rest[1:]) if self.config.encoder_text else (None, rest)
+        x = self.decode(self.encode(tokens, known, enc_pos, encoder_rows), known, predict, dec_pos, text_rows)
         return self.text_decode(x, predict, last_pos, kv)

@@ -58,6 +58,9 @@ CONFIGS = {
     # token_each 3, pause (one more embedding row), 8 sub-token values
     "c": dict(dim=32, n_layer=1, n_head=2, token_each=3, code_dim=3, block_size=16, num_classes=7,
               multiple_of=32, pause=True),
+    # token_each 2 with 1D RoPE over every sub-token (the published pos_type='rope1d')
+    "d": dict(dim=32, n_layer=2, n_head=2, token_each=2, code_dim=4, block_size=16, num_classes=6,
+              multiple_of=32, pos_type="rope1d"),
 }
 
 RUNS = [
@@ -77,6 +80,8 @@ RUNS = [
     ("b_null", "b", 12, [5, 2], dict(num_iter=8, cfg_scale=3.0)),            # cond = the null class
     ("c_const", "c", 13, [0, 3, 6], dict(num_iter=7, cfg_scale=2.5, temperature=0.5)),
     ("c_linear", "c", 14, [5, 2], dict(num_iter=10, cfg_scale=1.5, cfg_schedule="linear", remask=True, top_k=4)),
+    ("d_const", "d", 15, [1, 5], dict(num_iter=8, cfg_scale=2.0, temperature=1.5)),
+    ("d_linear_remask", "d", 16, [0, 3, 4], dict(num_iter=6, cfg_scale=3.0, cfg_schedule="linear", remask=True)),
 ]
 DEFAULTS = dict(num_iter=10, temperature=1.0, top_k=None, cfg_scale=10.0, remask=False, cfg_schedule="constant",
                 scale_pow=1.0)
