@@ -462,7 +462,9 @@ def test_overload_answers_200_or_429_and_stays_healthy():
         answers = asyncio.run(burst())
         codes = [r.status_code for r in answers]
         assert len(codes) == 40 and set(codes) <= {200, 429, 503}, codes     # none lost, no 5xx
-        assert codes.count(200) >= 4 and codes.count(429) >= 1, codes
+        # At least the queue's worth is served (more when the scheduler admits some to a running
+        # batch before the burst ends; on a fast machine all 40 can arrive first).
+        assert codes.count(200) >= 3 and codes.count(429) >= 1, codes
         for r in answers:
             if r.status_code == 429:
                 assert int(r.headers["retry-after"]) >= 1 and "queue is full" in r.json()["error"]["message"]
