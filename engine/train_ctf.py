@@ -161,7 +161,8 @@ def run(args) -> int:
 
     from .discrete_digits import digits_codes, load_digits_bae, save_digits_bae
     from .families.ctf import CTFModel, save_ctf
-    from .train import TrainConfig, _command_line, train
+    from .train import _command_line
+    from .train_discrete import sampling_with, train_task
 
     out, bae_path = Path(args.out), getattr(args, "bae", None)
     config = digits_ctf_config()
@@ -175,24 +176,12 @@ def run(args) -> int:
           f"{time.time() - start:.1f}s", flush=True)
     codes, labels = digits_codes("train", bae_path)
     task = CTFTask(config, codes, labels, cluster_of)
-    tc = TrainConfig(**{**dataclasses.asdict(TrainConfig()), **DIGITS_CTF_TRAINING,
-                        **{k: getattr(args, k) for k in ("steps", "batch_size", "threads", "warmup_steps",
-                                                         "lr", "ema_decay", "log_every")
-                           if getattr(args, k, None) is not None}, "seed": args.seed})
-    n_params = sum(p.numel() for p in task.build().parameters())
-    print(f"training digits-ctf: {n_params / 1e6:.2f}M parameters, {tc.steps} steps of batch {tc.batch_size}, "
-          f"seed {tc.seed}, {tc.threads} thread(s)", flush=True)
-    out.mkdir(parents=True, exist_ok=True)
+    tc, result = train_task("digits-ctf", config, task, DIGITS_CTF_TRAINING, args)
     resume = out / "resume.pt"
-    result = train(config, tc, task=task, resume_path=resume if getattr(args, "resume_every", 0) else None,
-                   resume_every=getattr(args, "resume_every", 0))
     module = task.build()
     module.load_state_dict({**result["ema"], "cluster_of": cluster_of})
     model = CTFModel(module)
-    sampling = dict(DIGITS_CTF_SAMPLING)
-    for name in ("cfg", "temperature"):
-        if getattr(args, name, None) is not None:
-            sampling[name] = getattr(args, name)
+    sampling = sampling_with(DIGITS_CTF_SAMPLING, args)
     training = {**dataclasses.asdict(tc), "command": _command_line(args),
                 "data": f"codes of the engine.digits train split under {bae_path or 'the built-in digits-bae'}",
                 "clusters": f"sklearn KMeans(n_clusters={config.num_clusters}, random_state={KMEANS_SEED}) on "

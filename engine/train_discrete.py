@@ -183,9 +183,35 @@ def reconstruction_report(bae: DigitsBAE, split: str = "heldout") -> dict:
 DISCRETE_MODELS = ("digits-bae", "digits-elm-ar")
 
 
+def train_task(name: str, config, task, defaults: dict, args) -> tuple:
+    """The shared part of the built-in code models' training commands: a TrainConfig from the
+    model's `defaults` and the command's options, the parameter count line, and engine.train's
+    loop with OUT/resume.pt when --resume-every is given. Returns (TrainConfig, train's result)."""
+    from .train import TrainConfig, train
+
+    tc = TrainConfig(**{**dataclasses.asdict(TrainConfig()), **defaults,
+                        **{k: getattr(args, k) for k in ("steps", "batch_size", "threads", "warmup_steps",
+                                                         "lr", "ema_decay", "log_every")
+                           if getattr(args, k, None) is not None}, "seed": args.seed})
+    n_params = sum(p.numel() for p in task.build().parameters())
+    print(f"training {name}: {n_params / 1e6:.2f}M parameters, {tc.steps} steps of batch {tc.batch_size}, "
+          f"seed {tc.seed}, {tc.threads} thread(s)", flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    resume_every = getattr(args, "resume_every", 0) or 0
+    result = train(config, tc, task=task, resume_path=out / "resume.pt" if resume_every else None,
+                   resume_every=resume_every)
+    return tc, result
+
+
+def sampling_with(defaults: dict, args, names=("cfg", "temperature")) -> dict:
+    """A model's recorded sampling defaults with the command's --cfg / --temperature / ... ."""
+    return {**defaults, **{n: getattr(args, n) for n in names if getattr(args, n, None) is not None}}
+
+
 def run(args) -> int:
     from .loading import save_engine_dir
-    from .train import TrainConfig, _command_line, train
+    from .train import _command_line
     from .discrete_digits import load_digits_bae, save_digits_bae
 
     out = Path(args.out)
@@ -198,17 +224,8 @@ def run(args) -> int:
         bae_path = getattr(args, "bae", None)
         task = ELMARTask(config, bae_path=bae_path)
         data = f"codes of the engine.digits train split under {bae_path or 'the built-in digits-bae'}"
-    tc = TrainConfig(**{**dataclasses.asdict(TrainConfig()), **defaults,
-                        **{k: getattr(args, k) for k in ("steps", "batch_size", "threads", "warmup_steps",
-                                                         "lr", "ema_decay", "log_every")
-                           if getattr(args, k, None) is not None}, "seed": args.seed})
-    module = task.build()
-    print(f"training {args.model}: {sum(p.numel() for p in module.parameters()) / 1e6:.2f}M parameters, "
-          f"{tc.steps} steps of batch {tc.batch_size}, seed {tc.seed}, {tc.threads} thread(s)", flush=True)
-    out.mkdir(parents=True, exist_ok=True)
+    tc, result = train_task(args.model, config, task, defaults, args)
     resume = out / "resume.pt"
-    result = train(config, tc, task=task, resume_path=resume if args.resume_every else None,
-                   resume_every=args.resume_every)
     training = {**dataclasses.asdict(tc), "command": _command_line(args), "data": data,
                 "final": result["history"][-1], "seconds": round(result["seconds"], 1), "weights": "ema"}
     if args.model == "digits-bae":
@@ -220,10 +237,7 @@ def run(args) -> int:
         print(f"held-out reconstructions: classifier accuracy {report['accuracy']:.1%}, FD {report['fd']:.2f} "
               f"(real-vs-real floor {report['real_vs_real_fd']:.2f})")
     else:
-        sampling = dict(DIGITS_ELM_AR_SAMPLING)
-        for name in ("cfg", "temperature"):
-            if getattr(args, name, None) is not None:
-                sampling[name] = getattr(args, name)
+        sampling = sampling_with(DIGITS_ELM_AR_SAMPLING, args)
         dtype = getattr(torch, getattr(args, "weights_dtype", "float32"))
         training["weights_dtype"] = str(dtype).removeprefix("torch.")
         save_engine_dir({k: v.to(dtype) for k, v in result["ema"].items()}, config, out,

@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import ConfigError
-from .train_discrete import BatchedTask, CodeBatches, drop_labels
+from .train_discrete import BatchedTask, CodeBatches, drop_labels, sampling_with, train_task
 
 # The built-in model's settings -------------------------------------------------------------------
 # pos_type rope1d: under ELM's released rope2d the 2 sub-tokens of a masked position are identical
@@ -136,7 +136,7 @@ def run(args) -> int:
     as an engine directory (family elm-mlm) with the BAE it decodes with in DIR/bae."""
     from .discrete_digits import load_digits_bae, save_digits_bae
     from .loading import save_engine_dir
-    from .train import TrainConfig, _command_line, train
+    from .train import _command_line
 
     out, bae_path = Path(args.out), getattr(args, "bae", None)
     config = digits_elm_mlm_config()
@@ -145,21 +145,9 @@ def run(args) -> int:
         raise ConfigError(f"the BAE's codes ({bae.config.token_each} x {bae.config.code_dim} bits) do not fit "
                           f"digits-elm-mlm ({config.token_each} x {config.code_dim})")
     task = ELMMLMTask(config, bae_path=bae_path)
-    tc = TrainConfig(**{**dataclasses.asdict(TrainConfig()), **DIGITS_ELM_MLM_TRAINING,
-                        **{k: getattr(args, k) for k in ("steps", "batch_size", "threads", "warmup_steps",
-                                                         "lr", "ema_decay", "log_every")
-                           if getattr(args, k, None) is not None}, "seed": args.seed})
-    n_params = sum(p.numel() for p in task.build().parameters())
-    print(f"training digits-elm-mlm: {n_params / 1e6:.2f}M parameters, {tc.steps} steps of batch "
-          f"{tc.batch_size}, seed {tc.seed}, {tc.threads} thread(s)", flush=True)
-    out.mkdir(parents=True, exist_ok=True)
+    tc, result = train_task("digits-elm-mlm", config, task, DIGITS_ELM_MLM_TRAINING, args)
     resume = out / "resume.pt"
-    result = train(config, tc, task=task, resume_path=resume if getattr(args, "resume_every", 0) else None,
-                   resume_every=getattr(args, "resume_every", 0))
-    sampling = dict(DIGITS_ELM_MLM_SAMPLING)
-    for name in ("cfg", "temperature", "num_iter"):
-        if getattr(args, name, None) is not None:
-            sampling[name] = getattr(args, name)
+    sampling = sampling_with(DIGITS_ELM_MLM_SAMPLING, args, ("cfg", "temperature", "num_iter"))
     training = {**dataclasses.asdict(tc), "command": _command_line(args),
                 "data": f"codes of the engine.digits train split under {bae_path or 'the built-in digits-bae'}",
                 "objective": "MaskGIT: cos-schedule masking of whole positions, CE on the masked sub-tokens",
