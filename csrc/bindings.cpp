@@ -4,15 +4,17 @@
 #include <torch/extension.h>
 
 #include "head_loop.h"
+#include "small_gemm.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "engine native CPU head loop (MAR diffusion head)";
   pybind11::class_<engine_native::HeadPlan>(m, "HeadPlan")
       .def(pybind11::init<std::vector<at::Tensor>, std::optional<std::vector<double>>, bool,
-                          int64_t, int64_t, int64_t, int64_t>(),
+                          int64_t, int64_t, int64_t, int64_t, int64_t>(),
            pybind11::arg("tensors"), pybind11::arg("clip_range"), pybind11::arg("bf16"),
            pybind11::arg("gemm_mode"), pybind11::arg("small_gemm_mode"),
-           pybind11::arg("mod_budget_bytes"), pybind11::arg("pack_rows"))
+           pybind11::arg("mod_budget_bytes"), pybind11::arg("pack_rows"),
+           pybind11::arg("stream_rows"))
       .def("run", &engine_native::HeadPlan::run, pybind11::arg("z"), pybind11::arg("x"),
            pybind11::arg("noise"), pybind11::arg("cfg_scale"), pybind11::arg("temperature"),
            pybind11::call_guard<pybind11::gil_scoped_release>())
@@ -24,4 +26,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_property_readonly("num_steps", &engine_native::HeadPlan::num_steps);
   m.def("has_mkl_packed", &engine_native::has_mkl_packed);
   m.def("has_sleef_exp", &engine_native::has_sleef_exp);
+  m.def("has_small_gemm", &engine_native::has_small_gemm);
+  // The small-row kernel on its own, for tests and benchmarks: A [M, K] @ W [N, K]^T.
+  m.def("small_gemm_pack", &engine_native::small_gemm_pack, pybind11::arg("weight"));
+  m.def("small_gemm", [](const at::Tensor& a, const at::Tensor& panels, int64_t n) {
+          return engine_native::small_gemm_run(a, panels, n, at::Tensor());
+        }, pybind11::arg("a"), pybind11::arg("panels"), pybind11::arg("n"));
 }

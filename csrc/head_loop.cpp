@@ -6,6 +6,7 @@
 // exp (for SiLU and the variance) is torch's own vectorised Sleef exp where it is available.
 // Products differ from the eager reference only by the GEMM's summation order.
 #include "head_loop.h"
+#include "small_gemm.h"
 
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -128,9 +129,13 @@ inline int64_t row_grain(int64_t width) { return std::max<int64_t>(1, 16384 / st
 // ---------------------------------------------------------------------------------------------
 // Gemm
 
-Gemm::Gemm(const at::Tensor& weight, GemmMode mode, int64_t pack_rows)
+Gemm::Gemm(const at::Tensor& weight, GemmMode mode, int64_t pack_rows, int64_t stream_rows)
     : weight_(weight.contiguous()), mode_(mode), n_(weight.size(0)), k_(weight.size(1)) {
   weight_t_ = weight_.t();
+  stream_rows_ = small_gemm_compiled() && n_ > 0 && k_ > 0
+                     ? std::min<int64_t>(std::max<int64_t>(0, stream_rows), kSmallGemmMaxRows)
+                     : 0;
+  if (stream_rows_ > 0) panels_ = small_gemm_pack(weight_);
   pack_rows = std::max<int64_t>(1, pack_rows);
   if (mode_ == GemmMode::kMklPacked) {
     if (weight_.scalar_type() != at::kFloat || !mkl_packed_available() || n_ == 0 || k_ == 0) {
@@ -168,6 +173,7 @@ Gemm::Gemm(const at::Tensor& weight, GemmMode mode, int64_t pack_rows)
 at::Tensor Gemm::run(const at::Tensor& a, const at::Tensor& out) const {
   const int64_t m = a.size(0);
   if (m == 0) return out;
+  if (m <= stream_rows_ && a.stride(1) == 1) return small_gemm_run(a, panels_, n_, out);
   switch (mode_) {
     case GemmMode::kMklPacked:
       cblas_sgemm_compute(kCblasRowMajor, kCblasNoTrans, kCblasPacked, m, n_, k_,
@@ -217,7 +223,7 @@ const char* mode_name(GemmMode m) {
 
 HeadPlan::HeadPlan(std::vector<at::Tensor> t, std::optional<std::vector<double>> clip_range,
                    bool bf16, int64_t gemm_mode, int64_t small_gemm_mode, int64_t mod_budget_bytes,
-                   int64_t pack_rows) {
+                   int64_t pack_rows, int64_t stream_rows) {
   TORCH_CHECK(t.size() == kNumTensors, "engine native: expected ", int(kNumTensors),
               " head tensors, got ", t.size());
   for (auto& v : t) {
@@ -228,6 +234,9 @@ HeadPlan::HeadPlan(std::vector<at::Tensor> t, std::optional<std::vector<double>>
   opts_.gemm = to_mode(gemm_mode);
   opts_.small_gemm = to_mode(small_gemm_mode);
   opts_.mod_budget_bytes = std::max<int64_t>(1, mod_budget_bytes);
+  opts_.stream_rows = small_gemm_compiled() ? std::min<int64_t>(std::max<int64_t>(0, stream_rows),
+                                                                 kSmallGemmMaxRows)
+                                            : 0;
   if (bf16 && opts_.gemm == GemmMode::kMklPacked) opts_.gemm = GemmMode::kAten;
 
   time_emb_ = t[kTimeEmb];
@@ -260,15 +269,19 @@ HeadPlan::HeadPlan(std::vector<at::Tensor> t, std::optional<std::vector<double>>
   out_b_ = t[kOutB];
 
   const at::ScalarType big = bf16 ? at::kBFloat16 : at::kFloat;
-  cond_ = Gemm(t[kCondW], opts_.gemm, pack_rows);  // float32 weights in both modes
-  in_ = Gemm(t[kInW], opts_.small_gemm, pack_rows);
-  out_ = Gemm(t[kOutW], opts_.small_gemm, pack_rows);
-  ada_ = Gemm(t[kAdaW].to(big), opts_.gemm, pack_rows);
+  const int64_t sr = opts_.stream_rows;
+  cond_ = Gemm(t[kCondW], opts_.gemm, pack_rows, sr);  // float32 weights in both modes
+  in_ = Gemm(t[kInW], opts_.small_gemm, pack_rows, sr);
+  out_ = Gemm(t[kOutW], opts_.small_gemm, pack_rows, sr);
+  // bfloat16 weights: oneDNN's AMX / bf16 kernels beat the small-row kernel (which widens to
+  // float32 FMAs) from 8 rows on (MAR-B head, one thread: 0.85x at 8 rows, 1.6x at 2).
+  const int64_t big_sr = bf16 ? std::min<int64_t>(sr, 4) : sr;
+  ada_ = Gemm(t[kAdaW].to(big), opts_.gemm, pack_rows, big_sr);
   const at::Tensor fc1w = t[kFc1W].reshape({depth_, width_, width_});
   const at::Tensor fc2w = t[kFc2W].reshape({depth_, width_, width_});
   for (int64_t b = 0; b < depth_; ++b) {
-    fc1_.emplace_back(fc1w[b].to(big), opts_.gemm, pack_rows);
-    fc2_.emplace_back(fc2w[b].to(big), opts_.gemm, pack_rows);
+    fc1_.emplace_back(fc1w[b].to(big), opts_.gemm, pack_rows, big_sr);
+    fc2_.emplace_back(fc2w[b].to(big), opts_.gemm, pack_rows, big_sr);
   }
 }
 
@@ -283,7 +296,8 @@ std::string HeadPlan::describe() const {
   s << "HeadPlan(depth=" << depth_ << ", width=" << width_ << ", C=" << token_dim_
     << ", D=" << cond_dim_ << ", T=" << num_steps_ << ", weights="
     << (opts_.bf16 ? "bfloat16" : "float32") << ", gemm=" << mode_name(ada_.mode())
-    << ", small_gemm=" << mode_name(in_.mode()) << ", mod_budget=" << opts_.mod_budget_bytes
+    << ", small_gemm=" << mode_name(in_.mode()) << ", stream_rows=" << opts_.stream_rows
+    << ", mod_budget=" << opts_.mod_budget_bytes
     << ", clip=" << (clip_ ? "yes" : "no") << ")";
   return s.str();
 }
@@ -567,6 +581,8 @@ template at::Tensor HeadPlan::run_impl<c10::BFloat16>(const at::Tensor&, const a
 namespace engine_native {
 
 bool has_mkl_packed() { return mkl_packed_available(); }
+
+bool has_small_gemm() { return small_gemm_compiled(); }
 
 bool has_sleef_exp() {
 #if defined(__AVX512F__)

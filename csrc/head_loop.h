@@ -7,7 +7,8 @@
 //   * per diffusion step: input projection (computed once for the shared half under CFG), per block
 //     fused modulated LayerNorm -> fc1 -> fused bias+SiLU -> fc2 -> fused bias+gate+residual, final
 //     fused LayerNorm+modulation -> output projection -> fused CFG combine + DDPM update;
-//   * GEMMs through ATen's oneDNN (mkldnn) matmul on weights reordered once (the default: 2-3x
+//   * products of at most 16 rows (batch 1) through the small-row kernel of small_gemm.h, which
+//     reads each weight once for all rows; larger ones through ATen's oneDNN (mkldnn) matmul on weights reordered once (the default: 2-3x
 //     MKL sgemm on the AMD development CPU), or at::mm (MKL) / MKL packed weights; elementwise
 //     passes parallel across rows with at::parallel_for (OpenMP).
 //   * the Python binding lives in bindings.cpp: only it parses torch/extension.h (pybind11), and
@@ -32,7 +33,9 @@ enum class GemmMode : int {
 class Gemm {
  public:
   Gemm() = default;
-  Gemm(const at::Tensor& weight, GemmMode mode, int64_t pack_rows);
+  // stream_rows: products of at most that many rows (<= kSmallGemmMaxRows) use the small-row
+  // kernel (small_gemm.h) on weights packed once into panels; 0 = never.
+  Gemm(const at::Tensor& weight, GemmMode mode, int64_t pack_rows, int64_t stream_rows = 0);
   // Returns the product: `out` itself, or (oneDNN) a new tensor of the same shape.
   at::Tensor run(const at::Tensor& a, const at::Tensor& out) const;
   GemmMode mode() const { return mode_; }
@@ -43,8 +46,9 @@ class Gemm {
   at::Tensor weight_;   // [N, K] contiguous, the GEMM dtype
   at::Tensor weight_t_; // its transpose view [K, N]
   at::Tensor packed_;   // MKL packed bytes, or the oneDNN (mkldnn layout) weight
+  at::Tensor panels_;   // the small-row kernel's layout (when stream_rows_ > 0)
   GemmMode mode_ = GemmMode::kAten;
-  int64_t n_ = 0, k_ = 0;
+  int64_t n_ = 0, k_ = 0, stream_rows_ = 0;
 };
 
 struct PlanOptions {
@@ -52,13 +56,14 @@ struct PlanOptions {
   GemmMode gemm = GemmMode::kAten; // fc1/fc2/adaLN and cond_embed (the large products)
   GemmMode small_gemm = GemmMode::kAten; // input/output projections (K or N = 2C: tiny)
   int64_t mod_budget_bytes = 32 << 20;   // modulation buffer size that bounds the step chunk
+  int64_t stream_rows = 0;               // products of <= this many rows: small-row kernel
 };
 
 class HeadPlan {
  public:
   HeadPlan(std::vector<at::Tensor> tensors, std::optional<std::vector<double>> clip_range,
            bool bf16, int64_t gemm_mode, int64_t small_gemm_mode, int64_t mod_budget_bytes,
-           int64_t pack_rows);
+           int64_t pack_rows, int64_t stream_rows);
 
   // z [R, D], x [n, C], noise [T, R, C]; R = 2n with CFG (cfg_scale given), else n. -> [n, C]
   // cfg_scale and temperature: float32 [n], one value per result row.
@@ -91,5 +96,6 @@ class HeadPlan {
 // What this build can use (reported by the Python side's describe()).
 bool has_mkl_packed();
 bool has_sleef_exp();
+bool has_small_gemm();
 
 }  // namespace engine_native

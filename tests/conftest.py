@@ -41,6 +41,19 @@ def golden_dir() -> Path:
     return GOLDEN_DIR
 
 
+@pytest.fixture(scope="session")
+def native_ext():
+    """The native extension (built once per machine); a failure where CI requires it."""
+    from engine import native_build
+
+    cause = native_build.build_error()
+    if cause is not None:
+        if os.environ.get("ENGINE_REQUIRE_NATIVE", "") not in ("", "0"):
+            pytest.fail(f"native extension unavailable: {cause}")
+        pytest.skip(f"native extension unavailable: {cause}")
+    return native_build.load_extension()
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny shapes run faster on one thread, and on a shared machine two OpenMP threads can stall

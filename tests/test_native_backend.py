@@ -28,16 +28,6 @@ TOL = 1e-4
 pytestmark = pytest.mark.usefixtures("one_thread")  # test_parallel_rows_match_serial covers two threads
 
 
-@pytest.fixture(scope="session")
-def native_ext():
-    cause = native_build.build_error()
-    if cause is not None:
-        if os.environ.get("ENGINE_REQUIRE_NATIVE", "") not in ("", "0"):
-            pytest.fail(f"native extension unavailable: {cause}")
-        pytest.skip(f"native extension unavailable: {cause}")
-    return native_build.load_extension()
-
-
 @pytest.fixture(scope="module")
 def golden_model(native_ext):
     return engine.load(CHECKPOINT, backend="reference")
@@ -157,9 +147,13 @@ def test_step_chunking_does_not_change_results(budget):
     assert rel_err(got, want) <= TOL
 
 
+@pytest.mark.parametrize("stream_rows", [0, 16])
 @pytest.mark.parametrize("gemm", ["aten", "mkl_packed", "onednn"])
-def test_gemm_paths_agree(golden_model, gemm):
-    got, want = _both(golden_model.head, 5, 2.5, backend=NativeBackend(gemm=gemm, small_gemm=gemm))
+def test_gemm_paths_agree(golden_model, gemm, stream_rows):
+    backend = NativeBackend(gemm=gemm, small_gemm=gemm, stream_rows=stream_rows)
+    got, want = _both(golden_model.head, 5, 2.5, backend=backend)   # 10 rows: the small-row kernel
+    assert f"stream_rows={stream_rows if native_build.load_extension().has_small_gemm() else 0}" in \
+        backend.describe(golden_model.head)
     assert rel_err(got, want) <= TOL
 
 

@@ -21,6 +21,10 @@ Options:
                 weights and their activations in bfloat16; tokens then differ at bf16 precision).
   gemm          "auto", "aten" (MKL sgemm via at::mm), "mkl_packed" (MKL packed weights, float32),
                 "onednn" (oneDNN with reordered weights) for the large products.
+  stream_rows   products of at most this many rows (0-16; default 16) go through the small-row
+                kernel (csrc/small_gemm.cpp: each weight read once for all rows, the batch-1
+                case, where MKL and oneDNN reach a third to a half of the memory bandwidth);
+                0 = never. Builds without AVX-512 never use it.
 """
 from __future__ import annotations
 
@@ -36,6 +40,7 @@ from .base import HeadBackend, row_param
 GEMM_MODES = {"aten": 0, "mkl_packed": 1, "onednn": 2}
 WEIGHT_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
 DEFAULT_MOD_BUDGET = 32 << 20
+DEFAULT_STREAM_ROWS = 16   # products of at most this many rows: csrc/small_gemm.cpp (AVX-512 builds)
 
 _warned = False
 _warn_lock = threading.Lock()
@@ -84,7 +89,7 @@ class NativeBackend(HeadBackend):
 
     def __init__(self, weight_dtype: torch.dtype = torch.float32, gemm: str = "auto",
                  small_gemm: str = "aten", mod_budget_bytes: int = DEFAULT_MOD_BUDGET,
-                 pack_rows: int = 64):
+                 pack_rows: int = 64, stream_rows: int = DEFAULT_STREAM_ROWS):
         if isinstance(weight_dtype, str):
             weight_dtype = {"float32": torch.float32, "fp32": torch.float32,
                             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}.get(weight_dtype, weight_dtype)
@@ -102,6 +107,11 @@ class NativeBackend(HeadBackend):
         self.small_gemm = small_gemm
         self.mod_budget_bytes = int(mod_budget_bytes)
         self.pack_rows = int(pack_rows)
+        if isinstance(stream_rows, bool) or not isinstance(stream_rows, int) or \
+                not 0 <= stream_rows <= DEFAULT_STREAM_ROWS:
+            raise ConfigError(f"native backend: stream_rows must be an int in [0, "
+                              f"{DEFAULT_STREAM_ROWS}], got {stream_rows!r}")
+        self.stream_rows = stream_rows
         self._plan = None
         self._plan_head = None
         self._plan_lock = threading.Lock()
@@ -148,7 +158,7 @@ class NativeBackend(HeadBackend):
         with torch.no_grad():
             return module.HeadPlan(tensors, clip, self.weight_dtype == torch.bfloat16,
                                    GEMM_MODES[self.gemm], GEMM_MODES[self.small_gemm],
-                                   self.mod_budget_bytes, self.pack_rows)
+                                   self.mod_budget_bytes, self.pack_rows, self.stream_rows)
 
     def prepare(self, head) -> None:
         self.plan_for(head)

@@ -1,0 +1,30 @@
+// Small-row GEMM for the native head loop: out[M, N] = A[M, K] @ W^T for M <= kSmallGemmMaxRows.
+//
+// At batch 1 the diffusion head multiplies a handful of rows (2 x the tokens of a MAR step under
+// CFG) by 1024 x 1024 weights 100 times a MAR step: the product is bound by reading the weight,
+// and MKL / oneDNN reach a third to a half of the bandwidth there (benchmarks/bench_kernels.py).
+// This kernel reads the weight once for all rows, as one contiguous stream: the weight is packed
+// once into panels of 16 output columns ([ceil(N/16), K, 16], zero-padded), the rows are
+// transposed into a [K, M] float32 buffer (so each k's M values are adjacent: rows 4 KB apart
+// would alias in L1), and every (row, panel) accumulator lives in a zmm register for the whole K.
+// float32 or bfloat16 weights and activations; always float32 accumulation.
+#pragma once
+
+#include <ATen/ATen.h>
+
+namespace engine_native {
+
+constexpr int64_t kSmallGemmMaxRows = 16;
+
+// Whether this build has the AVX-512 kernel (else callers use their GEMM for every size).
+bool small_gemm_compiled();
+
+// W [N, K] (float32 or bfloat16) -> the panel layout [ceil(N/16), K, 16], same dtype.
+at::Tensor small_gemm_pack(const at::Tensor& weight);
+
+// out [M, N] (A's dtype; written, also returned) = A [M, K] @ W^T, M <= kSmallGemmMaxRows,
+// `panels` from small_gemm_pack of W [N, K]. A's rows may be strided; its dtype float32 or bfloat16.
+at::Tensor small_gemm_run(const at::Tensor& a, const at::Tensor& panels, int64_t n,
+                          const at::Tensor& out);
+
+}  // namespace engine_native

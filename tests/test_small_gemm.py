@@ -1,0 +1,71 @@
+"""The native backend's small-row GEMM (csrc/small_gemm.cpp): A [M, K] @ W [N, K]^T for 1-16 rows
+against torch's product, over shapes (N and K not multiples of 16 included), dtypes and threads."""
+import pytest
+import torch
+
+SHAPES = [(1, 16, 1024), (2, 1024, 1024), (8, 1024, 1024), (13, 1024, 32), (16, 100, 37),
+          (5, 768, 1040), (3, 7, 5), (16, 1024, 16), (9, 33, 1)]
+
+
+@pytest.fixture(scope="module")
+def ext(native_ext):
+    if not native_ext.has_small_gemm():
+        pytest.skip("this build has no AVX-512: the plan never uses the small-row kernel")
+    return native_ext
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("m,k,n", SHAPES)
+def test_float32_matches_torch(ext, m, k, n, threads):
+    gen = torch.Generator().manual_seed(m * 1000 + k + n)
+    a, w = torch.randn(m, k, generator=gen), torch.randn(n, k, generator=gen)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = ext.small_gemm(a, ext.small_gemm_pack(w), n)
+    finally:
+        torch.set_num_threads(before)
+    want = a.double() @ w.double().t()
+    assert got.dtype == torch.float32 and got.shape == (m, n)
+    # float32 accumulation over k terms of unit variance: error ~ sqrt(k) * eps * |terms|
+    assert (got.double() - want).abs().max() <= 1e-5 * k
+
+
+@pytest.mark.parametrize("m,k,n", SHAPES)
+def test_bfloat16_rows_and_weights(ext, m, k, n):
+    gen = torch.Generator().manual_seed(m + k * 7 + n)
+    a = torch.randn(m, k, generator=gen).bfloat16()
+    w = torch.randn(n, k, generator=gen).bfloat16()
+    got = ext.small_gemm(a, ext.small_gemm_pack(w), n)
+    want = (a.double() @ w.double().t())   # exact products of the bf16 values, then one rounding
+    assert got.dtype == torch.bfloat16
+    ulp = want.abs().clamp_min(1e-3) * 2.0 ** -8
+    assert ((got.double() - want).abs() <= ulp + 1e-5 * k).all()
+
+
+def test_float32_weights_with_bfloat16_rows(ext):
+    gen = torch.Generator().manual_seed(3)
+    a, w = torch.randn(4, 64, generator=gen).bfloat16(), torch.randn(48, 64, generator=gen)
+    got = ext.small_gemm(a, ext.small_gemm_pack(w), 48)
+    want = (a.double() @ w.double().t())
+    assert got.dtype == torch.bfloat16
+    assert ((got.double() - want).abs() <= want.abs() * 2.0 ** -8 + 1e-4).all()
+
+
+def test_strided_rows(ext):
+    base = torch.randn(6, 80)
+    a = base[::2, 8:72]          # rows 160 floats apart, 64 wide
+    w = torch.randn(20, 64)
+    got = ext.small_gemm(a, ext.small_gemm_pack(w), 20)
+    torch.testing.assert_close(got, a @ w.t(), rtol=1e-5, atol=1e-5)
+
+
+def test_rejects_what_it_cannot_do(ext):
+    w = torch.randn(32, 64)
+    panels = ext.small_gemm_pack(w)
+    with pytest.raises(RuntimeError, match="1 to 16 rows"):
+        ext.small_gemm(torch.randn(17, 64), panels, 32)
+    with pytest.raises(RuntimeError, match="do not fit"):
+        ext.small_gemm(torch.randn(2, 63), panels, 32)
+    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
+        ext.small_gemm(torch.randn(2, 64).double(), panels, 32)
