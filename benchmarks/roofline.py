@@ -6,8 +6,10 @@ time, and the fraction of the bound (compute or memory) it reaches.
 
 Roofs: the float32 and bf16 GEMM peaks through the libraries the engine calls (MKL F.linear,
 oneDNN with reordered weights: the best over large products) and the streaming bandwidth of a
-large copy (benchmarks/gemm.py measures both). A part's bound is max(FLOPs / peak, bytes /
-bandwidth); fraction = bound / measured (1.0 = at the roof).
+copy at working sets from 0.5 MB (L2) to 512 MB (DRAM). A phase's bound is max(FLOPs / peak,
+bytes / bandwidth at its working set); a part made of phases that run one after the other (the
+head loop: cond_embed, the batched adaLN products, the per-step fc products) is bounded by the
+sum of theirs; fraction = bound / measured (1.0 = at the roof).
 
 Parts, for a call of `num_iter` MAR steps x `T` diffusion steps (CFG doubles the rows):
   * per transformer block (encoder over buffer + known rows, decoder over buffer + all rows):
@@ -18,7 +20,8 @@ Parts, for a call of `num_iter` MAR steps x `T` diffusion steps (CFG doubles the
     predicted rows' gather);
   * the head loop: the native backend's loop on the step's predicted rows for T diffusion steps
     (bytes: the fc weights once per diffusion step, the adaLN weights once per MAR step, which is
-    what the native loop reads; FLOPs: every head product for every row and step);
+    what the native loop reads; FLOPs: every head product for every row and step; bound: the
+    adaLN products compute-bound plus the fc products at max(compute, weights / bandwidth));
   * the DDPM update (engine.models.head.ddpm_update, the torch statement; inside the native loop
     it is fused, so it is reported, not added);
   * Python and dispatch per MAR step: a model of the same depth, sequence and head depth at
@@ -62,12 +65,15 @@ class Case:
     num_iter: int
     diffusion_steps: int
     cfg: bool = True
+    precision: str = "fp32"   # "bf16": engine.load(precision="bf16"): autocast transformer, bf16 head
 
 
 CASES = {
     "mar_b_bsz1": Case("MAR-B, batch 1, CFG, 64 x 100", "mar_base", 256, 1, 64, 100),
     "mar_b_bsz16": Case("MAR-B, batch 16, CFG, 64 x 100", "mar_base", 256, 16, 64, 100),
     "short64": Case("MAR-B, 64 tokens, batch 1, CFG, 16 x 100", "mar_base", 128, 1, 16, 100),
+    "mar_b_bsz1_bf16": Case("MAR-B, batch 1, CFG, 64 x 100, bf16", "mar_base", 256, 1, 64, 100,
+                            precision="bf16"),
 }
 
 
@@ -86,7 +92,7 @@ def random_model(case: Case, width: int | None = None, backend: str = "native") 
                 p.copy_(1 + 0.1 * torch.randn(p.shape, generator=gen))
             else:
                 p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(max(p.shape[-1], 1)))
-    return MARModel(mar, backend=backend)
+    return MARModel(mar, backend=backend, precision=case.precision)
 
 
 # Roofs -------------------------------------------------------------------------------------------
@@ -99,8 +105,54 @@ def roofs() -> dict:
             if fn is not None:
                 best = max(best, 2 * m * n * k / median_time(fn) / 1e9)
         peaks[name] = best
+    curve = [[ws, copy_bandwidth_gbs(ws)] for ws in WORKING_SETS]
+    for i in range(len(curve) - 2, -1, -1):   # a smaller working set streams at least as fast
+        curve[i][1] = max(curve[i][1], curve[i + 1][1])
     return {"fp32_gflops": max(peaks["aten_mkl"], peaks["onednn"]), "bf16_gflops": peaks["onednn_bf16"],
-            "bandwidth_gbs": bandwidth_gbs(), "peaks_by_library": peaks}
+            "bandwidth_gbs": bandwidth_gbs(), "bandwidth_by_working_set": curve, "peaks_by_library": peaks}
+
+
+# Working sets (bytes read + written by one copy) for the cache-aware memory roof: an op whose
+# data fits in L2 / L3 streams it faster than DRAM, so its bound uses the bandwidth measured at
+# its own size (one DRAM number made residual adds "4.5x faster than the roof").
+WORKING_SETS = [2 ** 16, 2 ** 18, 2 ** 20, 2 ** 22, 2 ** 24, 2 ** 26, 2 ** 28, 2 ** 29]
+ROOF: dict = {}   # set by main(): the measured roofs every bound below reads
+# The case being measured: the GEMM peak its products reach and its transformer's element size
+# (bf16 cases: autocast products at the bf16 peak, 2-byte weights and activations).
+CURRENT = {"peak_gflops": 0.0, "elem": 4}
+
+
+def copy_bandwidth_gbs(working_set: int) -> float:
+    src = torch.ones(working_set // 8)
+    dst = torch.empty_like(src)
+    t = median_time(lambda: dst.copy_(src), min_seconds=0.3, max_calls=20000)
+    return working_set / t / 1e9
+
+
+def bandwidth_at(working_set: float) -> float:
+    """GB/s for an op touching `working_set` bytes: log-interpolated on the measured curve."""
+    sizes = [math.log(ws) for ws, _ in ROOF["bandwidth_by_working_set"]]
+    rates = [gbs for _, gbs in ROOF["bandwidth_by_working_set"]]
+    return float(np.interp(math.log(max(working_set, 1.0)), sizes, rates))
+
+
+def bound(flops: float, bytes_: float, working_set: float | None = None) -> tuple[float, float]:
+    """(compute-bound seconds, memory-bound seconds) of one phase: only the larger is kept."""
+    compute = flops / (CURRENT["peak_gflops"] * 1e9)
+    memory = bytes_ / (bandwidth_at(bytes_ if working_set is None else working_set) * 1e9)
+    return (compute, 0.0) if compute >= memory else (0.0, memory)
+
+
+def part(seconds: float, flops: float, bytes_: float, *phases) -> tuple:
+    """A measured part: (seconds, flops, bytes, compute-bound s, memory-bound s). Without
+    `phases` it is one phase; else each phase is (flops, bytes, working set) and the bounds add
+    (the phases run one after the other, so the part cannot beat their sum)."""
+    phases = phases or ((flops, bytes_, bytes_),)
+    comp = mem = 0.0
+    for f, b, ws in phases:
+        c, m = bound(f, b, ws)
+        comp, mem = comp + c, mem + m
+    return (seconds, flops, bytes_, comp, mem)
 
 
 # Parts of one transformer block ------------------------------------------------------------------
@@ -109,7 +161,8 @@ def block_parts(block, x: torch.Tensor, heads: int, min_seconds: float) -> dict:
     b, s, d = x.shape
     hidden = block.mlp.fc1.out_features
     hd = d // heads
-    act = b * s * d * F32
+    E = CURRENT["elem"]
+    act = b * s * d * E
     h = block.norm1(x)
     qkv = block.attn.qkv(h)
     q, k, v = qkv.reshape(b, s, 3, heads, hd).permute(2, 0, 3, 1, 4)
@@ -119,18 +172,19 @@ def block_parts(block, x: torch.Tensor, heads: int, min_seconds: float) -> dict:
     g = F.gelu(u)
     t = lambda fn: median_time(fn, min_seconds=min_seconds, max_calls=50)  # noqa: E731
     return {
-        "norm1": (t(lambda: block.norm1(x)), 8 * b * s * d, 2 * act),
-        "qkv": (t(lambda: block.attn.qkv(h)), 2 * b * s * d * 3 * d, act + 3 * act + 3 * d * d * F32),
-        "attention": (t(lambda: F.scaled_dot_product_attention(q, k, v)),
-                      4 * b * heads * s * s * hd, 4 * act),
-        "proj": (t(lambda: block.attn.proj(merged)), 2 * b * s * d * d, 2 * act + d * d * F32),
-        "residual adds": (2 * t(lambda: x + merged), 2 * b * s * d, 2 * 3 * act),
-        "norm2": (t(lambda: block.norm2(x)), 8 * b * s * d, 2 * act),
-        "fc1": (t(lambda: block.mlp.fc1(h)), 2 * b * s * d * hidden,
-                act + act * hidden // d + d * hidden * F32),
-        "gelu": (t(lambda: F.gelu(u)), 8 * b * s * hidden, 2 * act * hidden // d),
-        "fc2": (t(lambda: block.mlp.fc2(g)), 2 * b * s * hidden * d,
-                act + act * hidden // d + d * hidden * F32),
+        "norm1": part(t(lambda: block.norm1(x)), 8 * b * s * d, 2 * act),
+        "qkv": part(t(lambda: block.attn.qkv(h)), 2 * b * s * d * 3 * d, act + 3 * act + 3 * d * d * E),
+        "attention": part(t(lambda: F.scaled_dot_product_attention(q, k, v)),
+                          4 * b * heads * s * s * hd, 4 * act),
+        "proj": part(t(lambda: block.attn.proj(merged)), 2 * b * s * d * d, 2 * act + d * d * E),
+        "residual adds": part(2 * t(lambda: x + merged), 2 * b * s * d, 2 * 3 * act,
+                              *[(b * s * d, 3 * act, 3 * act)] * 2),
+        "norm2": part(t(lambda: block.norm2(x)), 8 * b * s * d, 2 * act),
+        "fc1": part(t(lambda: block.mlp.fc1(h)), 2 * b * s * d * hidden,
+                    act + act * hidden // d + d * hidden * E),
+        "gelu": part(t(lambda: F.gelu(u)), 8 * b * s * hidden, 2 * act * hidden // d),
+        "fc2": part(t(lambda: block.mlp.fc2(g)), 2 * b * s * hidden * d,
+                    act + act * hidden // d + d * hidden * E),
     }
 
 
@@ -148,7 +202,7 @@ def embed_parts(mar: MAR, rows: int, known_n: int, n_pred: int, min_seconds: flo
         kr = mar.z_proj(gather_rows(tokens, known)) + gather_rows(pos[:, buf:].expand(rows, -1, -1), known)
         mar.z_proj_ln(kr)
         x = mar.decoder_embed(enc)
-        full = mar.mask_token.expand(rows, buf + length, x.shape[-1]).clone()
+        full = mar.mask_token.to(x.dtype).expand(rows, buf + length, x.shape[-1]).clone()
         full.scatter_(1, (known + buf).unsqueeze(-1).expand(-1, -1, x.shape[-1]), x[:, buf:])
         full = full + mar.decoder_pos_embed_learned
         gather_rows(full, predict + buf)
@@ -158,7 +212,7 @@ def embed_parts(mar: MAR, rows: int, known_n: int, n_pred: int, min_seconds: flo
     flops = 2 * rows * known_n * c.token_dim * e + 2 * rows * (buf + known_n) * e * d
     bytes_ = F32 * rows * (known_n * (c.token_dim + 3 * e) + (buf + known_n) * (e + d)
                            + 3 * (buf + length) * d + n_pred * d)
-    return seconds, flops, bytes_
+    return part(seconds, flops, bytes_)
 
 
 def head_part(model: MARModel, rows: int, min_seconds: float) -> tuple:
@@ -176,9 +230,18 @@ def head_part(model: MARModel, rows: int, min_seconds: float) -> tuple:
     fc = depth * 2 * w * w + w * c + w * 2 * c   # input_proj, block fc1/fc2, final linear
     ada = (3 * depth + 2) * w * w
     cond = model.config.decoder_embed_dim * w
-    flops = 2 * rows * steps * (fc + ada) + 2 * rows * (cond + 2 * 256 * w)
-    bytes_ = F32 * (steps * fc + ada + cond)
-    return seconds, flops, bytes_
+    flops = 2 * rows * steps * (fc + ada) + 2 * rows * cond
+    E = CURRENT["elem"]   # fc / adaLN weights and activations (cond_embed stays float32)
+    bytes_ = E * (steps * fc + ada) + F32 * cond
+    # Three phases, one after the other: cond_embed once; the adaLN modulations of every step
+    # (silu(t_emb + c) @ ada^T; the native loop batches them over a chunk of steps, so they are
+    # compute-bound products); per diffusion step the fc products, which re-read their weights
+    # (memory-bound at few rows), with the activations.
+    act = E * rows * w * (4 * depth + 2)
+    phases = [(2 * rows * cond, F32 * cond, F32 * cond),
+              (2 * rows * steps * ada, E * ada, E * ada),
+              (2 * rows * steps * fc, steps * (E * fc + act), E * fc + act)]
+    return part(seconds, flops, bytes_, *phases)
 
 
 def ddpm_part(rows: int, token_dim: int, steps: int, min_seconds: float) -> tuple:
@@ -189,7 +252,8 @@ def ddpm_part(rows: int, token_dim: int, steps: int, min_seconds: float) -> tupl
     coeffs = torch.rand(7)
     fn = lambda: ddpm_update(x, eps, v, coeffs, noise, 1.0)  # noqa: E731
     seconds = median_time(fn, min_seconds=min_seconds, max_calls=50) * steps
-    return seconds, 12 * rows * token_dim * steps, 5 * F32 * rows * token_dim * steps
+    return part(seconds, 12 * rows * token_dim * steps, 5 * F32 * rows * token_dim * steps,
+                *[(12 * rows * token_dim, 5 * F32 * rows * token_dim, 5 * F32 * rows * token_dim)] * steps)
 
 
 # One case ----------------------------------------------------------------------------------------
@@ -210,19 +274,21 @@ def run_case(key: str, case: Case, roof: dict, sampled_steps: int, min_seconds: 
              end_to_end: bool, log=print) -> dict:
     model = random_model(case)
     mar, c = model.mar, model.config
+    bf16 = case.precision == "bf16"
+    CURRENT.update(peak_gflops=roof["bf16_gflops" if bf16 else "fp32_gflops"], elem=2 if bf16 else F32)
     rows_per_image = 2 if case.cfg else 1
     rows = case.bsz * rows_per_image
     sched = schedule_rows(case, c)
     picks = sorted({int(k) for k in np.linspace(0, len(sched) - 1, min(sampled_steps, len(sched))).round()})
-    parts: dict[str, list] = {}   # name -> [seconds, flops, bytes] summed over the call
+    parts: dict[str, list] = {}   # name -> [seconds, flops, bytes, compute s, memory s] over the call
+    fields = range(5)
 
-    def add(name, seconds, flops, bytes_):
-        acc = parts.setdefault(name, [0.0, 0.0, 0.0])
-        acc[0] += seconds
-        acc[1] += flops
-        acc[2] += bytes_
+    def add(name, *values):
+        acc = parts.setdefault(name, [0.0] * 5)
+        for i in fields:
+            acc[i] += values[i]
 
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         # Encoder: its length changes every step; decoder: always buffer + every token.
         enc_samples, head_samples, embed_samples = {}, {}, {}
         for k in picks:
@@ -235,17 +301,16 @@ def run_case(key: str, case: Case, roof: dict, sampled_steps: int, min_seconds: 
         x = torch.randn(rows, c.buffer_size + c.seq_len, c.decoder_embed_dim)
         dec = block_parts(mar.decoder_blocks[0], x, c.decoder_num_heads, min_seconds)
         for name in dec:
-            per_step = [interpolate({k: enc_samples[k][name][i] for k in picks}, len(sched)) for i in range(3)]
-            add(f"block {name}", sum(per_step[0]) * c.encoder_depth, sum(per_step[1]) * c.encoder_depth,
-                sum(per_step[2]) * c.encoder_depth)
+            per_step = [interpolate({k: enc_samples[k][name][i] for k in picks}, len(sched)) for i in fields]
+            add(f"block {name}", *(sum(p) * c.encoder_depth for p in per_step))
             add(f"block {name}", *(v * c.decoder_depth * len(sched) for v in dec[name]))
         for label, samples in (("embed / gather / scatter", embed_samples), ("head loop", head_samples)):
-            per_step = [interpolate({k: samples[k][i] for k in picks}, len(sched)) for i in range(3)]
+            per_step = [interpolate({k: samples[k][i] for k in picks}, len(sched)) for i in fields]
             add(label, *(sum(p) for p in per_step))
         ddpm_mean_rows = rows * sum(n for _, n in sched) / len(sched)
-        d_sec, d_flops, d_bytes = ddpm_part(max(1, int(round(ddpm_mean_rows))), c.token_dim,
-                                            case.diffusion_steps, min_seconds)
-        ddpm_total = (d_sec * len(sched), d_flops * len(sched), d_bytes * len(sched))
+        ddpm = ddpm_part(max(1, int(round(ddpm_mean_rows))), c.token_dim, case.diffusion_steps,
+                         min_seconds)
+        ddpm_total = [v * len(sched) for v in ddpm]
 
         # Python + dispatch: the same step structure at width 64, end to end, minus its parts.
         probe = random_model(case, width=64)
@@ -265,16 +330,17 @@ def run_case(key: str, case: Case, roof: dict, sampled_steps: int, min_seconds: 
         probe_compute += sum(v[0] for v in block_parts(probe.mar.decoder_blocks[0], xd, 4, min_seconds).values()) \
             * c.decoder_depth * len(sched)
         overhead = max(probe_call - probe_compute, 0.0)
-        add("python / dispatch", overhead, 0, 0)
+        add("python / dispatch", overhead, 0, 0, 0, 0)
 
-    fp32, bw = roof["fp32_gflops"] * 1e9, roof["bandwidth_gbs"] * 1e9
     table = []
-    for name, (seconds, flops, bytes_) in parts.items():
-        compute, memory = flops / fp32, bytes_ / bw
-        bound = max(compute, memory)
+    for name, (seconds, flops, bytes_, compute, memory) in parts.items():
+        floor_s = compute + memory
+        kind = ("compute" if memory <= 0.1 * floor_s else "memory" if compute <= 0.1 * floor_s
+                else "compute + memory")
         table.append(dict(part=name, seconds=seconds, gflop=flops / 1e9, gbytes=bytes_ / 1e9,
-                          bound_seconds=bound, bound="compute" if compute >= memory else "memory",
-                          fraction=bound / seconds if seconds > 0 and bound > 0 else None,
+                          bound_seconds=floor_s, compute_bound_seconds=compute,
+                          memory_bound_seconds=memory, bound=kind,
+                          fraction=floor_s / seconds if seconds > 0 and floor_s > 0 else None,
                           achieved_gflops=flops / seconds / 1e9 if seconds > 0 else None))
     predicted = sum(r["seconds"] for r in table)
     floor = sum(r["bound_seconds"] for r in table)
@@ -282,7 +348,7 @@ def run_case(key: str, case: Case, roof: dict, sampled_steps: int, min_seconds: 
                   diffusion_steps=case.diffusion_steps, seq_len=c.seq_len, sampled_steps=picks,
                   parts=table, predicted_seconds=predicted, floor_seconds=floor,
                   ddpm_update=dict(seconds=ddpm_total[0], gflop=ddpm_total[1] / 1e9,
-                                   gbytes=ddpm_total[2] / 1e9,
+                                   gbytes=ddpm_total[2] / 1e9, bound_seconds=ddpm_total[3] + ddpm_total[4],
                                    note="fused inside the native head loop; reported, not added"),
                   overhead_probe=dict(call_seconds=probe_call, compute_seconds=probe_compute,
                                       per_mar_step_ms=1e3 * overhead / len(sched)))
@@ -300,7 +366,9 @@ def markdown(report: dict) -> str:
     r = report["roofs"]
     s = report["stamp"]
     lines = [f"Roofs: float32 GEMM {r['fp32_gflops']:.0f} GFLOP/s, bf16 GEMM {r['bf16_gflops']:.0f} "
-             f"GFLOP/s, copy bandwidth {r['bandwidth_gbs']:.1f} GB/s ({s['cpu']}, {s['threads']} threads, "
+             f"GFLOP/s, copy bandwidth {r['bandwidth_gbs']:.1f} GB/s from DRAM, "
+             + ", ".join(f"{gbs:.0f} GB/s at {ws / 2 ** 20:g} MB" for ws, gbs in r["bandwidth_by_working_set"])
+             + f" ({s['cpu']}, {s['threads']} threads, "
              f"commit {s['commit'][:10]}, {s['tree']} tree).", ""]
     for case in report["cases"]:
         lines += [f"**{case['case']}** ({case['seq_len']} tokens): predicted {case['predicted_seconds']:.1f} s, "
@@ -352,6 +420,7 @@ def main() -> int:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     roof = roofs()
+    ROOF.update(roof)
     print(f"roofs: {roof}", flush=True)
     cases = [run_case(k, CASES[k], roof, args.sampled_steps, args.min_seconds, args.end_to_end)
              for k in args.configs]

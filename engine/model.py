@@ -54,8 +54,9 @@ class Model:
                               "(or 'fp32', which keeps the published tokens)")
         self.backend = get_backend(self._backend_request, self.device, PRECISIONS[self.precision])
         self.backend.prepare(self.head)
-        self.mar.pack_linears(self.backend.packs_transformer and self.device.type == "cpu"
-                              and self.precision == "fp32" and onednn_linear_available())
+        pack = (self.backend.packs_transformer and self.device.type == "cpu"
+                and self.precision in ("fp32", "bf16") and onednn_linear_available())
+        self.mar.pack_linears(PRECISIONS[self.precision] if pack else None)
         self._graph_cache = {}  # captured plans hold the old weights and backend: drop them
 
     @property

@@ -425,7 +425,7 @@ def test_transformer_products_on_reordered_weights(native_ext):
     from engine.counting import count_ops
 
     packed, counter = count_ops(model.mar.forward_step, tokens, known, predict, (class_emb,))
-    model.mar.pack_linears(False)
+    model.mar.pack_linears(None)
     plain, plain_counter = count_ops(model.mar.forward_step, tokens, known, predict, (class_emb,))
     torch.testing.assert_close(packed, plain, rtol=1e-4, atol=1e-5)
     # The packed path really ran: every block product went through oneDNN (the results can be
@@ -433,6 +433,38 @@ def test_transformer_products_on_reordered_weights(native_ext):
     onednn = "mkldnn._linear_pointwise.default"
     # One product per packed layer, two for the last decoder block's qkv (its q and kv rows apart).
     assert counter.counts[onednn] == len(layers) + 1 and plain_counter.counts[onednn] == 0
-    for other in (engine.load(CHECKPOINT, backend="reference"),
-                  engine.load(CHECKPOINT, backend="native", precision="bf16")):
-        assert not any(m.packs for m in other.mar.modules() if isinstance(m, Linear))
+    other = engine.load(CHECKPOINT, backend="reference")
+    assert not any(m.packs for m in other.mar.modules() if isinstance(m, Linear))
+
+
+def test_bf16_transformer_products_on_reordered_weights(native_ext):
+    """precision="bf16" on the native backend: the blocks' products run on bfloat16 weights
+    reordered once, and give what autocast's F.linear gives (the same oneDNN bf16 product)."""
+    from engine.counting import count_ops
+    from engine.models.mar import Linear, onednn_linear_available
+
+    if not onednn_linear_available():
+        pytest.skip("this torch build has no oneDNN")  # environment guard; CI's torch has it
+    model = engine.load(CHECKPOINT, backend="native", precision="bf16")
+    layers = [m for m in model.mar.modules() if isinstance(m, Linear)]
+    assert layers and all(m.packs and m.pack_dtype == torch.bfloat16 for m in layers)
+    gen = torch.Generator().manual_seed(1)
+    c = model.config
+    tokens = torch.randn(2, c.seq_len, c.token_dim, generator=gen)
+    order = torch.argsort(torch.rand(2, c.seq_len, generator=gen), dim=1)
+    known, predict = order[:, :6].sort(dim=1).values, order[:, 6:].sort(dim=1).values
+    class_emb = model.mar.class_embedding(torch.tensor([3, 4]), 2, False)
+    onednn = "mkldnn._linear_pointwise.default"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        packed, counter = count_ops(model.mar.forward_step, tokens, known, predict, (class_emb,))
+        model.mar.pack_linears(None)
+        plain, plain_counter = count_ops(model.mar.forward_step, tokens, known, predict, (class_emb,))
+    assert counter.counts[onednn] == len(layers) + 1 and plain_counter.counts[onednn] == 0
+    assert packed.dtype == plain.dtype
+    # Same bf16 products; only oneDNN's blocking may differ from the unreordered call's.
+    torch.testing.assert_close(packed.float(), plain.float(), rtol=2e-2, atol=2e-2)
+    # Outside autocast a bf16-packed layer falls back to its float32 weights.
+    layer = model.mar.decoder_blocks[0].mlp.fc1
+    layer.pack(dtype=torch.bfloat16)
+    x = torch.randn(5, layer.in_features, generator=gen)
+    torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))

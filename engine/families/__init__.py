@@ -8,7 +8,7 @@ A family is described by a `Family` record:
   module_cls     the transformer + head `nn.Module`, built from a config on the meta device;
                  it implements grid(), step_context(condition, bsz, use_cfg, grid),
                  forward_step(tokens, known, predict, context), unpatchify(tokens, grid),
-                 pack_linears(enable) and has `diffloss.net` (the diffusion head)
+                 pack_linears(dtype) and has `diffloss.net` (the diffusion head)
   model_cls      the engine Model subclass whose `sample_tokens` has the published signature
   marker_keys    state-dict keys only this family's checkpoints have
   infer_sizes    state dict -> the configuration fields its shapes determine

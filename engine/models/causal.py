@@ -79,9 +79,9 @@ class CausalAR(nn.Module):
     def device(self) -> torch.device:
         return self.norm.weight.device
 
-    def pack_linears(self, enable: bool) -> None:
-        """Reorder the blocks' weights for oneDNN (CPU float32), or drop them (see mar.Linear)."""
-        pack_blocks(self.blocks, None, enable)
+    def pack_linears(self, dtype: torch.dtype | None) -> None:
+        """Reorder the blocks' weights for oneDNN in `dtype`, or drop them (see mar.Linear)."""
+        pack_blocks(self.blocks, None, dtype)
 
     def grid(self) -> tuple[int, int]:
         return (self.config.seq_h, self.config.seq_h)

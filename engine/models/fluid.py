@@ -160,9 +160,9 @@ class Fluid(nn.Module):
         self.diffloss = DiffLoss(c.token_dim, d, c.diffloss_w, c.diffloss_d)
         self._positions: dict = {}
 
-    def pack_linears(self, enable: bool) -> None:
+    def pack_linears(self, dtype: torch.dtype | None) -> None:
         last = self.decoder_blocks[-1] if len(self.decoder_blocks) else None
-        pack_blocks([*self.encoder_blocks, *self.decoder_blocks, *self.cross_attn_blocks], last, enable)
+        pack_blocks([*self.encoder_blocks, *self.decoder_blocks, *self.cross_attn_blocks], last, dtype)
 
     # The family interface --------------------------------------------------------------------
     def grid(self, height: int | None = None, width: int | None = None) -> tuple[int, int]:
