@@ -1,8 +1,8 @@
 """Roofline of MAR sampling on this CPU: every part's FLOPs and bytes from its shapes, its measured
 time, and the fraction of the bound (compute or memory) it reaches.
 
-    python benchmarks/roofline.py [--threads 2] [--configs mar_b_bsz1 mar_b_bsz16 short64]
-        [--out benchmarks/results/roofline.json]      # also writes roofline.md and roofline.png
+    python benchmarks/roofline.py [--threads 2] [--configs mar_b_bsz1 mar_b_bsz16 short64 mar_b_bsz1_bf16]
+        [--end-to-end [CASE ...]] [--out benchmarks/results/roofline.json]   # + roofline.md / .png
 
 Roofs: the float32 and bf16 GEMM peaks through the libraries the engine calls (MKL F.linear,
 oneDNN with reordered weights: the best over large products) and the streaming bandwidth of a
@@ -415,14 +415,20 @@ def main() -> int:
     parser.add_argument("--configs", nargs="+", default=list(CASES), choices=list(CASES))
     parser.add_argument("--sampled-steps", type=int, default=6)
     parser.add_argument("--min-seconds", type=float, default=0.2)
-    parser.add_argument("--end-to-end", action="store_true")
+    parser.add_argument("--end-to-end", nargs="*", default=None, metavar="CASE",
+                        help="also time the real call: of the named cases, or of every case when "
+                             "none is named (batch 16 at 64 x 100 takes most of an hour on 2 cores)")
     parser.add_argument("--out", default=str(HERE / "results" / "roofline.json"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     roof = roofs()
     ROOF.update(roof)
     print(f"roofs: {roof}", flush=True)
-    cases = [run_case(k, CASES[k], roof, args.sampled_steps, args.min_seconds, args.end_to_end)
+    timed = set() if args.end_to_end is None else set(args.end_to_end or args.configs)
+    unknown = timed - set(CASES)
+    if unknown:
+        parser.error(f"--end-to-end: unknown cases {sorted(unknown)}; choose from {sorted(CASES)}")
+    cases = [run_case(k, CASES[k], roof, args.sampled_steps, args.min_seconds, k in timed)
              for k in args.configs]
     report = {"stamp": machine_stamp(), "roofs": roof, "cases": cases,
               "command": "python benchmarks/roofline.py " + " ".join(sys.argv[1:])}

@@ -350,3 +350,44 @@ def test_encoder_text_option_matches_a_plain_restatement():
                                torch.cat([predict, predict]), context)
             assert torch.allclose(z[:2], m.text_decode(want, predict, last_pos, [t[:2] for t in context[4:]]),
                                   atol=1e-5)
+
+
+# Training initialisation ------------------------------------------------------------------------
+def test_position_tables_start_as_sine_cosine_tables():
+    """TextCanvasTask.init_weights: engine.train's initialisation, then the three position tables
+    as MAE's 2-D sine-cosine table of the stored 16 x 16 grid (re-stated here with numpy), so
+    the left and right slots of the 4 x 8 token grid start far apart (with N(0, 0.02) tables the
+    model never learnt to bind "left" / "right" to a slot: docs/digits-text/experiments.md)."""
+    import numpy as np
+
+    from engine.models.fluid import Fluid, interpolate_positions
+    from engine.train_text import POSITION_TABLES, TextCanvasTask, digits_text_config
+
+    def restated(dim, grid=16):
+        def axis(d, pos):
+            omega = 1.0 / 10000 ** (np.arange(d // 2) / (d / 2.0))
+            out = np.einsum("m,d->md", pos, omega)
+            return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+        h, w = np.meshgrid(np.arange(grid, dtype=np.float64), np.arange(grid, dtype=np.float64), indexing="ij")
+        return np.concatenate([axis(dim // 2, h.reshape(-1)), axis(dim // 2, w.reshape(-1))], axis=1)
+
+    config = digits_text_config()
+    task = TextCanvasTask.__new__(TextCanvasTask)   # the initialisation needs no data
+    torch.manual_seed(0)
+    m = task.init_weights(Fluid(config))
+    for name in POSITION_TABLES:
+        table = getattr(m, name)
+        np.testing.assert_allclose(table[0].detach().numpy(), restated(table.shape[-1]), atol=1e-6)
+        grid = interpolate_positions(table.detach(), (4, 8), config.interpolate_offset,
+                                     config.interpolate_w_major)[0]
+        left, right = grid.reshape(4, 8, -1)[:, :4], grid.reshape(4, 8, -1)[:, 4:]
+        # a token and the one at the same place in the other slot differ as much as neighbours do
+        assert (left - right).norm(dim=-1).min() > 0.5 * (grid[0] - grid[1]).norm()
+    # everything else is engine.train's published initialisation, in its RNG order
+    from engine.train import init_weights
+
+    torch.manual_seed(0)
+    plain = init_weights(Fluid(config))
+    for name, p in plain.state_dict().items():
+        if name not in POSITION_TABLES:
+            torch.testing.assert_close(m.state_dict()[name], p, rtol=0, atol=0)
