@@ -212,9 +212,13 @@ class CanvasSampler:
     `random.Random` passed in, so a caller that seeds one per batch (training: per step) gets
     the same batches after a restart."""
 
-    def __init__(self, split: str = "train"):
+    def __init__(self, split: str = "train", mention_order: bool = False):
+        """`mention_order`: lay out "a A and a B" with A on the left (the built-in model's
+        training data; either order is correct for the caption, see engine/train_text.py)
+        instead of either way at random."""
         from .digits import load_split
 
+        self.mention_order = mention_order
         self.images, labels = load_split(split, size=SLOT)
         self.by_class = [torch.nonzero(labels == d).flatten().tolist() for d in range(10)]
 
@@ -227,6 +231,8 @@ class CanvasSampler:
         for _ in range(n):
             scene, caption = random_scene(rng, category)
             left, right = layout(scene, rng)
+            if self.mention_order and scene.category == "two objects":
+                left, right = [d for d in map(_number, words_of(caption)) if d is not None]
             canvases.append(compose(self.digit(left, rng), self.digit(right, rng)))
             captions.append(caption)
             scenes.append(scene)
