@@ -170,11 +170,12 @@ def _reference_run(model, judge, num_iter):
 
 
 def test_reference_backend_scores_far_above_noise(model, judge):
-    """The shipped model is below the issue's 0.80 (README: single objects and positions are
-    weak), but it follows its prompts far beyond chance: noise scores <= 0.1, counting is learnt."""
+    """The shipped model at its defaults (README: 0.9 overall on 200 prompts, every category
+    >= 0.8); here 40 prompts, so the floors leave room for sampling noise (a category of 10
+    prompts at 0.85 has a standard deviation of 0.11). Noise scores <= 0.1."""
     _, _, s = _reference_run(model, judge, model.sampling_defaults["num_iter"])
-    assert s["overall"] >= 0.25, s
-    assert s["per_category"]["counting"] >= 0.6, s
+    assert s["overall"] >= 0.7, s
+    assert min(s["per_category"].values()) >= 0.5, s
 
 
 INTERPRETED_NUM_ITER = 2   # Triton's interpreter is ~100x slower than eager
