@@ -25,6 +25,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_property_readonly("token_dim", &engine_native::HeadPlan::token_dim)
       .def_property_readonly("num_steps", &engine_native::HeadPlan::num_steps);
   m.def("has_mkl_packed", &engine_native::has_mkl_packed);
+  pybind11::class_<engine_native::MklPackedLinear>(m, "MklPackedLinear")
+      .def(pybind11::init<const at::Tensor&, const std::optional<at::Tensor>&>(),
+           pybind11::arg("weight"), pybind11::arg("bias"))
+      .def("run", &engine_native::MklPackedLinear::run, pybind11::arg("x"),
+           pybind11::call_guard<pybind11::gil_scoped_release>())
+      .def_property_readonly("n", &engine_native::MklPackedLinear::n)
+      .def_property_readonly("k", &engine_native::MklPackedLinear::k);
   m.def("has_sleef_exp", &engine_native::has_sleef_exp);
   m.def("has_small_gemm", &engine_native::has_small_gemm);
   // The small-row kernel on its own, for tests and benchmarks: A [M, K] @ W [N, K]^T.

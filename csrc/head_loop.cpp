@@ -582,6 +582,44 @@ namespace engine_native {
 
 bool has_mkl_packed() { return mkl_packed_available(); }
 
+MklPackedLinear::MklPackedLinear(const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(mkl_packed_available(), "MklPackedLinear: this torch build has no MKL packed GEMM");
+  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kFloat && weight.numel() > 0,
+              "MklPackedLinear: a non-empty float32 [N, K] weight");
+  const at::Tensor w = weight.contiguous();
+  n_ = w.size(0);
+  k_ = w.size(1);
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->numel() == n_, "MklPackedLinear: bias of ", n_, " values");
+    bias_ = bias->to(at::kFloat).contiguous().clone();
+  }
+  const size_t bytes = cblas_sgemm_pack_get_size(kCblasBMatrix, kMklPackRows, n_, k_);
+  packed_ = at::empty({static_cast<int64_t>(bytes) + 64}, w.options().dtype(at::kByte));
+  cblas_sgemm_pack(kCblasRowMajor, kCblasBMatrix, kCblasTrans, kMklPackRows, n_, k_, 1.0f,
+                   w.data_ptr<float>(), k_, reinterpret_cast<float*>(packed_.data_ptr()));
+}
+
+at::Tensor MklPackedLinear::run(const at::Tensor& x) const {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() >= 1 && x.size(-1) == k_,
+              "MklPackedLinear: float32 input [..., ", k_, "]");
+  const at::Tensor a = x.contiguous();
+  const int64_t m = a.numel() / k_;
+  std::vector<int64_t> shape(a.sizes().begin(), a.sizes().end());
+  shape.back() = n_;
+  at::Tensor out = at::empty(shape, a.options());
+  if (m == 0) return out;
+  float beta = 0.0f;
+  if (bias_.defined()) {
+    // Bias first, then C = A W^T + C: the order at::addmm (F.linear) uses, so the sums match it.
+    out.view({m, n_}).copy_(bias_.view({1, n_}).expand({m, n_}));
+    beta = 1.0f;
+  }
+  cblas_sgemm_compute(kCblasRowMajor, kCblasNoTrans, kCblasPacked, m, n_, k_, a.data_ptr<float>(),
+                      k_, reinterpret_cast<const float*>(packed_.data_ptr()), k_, beta,
+                      out.data_ptr<float>(), n_);
+  return out;
+}
+
 bool has_small_gemm() { return small_gemm_compiled(); }
 
 bool has_sleef_exp() {

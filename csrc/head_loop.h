@@ -95,6 +95,23 @@ class HeadPlan {
 
 // What this build can use (reported by the Python side's describe()).
 bool has_mkl_packed();
+
+// A linear layer on MKL packed weights, for the transformer (engine.packed_linear): any number
+// of rows. MKL's packed buffer is only valid where it was written (a copy computes garbage), so it
+// stays inside this object. x [..., K] float32 -> [..., N] = x @ W^T + bias.
+constexpr int64_t kMklPackRows = 640;  // MKL's packing hint; measured best from 8 to 640 rows
+
+class MklPackedLinear {
+ public:
+  MklPackedLinear(const at::Tensor& weight, const std::optional<at::Tensor>& bias);
+  at::Tensor run(const at::Tensor& x) const;
+  int64_t n() const { return n_; }
+  int64_t k() const { return k_; }
+
+ private:
+  at::Tensor packed_, bias_;
+  int64_t n_ = 0, k_ = 0;
+};
 bool has_sleef_exp();
 bool has_small_gemm();
 

@@ -397,9 +397,9 @@ def test_not_for_other_devices():
 
 
 def test_transformer_products_on_reordered_weights(native_ext):
-    """The native backend also runs the transformer blocks' products on oneDNN-reordered
-    weights: the step's transformer pass matches plain F.linear to float32 rounding, the
-    reference backend and reduced precision leave the blocks unpacked."""
+    """The native backend also runs the transformer blocks' products on weights packed once
+    (MKL's packed sgemm through the extension): the step's transformer pass matches plain
+    F.linear to float32 rounding, the reference backend leaves the blocks unpacked."""
     from engine.models.mar import Linear, onednn_linear_available
 
     if not onednn_linear_available():
@@ -409,6 +409,7 @@ def test_transformer_products_on_reordered_weights(native_ext):
     assert layers and all(m.packs for m in layers)
     gen = torch.Generator().manual_seed(0)
     first, last = model.mar.decoder_blocks[0].attn.qkv, model.mar.decoder_blocks[-1].attn.qkv
+    assert {kind for m in layers for kind, _, _ in m.packs.values()} == {"mkl"}
     assert set(first.packs) == {(0, None)}  # a weight is packed once, as it is used
     assert set(last.packs) == {(0, first.in_features), (first.in_features, None)}
     x = torch.randn(3, 7, first.in_features, generator=gen)
@@ -428,11 +429,11 @@ def test_transformer_products_on_reordered_weights(native_ext):
     model.mar.pack_linears(None)
     plain, plain_counter = count_ops(model.mar.forward_step, tokens, known, predict, (class_emb,))
     torch.testing.assert_close(packed, plain, rtol=1e-4, atol=1e-5)
-    # The packed path really ran: every block product went through oneDNN (the results can be
-    # bitwise equal to MKL's on some CPUs, so count the calls rather than compare values).
-    onednn = "mkldnn._linear_pointwise.default"
+    # The packed path really ran: every block product went through MKL's packed GEMM (the sums
+    # are F.linear's, so the results can be bitwise equal: count the calls, not the values).
+    mkl = "engine.mkl_packed_linear.default"
     # One product per packed layer, two for the last decoder block's qkv (its q and kv rows apart).
-    assert counter.counts[onednn] == len(layers) + 1 and plain_counter.counts[onednn] == 0
+    assert counter.counts[mkl] == len(layers) + 1 and plain_counter.counts[mkl] == 0
     other = engine.load(CHECKPOINT, backend="reference")
     assert not any(m.packs for m in other.mar.modules() if isinstance(m, Linear))
 

@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import packed_linear
 from ..attention import attention
 from ..config import MARConfig
 from ..errors import SamplingError
@@ -30,29 +31,28 @@ def unpatchify(x: torch.Tensor, p: int, c: int, h: int, w: int | None = None) ->
 
 
 def onednn_linear_available() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+    return packed_linear.onednn_available()
 
 
 class Linear(nn.Linear):
     """nn.Linear (same parameters and state-dict keys) that can also hold row ranges of its
-    weight reordered once for oneDNN, in float32 or bfloat16. Float32: on the development CPU
-    1.16x (640 rows) to 2.5x (8 rows) MKL sgemm's speed, equal up to summation order. Bfloat16
-    (precision="bf16", under CPU autocast): the same product as autocast's F.linear (bitwise on
-    the Xeon measured) without its per-call weight reorder, 1.2-5.7x faster at MAR-B's shapes.
-    MARModel packs the blocks for the native CPU backend; everything else uses F.linear."""
+    weight packed once for the CPU (engine.packed_linear): float32 on MKL's packed sgemm (oneDNN
+    without the native extension), equal to F.linear up to summation order; bfloat16
+    (precision="bf16", under CPU autocast) on oneDNN, the same product as autocast's F.linear
+    without its per-call weight reorder (1.2-5.7x at MAR-B's shapes). MARModel packs the blocks
+    for the native CPU backend; everything else uses F.linear."""
 
-    packs: dict | None = None  # {(start, stop): (reordered weight rows start:stop, bias rows)}
+    packs: dict | None = None  # {(start, stop): (kind, packed weight rows start:stop, bias rows)}
     pack_dtype: torch.dtype | None = None
 
     def pack(self, ranges=((0, None),), dtype: torch.dtype = torch.float32) -> None:
         if dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"Linear.pack: float32 or bfloat16, got {dtype}")
-        weight = self.weight.detach().to(dtype)
-        bias = None if self.bias is None else self.bias.detach().to(dtype)
-        self.packs = {(a, b): (torch.ops.mkldnn._reorder_linear_weight(weight[a:b].contiguous(), None),
-                               None if bias is None else bias[a:b].contiguous())
-                      for a, b in ranges}
-        self.pack_dtype = dtype
+        packs = {}
+        for a, b in ranges:
+            packs[(a, b)] = packed_linear.pack(self.weight[a:b], None if self.bias is None
+                                               else self.bias[a:b], dtype)
+        self.packs, self.pack_dtype = packs, dtype
 
     def unpack(self) -> None:
         self.packs = self.pack_dtype = None
@@ -61,13 +61,13 @@ class Linear(nn.Linear):
         """x @ weight[start:stop].T + bias[start:stop]."""
         packed = None if self.packs is None or x.device.type != "cpu" else self.packs.get((start, stop))
         if packed is not None:
+            kind, weight, bias = packed
             autocast = torch.is_autocast_enabled("cpu")
             if self.pack_dtype == torch.float32 and x.dtype == torch.float32 and not autocast:
-                return torch.ops.mkldnn._linear_pointwise(x, packed[0], packed[1], "none", [], "")
+                return packed_linear.run(kind, x, weight, bias)
             if self.pack_dtype == torch.bfloat16 and autocast and \
                     torch.get_autocast_dtype("cpu") == torch.bfloat16:   # what autocast would compute
-                return torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16), packed[0], packed[1],
-                                                          "none", [], "")
+                return packed_linear.run(kind, x.to(torch.bfloat16), weight, bias)
         bias = None if self.bias is None else self.bias[start:stop]
         return F.linear(x, self.weight[start:stop], bias)
 

@@ -1,0 +1,86 @@
+"""Transformer products on weights packed once for the CPU (the native backend's transformer).
+
+float32: MKL's packed sgemm (cblas_sgemm_compute, through the native extension): on the
+development Xeon 1.1-1.3x oneDNN's reordered product and 1.1-2.3x MKL's plain sgemm at MAR-B's
+shapes (8-640 rows, 2 threads; benchmarks/gemm.py), and the same sums as F.linear (bias first,
+then C += A W^T, as at::addmm does: bitwise at 24 rows or more on that CPU). Without the
+extension (or without MKL) float32 falls back to oneDNN. bfloat16 (precision="bf16", under
+CPU autocast): oneDNN on weights reordered once, autocast's own product.
+"""
+from __future__ import annotations
+
+import functools
+import weakref
+
+import torch
+
+
+def onednn_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+
+
+@functools.lru_cache(maxsize=1)
+def _native():
+    """The native extension when it is built (or builds) and has MKL's packed GEMM, else None."""
+    from . import native_build
+
+    if native_build.build_error() is not None:
+        return None
+    try:
+        ext = native_build.load_extension()
+    except native_build.NativeBuildError:
+        return None
+    return ext if hasattr(ext, "MklPackedLinear") and ext.has_mkl_packed() else None
+
+
+def mkl_available() -> bool:
+    return _native() is not None
+
+
+# Packed layers by id: the custom op takes the id (a C++ object cannot be an operator argument,
+# and MKL's packed buffer cannot be a tensor: it is only valid at the address it was written).
+_LAYERS: dict[int, object] = {}
+_next_id = iter(range(1, 1 << 62))
+
+
+class MklPack:
+    """One weight (and bias) packed for MKL; shared, never copied (deepcopy returns it)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        self.layer = _native().MklPackedLinear(weight.detach().float().contiguous(),
+                                               None if bias is None else bias.detach().float())
+        self.n = self.layer.n
+        self.id = next(_next_id)
+        _LAYERS[self.id] = self.layer
+        weakref.finalize(self, _LAYERS.pop, self.id, None)
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+def pack(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> tuple:
+    """(kind, packed weight, bias) for W [N, K]: "mkl" (float32 with the extension; the bias
+    lives in the pack) or "onednn" (weight reordered once, bias in `dtype`)."""
+    if dtype == torch.float32 and mkl_available():
+        return "mkl", MklPack(weight, bias), None
+    if not onednn_available():
+        raise RuntimeError("packed linear: this torch build has neither oneDNN nor the MKL path")
+    reordered = torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(dtype).contiguous(), None)
+    return "onednn", reordered, None if bias is None else bias.detach().to(dtype).contiguous()
+
+
+@torch.library.custom_op("engine::mkl_packed_linear", mutates_args=())
+def mkl_packed_linear(x: torch.Tensor, pack_id: int, n: int) -> torch.Tensor:
+    """x [..., K] float32 @ W^T + bias -> [..., n], W and bias held by MklPack `pack_id`."""
+    return _LAYERS[pack_id].run(x)
+
+
+@mkl_packed_linear.register_fake
+def _mkl_packed_linear_fake(x, pack_id, n):
+    return x.new_empty((*x.shape[:-1], n))
+
+
+def run(kind: str, x: torch.Tensor, packed, bias: torch.Tensor | None) -> torch.Tensor:
+    if kind == "mkl":
+        return mkl_packed_linear(x, packed.id, packed.n)
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")

@@ -1,0 +1,77 @@
+"""engine.packed_linear: the transformer's float32 products on MKL packed weights (native
+extension) against F.linear, over row counts, input ranks, with and without bias; its custom op
+under torch.compile; the oneDNN fallback when the extension has no MKL path."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from engine import packed_linear
+from engine.models.mar import Linear
+
+
+@pytest.mark.parametrize("shape", [(1, 24), (8, 24), (37, 24), (700, 24), (2, 5, 24), (3, 0, 24)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_mkl_packed_linear_matches_f_linear(native_ext, shape, bias):
+    assert native_ext.has_mkl_packed()  # torch's CPU wheels link MKL
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(40, 24, generator=gen)
+    b = torch.randn(40, generator=gen) if bias else None
+    x = torch.randn(shape, generator=gen)
+    kind, packed, rest = packed_linear.pack(weight, b, torch.float32)
+    assert kind == "mkl" and rest is None   # the bias lives in the pack
+    got = packed_linear.run(kind, x, packed, None)
+    assert got.shape == (*shape[:-1], 40)
+    torch.testing.assert_close(got, F.linear(x, weight, b), rtol=1e-5, atol=1e-5)
+
+
+def test_row_ranges_and_non_contiguous_input(native_ext):
+    layer = Linear(16, 48)
+    layer.pack(((0, 16), (16, None)), torch.float32)
+    x = torch.randn(6, 32)[:, ::2]   # strided rows
+    for start, stop in ((0, 16), (16, None)):
+        want = F.linear(x, layer.weight[start:stop], layer.bias[start:stop])
+        torch.testing.assert_close(layer.rows(x, start, stop), want, rtol=1e-5, atol=1e-5)
+    # A range that was not packed, and autocast, use F.linear on the float32 weight.
+    torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
+
+
+def test_custom_op_traces_fullgraph(native_ext):
+    layer = Linear(24, 40)
+    layer.pack(dtype=torch.float32)
+    x = torch.randn(5, 24)
+    compiled = torch.compile(lambda t: torch.relu(layer(t)) + 1, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(x), torch.relu(F.linear(x, layer.weight, layer.bias)) + 1,
+                               rtol=1e-5, atol=1e-5)
+    pack = layer.packs[(0, None)][1]
+    torch.library.opcheck(packed_linear.mkl_packed_linear, (x, pack.id, 40))
+
+
+def test_a_copied_layer_shares_its_pack(native_ext):
+    """MKL's packed buffer is only valid where it was written: copies share the one pack."""
+    import copy
+
+    layer = Linear(24, 40)
+    layer.pack(dtype=torch.float32)
+    twin = copy.deepcopy(layer)
+    assert twin.packs[(0, None)][1] is layer.packs[(0, None)][1]
+    x = torch.randn(3, 24)
+    del layer
+    torch.testing.assert_close(twin(x), F.linear(x, twin.weight, twin.bias), rtol=1e-5, atol=1e-5)
+
+
+def test_wrong_input_width_is_an_error(native_ext):
+    layer = Linear(24, 40)
+    layer.pack(dtype=torch.float32)
+    with pytest.raises(RuntimeError, match=r"float32 input \[\.\.\., 24\]"):
+        packed_linear.run("mkl", torch.randn(3, 25), layer.packs[(0, None)][1], None)
+
+
+def test_without_the_mkl_path_float32_packs_for_onednn(monkeypatch):
+    if not packed_linear.onednn_available():
+        pytest.skip("this torch build has no oneDNN")  # environment guard; CI's torch has it
+    monkeypatch.setattr(packed_linear, "mkl_available", lambda: False)
+    layer = Linear(24, 40)
+    layer.pack(dtype=torch.float32)
+    assert layer.packs[(0, None)][0] == "onednn"
+    x = torch.randn(7, 24)
+    torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
