@@ -103,7 +103,10 @@ class Mlp(nn.Module):
         self.fc2 = Linear(hidden, dim)
 
     def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x)))
+        h = self.fc1(x)
+        # In place when no gradient needs h (sampling): the same values, one large buffer fewer.
+        h = torch.ops.aten.gelu_(h) if not (torch.is_grad_enabled() and h.requires_grad) else F.gelu(h)
+        return self.fc2(h)
 
 
 class Block(nn.Module):
