@@ -161,6 +161,9 @@ class NativeBackend(HeadBackend):
                                    self.mod_budget_bytes, self.pack_rows, self.stream_rows)
 
     def prepare(self, head) -> None:
+        from .. import cpu_memory
+
+        cpu_memory.keep_large_allocations()  # large op outputs reuse the heap, not fresh mmaps
         self.plan_for(head)
 
     def plan_for(self, head):
