@@ -35,7 +35,7 @@ def keep_large_allocations() -> bool:
 
 
 def _apply() -> bool:
-    if os.environ.get("ENGINE_MALLOC_TUNE", "1") in ("0", "") or not sys.platform.startswith("linux"):
+    if os.environ.get("ENGINE_MALLOC_TUNE", "1").strip() == "0" or not sys.platform.startswith("linux"):
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")

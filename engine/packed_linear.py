@@ -1,9 +1,10 @@
 """Transformer products on weights packed once for the CPU (the native backend's transformer).
 
 float32: MKL's packed sgemm (cblas_sgemm_compute, through the native extension): on the
-development Xeon 1.1-1.3x oneDNN's reordered product and 1.1-2.3x MKL's plain sgemm at MAR-B's
-shapes (8-640 rows, 2 threads; benchmarks/gemm.py), and the same sums as F.linear (bias first,
-then C += A W^T, as at::addmm does: bitwise at 24 rows or more on that CPU). Without the
+development Xeon, 2 threads, interleaved runs at MAR-B's shapes, 1.06-1.15x oneDNN's reordered
+product at 128-640 rows (equal at 24) and up to ~2x MKL's plain sgemm at few rows; the same sums
+as F.linear (bias first, then C += A W^T, as at::addmm does: MAR-B tokens bitwise equal to the
+reference backend's in benchmarks/bench_sample.py). Without the
 extension (or without MKL) float32 falls back to oneDNN. bfloat16 (precision="bf16", under
 CPU autocast): oneDNN on weights reordered once, autocast's own product.
 """

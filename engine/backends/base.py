@@ -51,8 +51,9 @@ class HeadBackend:
     # Whether head_loop may be captured in a CUDA graph: no host syncs, no allocations whose
     # size depends on data, no host-to-device copies of fresh host memory.
     graph_safe = False
-    # Whether the model should also run its transformer blocks' products on oneDNN-reordered
-    # weights (CPU float32; same results up to summation order). The reference backend must not:
+    # Whether the model should also run its transformer blocks' products on weights packed once
+    # (engine.packed_linear: CPU float32 on MKL's packed sgemm, F.linear's sums; bf16 on oneDNN).
+    # The reference backend must not:
     # it is the operation-for-operation baseline.
     packs_transformer = False
 
