@@ -5,7 +5,8 @@ mmap, so each large op output is zeroed page by page by the kernel before the op
 MAR-B batch 16 (fc1 outputs of 126 MB) that costs more than the op: on the development Xeon a
 loop of F.gelu on [10240, 3072] took 84 ms a call with glibc's defaults and 18 ms (one page fault
 in five calls instead of 92 000) with mmap off and the trim threshold at 1 GB: freed blocks stay
-in the heap and the next call's output reuses them. The process keeps its peak memory instead of
+in the heap and, once glibc's heap has settled (a few calls: its 64-byte aligned blocks need a
+neighbour to coalesce with), every later output reuses them. The process keeps its peak memory instead of
 returning it to the system, which is what an inference process wants (jemalloc / tcmalloc, which
 PyTorch recommends for CPU inference, behave alike). Applied once per process when the native
 CPU backend binds a head; ENGINE_MALLOC_TUNE=0 leaves malloc alone. glibc on Linux only.

@@ -13,10 +13,10 @@ PROBE = textwrap.dedent("""
     from engine.cpu_memory import keep_large_allocations
     applied = keep_large_allocations()
     x = torch.ones(16 << 20)                 # 64 MB: above glibc's largest default mmap threshold
-    for _ in range(3):
+    for _ in range(8):   # glibc settles within a few (64-byte aligned blocks coalesce)
         y = x * 2; del y
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(4):
+    for _ in range(8):
         y = x * 2; del y
     print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """)
@@ -38,8 +38,8 @@ def test_large_op_outputs_stop_faulting_in_fresh_pages():
     applied, tuned = run_probe(None)
     untouched, default = run_probe("0")
     assert applied and not untouched
-    assert default >= 3 * pages          # glibc's defaults: every 64 MB output is fresh pages
-    assert tuned < pages // 4            # tuned: the freed block is reused
+    assert default >= 7 * pages          # glibc's defaults: every 64 MB output is fresh pages
+    assert tuned < pages                 # tuned: freed blocks are reused (no fresh output)
 
 
 def test_the_native_backend_applies_it(native_ext, monkeypatch):
