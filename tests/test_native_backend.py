@@ -400,9 +400,10 @@ def test_transformer_products_on_reordered_weights(native_ext):
     """The native backend also runs the transformer blocks' products on weights packed once
     (MKL's packed sgemm through the extension): the step's transformer pass matches plain
     F.linear to float32 rounding, the reference backend leaves the blocks unpacked."""
-    from engine.models.mar import Linear, onednn_linear_available
+    from engine.models.mar import Linear
+    from engine.packed_linear import onednn_available
 
-    if not onednn_linear_available():
+    if not onednn_available():
         pytest.skip("this torch build has no oneDNN")  # environment guard; CI's torch has it
     model = engine.load(CHECKPOINT, backend="native")
     layers = [m for m in model.mar.modules() if isinstance(m, Linear)]
@@ -442,9 +443,10 @@ def test_bf16_transformer_products_on_reordered_weights(native_ext):
     """precision="bf16" on the native backend: the blocks' products run on bfloat16 weights
     reordered once, and give what autocast's F.linear gives (the same oneDNN bf16 product)."""
     from engine.counting import count_ops
-    from engine.models.mar import Linear, onednn_linear_available
+    from engine.models.mar import Linear
+    from engine.packed_linear import onednn_available
 
-    if not onednn_linear_available():
+    if not onednn_available():
         pytest.skip("this torch build has no oneDNN")  # environment guard; CI's torch has it
     model = engine.load(CHECKPOINT, backend="native", precision="bf16")
     layers = [m for m in model.mar.modules() if isinstance(m, Linear)]

@@ -30,10 +30,6 @@ def unpatchify(x: torch.Tensor, p: int, c: int, h: int, w: int | None = None) ->
     return x.reshape(n, c, h * p, w * p)
 
 
-def onednn_linear_available() -> bool:
-    return packed_linear.onednn_available()
-
-
 class Linear(nn.Linear):
     """nn.Linear (same parameters and state-dict keys) that can also hold row ranges of its
     weight packed once for the CPU (engine.packed_linear): float32 on MKL's packed sgemm (oneDNN
