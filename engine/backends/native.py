@@ -79,8 +79,32 @@ def _native_head_loop_fake(plan_id, z, x, noise, cfg_scale, temperature):
 
 
 def default_gemm(weight_dtype: torch.dtype) -> str:
-    """The GEMM path measured fastest on the development CPU (see benchmarks/README.md)."""
+    """The GEMM path measured fastest on the development CPU (see benchmarks/README.md).
+
+    float32: MKL's packed sgemm. Against oneDNN's reordered product, in one process on the same
+    row counts: the batched adaLN product 1.05-1.23x at 200-800 rows, whole head loops at 66-2050
+    rows 1.1-1.29x; and no per-shape cost, where oneDNN builds a primitive for every new row count
+    (sampling meets a new one at almost every MAR step; the first took 2 s). A build without MKL
+    falls back to ATen. On other vendors' CPUs MKL runs its AVX2 code (on the AMD EPYC of the
+    earlier tables oneDNN's float32 was 2-3x it), so there oneDNN. bfloat16: oneDNN (AMX), the
+    only bf16 path."""
+    if weight_dtype == torch.float32 and _intel_cpu():
+        return "mkl_packed"
     return "onednn"
+
+
+def _intel_cpu() -> bool:
+    """Whether this is an Intel CPU (MKL's own kernels). Read when a backend is made, never at import."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return "GenuineIntel" in line
+    except OSError:
+        pass
+    import platform
+
+    return "intel" in platform.processor().lower()
 
 
 class NativeBackend(HeadBackend):
