@@ -16,12 +16,9 @@ extra_info "rel_err_vs_lightgen"; float32 must be within 1e-4, bf16 within 0.1.
 """
 from __future__ import annotations
 
-import importlib.abc
-import importlib.machinery
 import json
 import os
 import sys
-import types
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +26,7 @@ import pytest
 import torch
 
 import engine
+from published_env import torchvision_standin  # noqa: E402
 from stamp import machine_stamp
 from engine.families.fluid import FluidConfig, FluidModel
 from engine.models.fluid import Fluid
@@ -39,44 +37,6 @@ BACKENDS = ("lightgen", "reference", "native", "native-bf16")
 _tokens: dict = {}
 if os.environ.get("ENGINE_BENCH_THREADS"):
     torch.set_num_threads(int(os.environ["ENGINE_BENCH_THREADS"]))
-
-
-def _torchvision_standin() -> None:
-    """timm imports torchvision at import time for parts FLUID never uses."""
-    try:
-        import torchvision  # noqa: F401
-        return
-    except Exception:
-        for name in [k for k in sys.modules if k.split(".")[0] == "torchvision"]:
-            del sys.modules[name]
-
-    class AnyAttr(type):   # a class whose every attribute is another such class
-        def __getattr__(cls, name):
-            if name.startswith("__"):
-                raise AttributeError(name)
-            return AnyAttr(name, (), {"__init__": lambda self, *a, **k: None})
-
-    class Anything(types.ModuleType):
-        def __getattr__(self, name):
-            if name.startswith("__"):
-                raise AttributeError(name)
-            return AnyAttr(name, (), {"__init__": lambda self, *a, **k: None})
-
-    class Finder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-        def find_spec(self, fullname, path, target=None):
-            if fullname.split(".")[0] == "torchvision":
-                return importlib.machinery.ModuleSpec(fullname, self, is_package=True)
-            return None
-
-        def create_module(self, spec):
-            module = Anything(spec.name)
-            module.__path__ = []
-            return module
-
-        def exec_module(self, module):
-            pass
-
-    sys.meta_path.insert(0, Finder())
 
 
 def lightgen_model():
@@ -90,7 +50,7 @@ def lightgen_model():
 
     torch.Tensor.cuda = lambda self, *a, **k: self
     nn.Module.cuda = lambda self, *a, **k: self
-    _torchvision_standin()
+    torchvision_standin()
     sys.path.insert(0, root)
     from models.fluid_arbitrary import FLUID  # the published code
 
