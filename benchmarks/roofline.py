@@ -3,6 +3,7 @@ time, and the fraction of the bound (compute or memory) it reaches.
 
     python benchmarks/roofline.py [--threads 2] [--configs mar_b_bsz1 mar_b_bsz16 short64 mar_b_bsz1_bf16]
         [--end-to-end [CASE ...]] [--out benchmarks/results/roofline.json]   # + roofline.md / .png
+        [--roofs-from benchmarks/results/roofline.json]   # never below an earlier run's roofs
 
 Roofs: the float32 and bf16 GEMM peaks through the libraries the engine calls (MKL F.linear and
 packed sgemm, oneDNN with reordered weights: the best over large products) and the streaming
@@ -387,7 +388,9 @@ def markdown(report: dict) -> str:
              f"GFLOP/s, copy bandwidth {r['bandwidth_gbs']:.1f} GB/s from DRAM, "
              + ", ".join(f"{gbs:.0f} GB/s at {ws / 2 ** 20:g} MB" for ws, gbs in r["bandwidth_by_working_set"])
              + f" ({s['cpu']}, {s['threads']} threads, "
-             f"commit {s['commit'][:10]}, {s['tree']} tree).", ""]
+             f"commit {s['commit'][:10]}, {s['tree']} tree"
+             + (f"; starting from the roofs of {report['roofs_from']}" if report.get("roofs_from") else "")
+             + ").", ""]
     for case in report["cases"]:
         lines += [f"**{case['case']}** ({case['seq_len']} tokens): predicted {case['predicted_seconds']:.1f} s, "
                   f"floor {case['floor_seconds']:.1f} s"
@@ -440,6 +443,10 @@ def main() -> int:
                         help="also time the real call: of the named cases, or of every case when "
                              "none is named (batch 16 at 64 x 100 takes most of an hour on 2 cores)")
     parser.add_argument("--out", default=str(HERE / "results" / "roofline.json"))
+    parser.add_argument("--roofs-from", metavar="JSON", default=None,
+                        help="an earlier results file of this machine (same CPU and threads): its "
+                             "roofs are the starting point, so a run in a slow moment cannot lower "
+                             "the standard below what the machine has already shown")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     timed = set() if args.end_to_end is None else set(args.end_to_end or args.configs)
@@ -449,6 +456,14 @@ def main() -> int:
     # Roofs are re-measured before every case and only ever raised: each case's bounds use the
     # best the machine has shown so far, so a slow moment cannot lower a floor's standard.
     roof, cases = None, []
+    if args.roofs_from:
+        earlier = json.loads(Path(args.roofs_from).read_text())
+        here = machine_stamp()
+        if (earlier["stamp"].get("cpu"), earlier["stamp"].get("threads")) != (here["cpu"], args.threads):
+            parser.error(f"--roofs-from: {args.roofs_from} was measured on {earlier['stamp'].get('cpu')} "
+                         f"with {earlier['stamp'].get('threads')} threads, not this machine's "
+                         f"{here['cpu']} with {args.threads}")
+        roof = earlier["roofs"]
     for k in args.configs:
         fresh = roofs()
         roof = fresh if roof is None else merge_roofs(roof, fresh)
@@ -457,7 +472,7 @@ def main() -> int:
         print(f"roofs before {k}: {roof}", flush=True)
         cases.append(dict(run_case(k, CASES[k], roof, args.sampled_steps, args.min_seconds, k in timed),
                           roofs=dict(roof)))
-    report = {"stamp": machine_stamp(), "roofs": roof, "cases": cases,
+    report = {"stamp": machine_stamp(), "roofs": roof, "cases": cases, "roofs_from": args.roofs_from,
               "command": "python benchmarks/roofline.py " + " ".join(sys.argv[1:])}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
