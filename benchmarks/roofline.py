@@ -455,7 +455,7 @@ def main() -> int:
         parser.error(f"--end-to-end: unknown cases {sorted(unknown)}; choose from {sorted(CASES)}")
     # Roofs are re-measured before every case and only ever raised: each case's bounds use the
     # best the machine has shown so far, so a slow moment cannot lower a floor's standard.
-    roof, cases = None, []
+    roof, cases, roofs_from = None, [], None
     if args.roofs_from:
         earlier = json.loads(Path(args.roofs_from).read_text())
         here = machine_stamp()
@@ -464,6 +464,7 @@ def main() -> int:
                          f"with {earlier['stamp'].get('threads')} threads, not this machine's "
                          f"{here['cpu']} with {args.threads}")
         roof = earlier["roofs"]
+        roofs_from = f"{Path(args.roofs_from).name} at commit {earlier['stamp'].get('commit', '?')[:10]}"
     for k in args.configs:
         fresh = roofs()
         roof = fresh if roof is None else merge_roofs(roof, fresh)
@@ -472,7 +473,7 @@ def main() -> int:
         print(f"roofs before {k}: {roof}", flush=True)
         cases.append(dict(run_case(k, CASES[k], roof, args.sampled_steps, args.min_seconds, k in timed),
                           roofs=dict(roof)))
-    report = {"stamp": machine_stamp(), "roofs": roof, "cases": cases, "roofs_from": args.roofs_from,
+    report = {"stamp": machine_stamp(), "roofs": roof, "cases": cases, "roofs_from": roofs_from,
               "command": "python benchmarks/roofline.py " + " ".join(sys.argv[1:])}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
