@@ -296,7 +296,8 @@ def test_rebinding_frees_plans(native_ext):
 
     # Memory: a width-512 head, re-planned each time (new step tables, new rows). Its float32
     # weights are ~23 MB, each plan holds them about three times over (GEMM copy, packed bytes,
-    # small-row panels). The allocator's and MKL's own growth is a few MB at most.
+    # small-row panels). Without a leak the peak moved by up to ~35 MB in 60 re-plans (when the
+    # collector frees the superseded plan, the allocator's and MKL's caches), never growing.
     torch.manual_seed(0)
     net = DiffusionHead(16, 64, 512, 4).eval()
     weight_bytes = sum(p.numel() * 4 for p in net.parameters())
