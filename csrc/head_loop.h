@@ -8,8 +8,9 @@
 //     fused modulated LayerNorm -> fc1 -> fused bias+SiLU -> fc2 -> fused bias+gate+residual, final
 //     fused LayerNorm+modulation -> output projection -> fused CFG combine + DDPM update;
 //   * products of at most 16 rows (batch 1) through the small-row kernel of small_gemm.h, which
-//     reads each weight once for all rows; larger ones through ATen's oneDNN (mkldnn) matmul on weights reordered once (the default: 2-3x
-//     MKL sgemm on the AMD development CPU), or at::mm (MKL) / MKL packed weights; elementwise
+//     reads each weight once for all rows; larger ones through MKL's packed sgemm (the float32
+//     default on Intel CPUs), oneDNN's matmul on weights reordered once (bf16, and float32
+//     elsewhere: 2-3x MKL's AVX2 code on an AMD EPYC) or at::mm; elementwise
 //     passes parallel across rows with at::parallel_for (OpenMP).
 //   * the Python binding lives in bindings.cpp: only it parses torch/extension.h (pybind11), and
 //     the two files compile in parallel (first-use build ~32 s instead of ~35 s on 2 cores).
