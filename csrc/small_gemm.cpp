@@ -5,21 +5,30 @@
 #include <c10/util/BFloat16.h>
 
 #include <algorithm>
+#include <string>
+#include <cmath>
+#include <type_traits>
 #include <vector>
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
 #endif
 
 namespace engine_native {
 
-bool small_gemm_compiled() {
+const char* small_gemm_isa() {
 #if defined(__AVX512F__)
-  return true;
+  return "avx512";
+#elif defined(__AVX2__) && defined(__FMA__)
+  return "avx2";
 #else
-  return false;
+  return "portable";
 #endif
 }
+
+// The plan routes small products here only where the SIMD kernel was measured faster than
+// MKL / oneDNN (AVX-512, AVX2); the portable build is for correctness anywhere.
+bool small_gemm_compiled() { return std::string(small_gemm_isa()) != "portable"; }
 
 at::Tensor small_gemm_pack(const at::Tensor& weight) {
   TORCH_CHECK(weight.dim() == 2, "engine native: small_gemm_pack needs a 2-D weight");
@@ -29,21 +38,83 @@ at::Tensor small_gemm_pack(const at::Tensor& weight) {
   return padded.view({panels, 16, k}).transpose(1, 2).contiguous();
 }
 
-#if defined(__AVX512F__)
 namespace {
 
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const c10::BFloat16* p) {  // bfloat16 -> float32: the high half of a float
-  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+// One panel row: 16 float32 lanes, as one zmm (AVX-512), two ymm (AVX2 + FMA) or a plain array
+// the compiler vectorizes for whatever it has.
+#if defined(__AVX512F__)
+struct Vec16 {
+  __m512 v;
+  static Vec16 zero() { return {_mm512_setzero_ps()}; }
+  static Vec16 load(const float* p) { return {_mm512_loadu_ps(p)}; }
+  static Vec16 load(const c10::BFloat16* p) {  // bfloat16 -> float32: the high half of a float
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    return {_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16))};
+  }
+  // acc + a * w, one rounding (fused), as every path here
+  static Vec16 fma(float a, const Vec16& w, const Vec16& acc) {
+    return {_mm512_fmadd_ps(_mm512_set1_ps(a), w.v, acc.v)};
+  }
+  void store(float* out) const { _mm512_storeu_ps(out, v); }
+};
+#elif defined(__AVX2__) && defined(__FMA__)
+struct Vec16 {
+  __m256 lo, hi;
+  static Vec16 zero() { return {_mm256_setzero_ps(), _mm256_setzero_ps()}; }
+  static Vec16 load(const float* p) { return {_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
+  static __m256 widen8(const c10::BFloat16* p) {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  }
+  static Vec16 load(const c10::BFloat16* p) { return {widen8(p), widen8(p + 8)}; }
+  static Vec16 fma(float a, const Vec16& w, const Vec16& acc) {
+    const __m256 av = _mm256_set1_ps(a);
+    return {_mm256_fmadd_ps(av, w.lo, acc.lo), _mm256_fmadd_ps(av, w.hi, acc.hi)};
+  }
+  void store(float* out) const {
+    _mm256_storeu_ps(out, lo);
+    _mm256_storeu_ps(out + 8, hi);
+  }
+};
+#else
+struct Vec16 {
+  float v[16];
+  static Vec16 zero() { return {}; }
+  template <typename W>
+  static Vec16 load(const W* p) {
+    Vec16 r;
+    for (int j = 0; j < 16; ++j) r.v[j] = static_cast<float>(p[j]);
+    return r;
+  }
+  static Vec16 fma(float a, const Vec16& w, const Vec16& acc) {
+    Vec16 r;
+    for (int j = 0; j < 16; ++j) r.v[j] = std::fma(a, w.v[j], acc.v[j]);
+    return r;
+  }
+  void store(float* out) const {
+    for (int j = 0; j < 16; ++j) out[j] = v[j];
+  }
+};
+#endif
+
+inline void prefetch(const void* p) {
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+  _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0);
+#else
+  __builtin_prefetch(p);
+#endif
 }
 
-inline void store16(float* p, __m512 v, __mmask16 mask) { _mm512_mask_storeu_ps(p, mask, v); }
-inline void store16(c10::BFloat16* p, __m512 v, __mmask16 mask) {
+// The first `left` of the 16 lanes into out (float32, or bfloat16 rounded to nearest even).
+template <typename O>
+inline void store16(O* out, const Vec16& v, int64_t left) {
+  if (std::is_same<O, float>::value && left >= 16) {
+    v.store(reinterpret_cast<float*>(out));
+    return;
+  }
   alignas(64) float tmp[16];
-  _mm512_store_ps(tmp, v);
-  for (int j = 0; j < 16; ++j)
-    if (mask >> j & 1) p[j] = static_cast<c10::BFloat16>(tmp[j]);  // round to nearest even
+  v.store(tmp);
+  for (int64_t j = 0; j < std::min<int64_t>(16, left); ++j) out[j] = static_cast<O>(tmp[j]);
 }
 
 // The weight streams from DRAM at batch 1 (the head's 12 fc weights are 48 MB, more than this
@@ -58,47 +129,95 @@ void panel_rows(const float* at_, const W* panels, int64_t K, int64_t N, O* out,
                 int64_t p0, int64_t p1) {
   for (int64_t p = p0; p < p1; p += NP) {
     const int np = static_cast<int>(std::min<int64_t>(NP, p1 - p));
-    __m512 acc[MB][NP];
+    Vec16 acc[MB][NP];
     for (int i = 0; i < MB; ++i)
-      for (int j = 0; j < NP; ++j) acc[i][j] = _mm512_setzero_ps();
+      for (int j = 0; j < NP; ++j) acc[i][j] = Vec16::zero();
     const W* w0 = panels + p * K * 16;
     if (np == NP) {
       for (int64_t k = 0; k < K; ++k) {
-        __m512 wv[NP];
+        Vec16 wv[NP];
         for (int j = 0; j < NP; ++j) {
           const W* q = w0 + (j * K + k) * 16;
           // Software prefetch kPrefetchLines ahead in each panel's stream (a prefetch past the
           // panel's end reads the next panel's start: harmless, no fault).
-          _mm_prefetch(reinterpret_cast<const char*>(q + kPrefetchLines * 16), _MM_HINT_T0);
-          wv[j] = load16(q);
+          prefetch(q + kPrefetchLines * 16);
+          wv[j] = Vec16::load(q);
         }
         for (int i = 0; i < MB; ++i) {
-          const __m512 av = _mm512_set1_ps(at_[k * MB + i]);
-          for (int j = 0; j < NP; ++j) acc[i][j] = _mm512_fmadd_ps(av, wv[j], acc[i][j]);
+          const float a = at_[k * MB + i];
+          for (int j = 0; j < NP; ++j) acc[i][j] = Vec16::fma(a, wv[j], acc[i][j]);
         }
       }
     } else {  // the last panels of a range
       for (int j = 0; j < np; ++j)
         for (int64_t k = 0; k < K; ++k) {
-          const __m512 wv = load16(w0 + (j * K + k) * 16);
-          for (int i = 0; i < MB; ++i)
-            acc[i][j] = _mm512_fmadd_ps(_mm512_set1_ps(at_[k * MB + i]), wv, acc[i][j]);
+          const Vec16 wv = Vec16::load(w0 + (j * K + k) * 16);
+          for (int i = 0; i < MB; ++i) acc[i][j] = Vec16::fma(at_[k * MB + i], wv, acc[i][j]);
         }
     }
     for (int j = 0; j < np; ++j) {
-      const int64_t col = (p + j) * 16, left = std::min<int64_t>(16, N - col);
-      const __mmask16 mask = static_cast<__mmask16>(left >= 16 ? 0xFFFF : (1u << left) - 1);
-      for (int i = 0; i < MB; ++i) store16(out + i * ldo + col, acc[i][j], mask);
+      const int64_t col = (p + j) * 16;
+      for (int i = 0; i < MB; ++i) store16(out + i * ldo + col, acc[i][j], N - col);
     }
   }
 }
 
+// Panels per register block: MB * NP accumulators and NP weight vectors in the register file
+// (32 zmm: 4 panels up to 4 rows, 2 up to 13; 16 ymm, two per panel: 2 panels up to 2 rows);
+// past that one panel, and the compiler spills a little.
+template <int MB>
+constexpr int panels_per_block() {
+#if defined(__AVX512F__)
+  return MB <= 4 ? 4 : (MB <= 13 ? 2 : 1);
+#elif defined(__AVX2__) && defined(__FMA__)
+  return MB <= 2 ? 2 : 1;
+#else
+  return 1;
+#endif
+}
+
+#if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
+// AVX2 past 6 rows: 2 x MB accumulators would not fit 16 ymm (at 16 rows the spilling kernel ran
+// at 0.6x oneDNN). Each panel runs as two 8-column halves, MB accumulators each; the second half
+// reads the panel again from L2 (64 KB at K = 1024), not from DRAM.
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const c10::BFloat16* p) { return Vec16::widen8(p); }
+
+template <int MB, typename W, typename O>
+void half_panel_rows(const float* at_, const W* panels, int64_t K, int64_t N, O* out, int64_t ldo,
+                     int64_t p0, int64_t p1) {
+  for (int64_t p = p0; p < p1; ++p) {
+    const W* w0 = panels + p * K * 16;
+    for (int h = 0; h < 2 && p * 16 + h * 8 < N; ++h) {
+      __m256 acc[MB];
+      for (int i = 0; i < MB; ++i) acc[i] = _mm256_setzero_ps();
+      for (int64_t k = 0; k < K; ++k) {
+        const W* q = w0 + k * 16 + h * 8;
+        if (h == 0) prefetch(q + kPrefetchLines * 16);
+        const __m256 wv = load8(q);
+        for (int i = 0; i < MB; ++i) acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(at_[k * MB + i]), wv, acc[i]);
+      }
+      const int64_t col = p * 16 + h * 8, left = std::min<int64_t>(8, N - col);
+      for (int i = 0; i < MB; ++i) {
+        alignas(32) float tmp[8];
+        _mm256_store_ps(tmp, acc[i]);
+        O* o = out + i * ldo + col;
+        for (int64_t j = 0; j < left; ++j) o[j] = static_cast<O>(tmp[j]);
+      }
+    }
+  }
+}
+constexpr int kHalfPanelRows = 7;   // from this many rows up
+#endif
+
 template <int MB, typename W, typename O>
 void run_rows(const float* at_, const W* panels, int64_t K, int64_t N, O* out, int64_t ldo) {
-  // Panels per register block: MB * NP accumulators + NP weight vectors fit in 32 zmm.
-  constexpr int NP = MB <= 4 ? 4 : (MB <= 13 ? 2 : 1);
+  constexpr int NP = panels_per_block<MB>();
   const int64_t P = (N + 15) / 16;
   at::parallel_for(0, P, 4, [&](int64_t p0, int64_t p1) {
+#if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
+    if (MB >= kHalfPanelRows) return half_panel_rows<MB>(at_, panels, K, N, out, ldo, p0, p1);
+#endif
     panel_rows<MB, NP>(at_, panels, K, N, out, ldo, p0, p1);
   });
 }
@@ -129,11 +248,9 @@ void transpose_rows(const at::Tensor& a, std::vector<float>& at_) {
 }
 
 }  // namespace
-#endif
 
 at::Tensor small_gemm_run(const at::Tensor& a, const at::Tensor& panels, int64_t n,
                           const at::Tensor& out_in) {
-  TORCH_CHECK(small_gemm_compiled(), "engine native: small_gemm needs an AVX-512 build");
   const int64_t M = a.size(0), K = a.size(1);
   TORCH_CHECK(a.dim() == 2 && a.stride(1) == 1, "engine native: small_gemm needs rows of A contiguous");
   TORCH_CHECK(M >= 1 && M <= kSmallGemmMaxRows, "engine native: small_gemm takes 1 to ",
@@ -147,7 +264,6 @@ at::Tensor small_gemm_run(const at::Tensor& a, const at::Tensor& panels, int64_t
                            out_in.size(0) >= M && out_in.size(1) == n && out_in.stride(1) == 1
                        ? out_in
                        : at::empty({M, n}, a.options());
-#if defined(__AVX512F__)
   thread_local std::vector<float> at_;
   if (a.scalar_type() == at::kFloat)
     transpose_rows<float>(a, at_);
@@ -166,7 +282,6 @@ at::Tensor small_gemm_run(const at::Tensor& a, const at::Tensor& panels, int64_t
     if (wf) dispatch_rows(M, at_.data(), panels.data_ptr<float>(), K, n, o, ldo);
     else dispatch_rows(M, at_.data(), panels.data_ptr<c10::BFloat16>(), K, n, o, ldo);
   }
-#endif
   // The head loop passes buffers of exactly M rows: skip the (dispatched) narrow, ~14 a step.
   return out.size(0) == M ? out : out.narrow(0, 0, M);
 }

@@ -6,7 +6,8 @@
 // This kernel reads the weight once for all rows, as one contiguous stream: the weight is packed
 // once into panels of 16 output columns ([ceil(N/16), K, 16], zero-padded), the rows are
 // transposed into a [K, M] float32 buffer (so each k's M values are adjacent: rows 4 KB apart
-// would alias in L1), and every (row, panel) accumulator lives in a zmm register for the whole K.
+// would alias in L1), and every (row, panel) accumulator lives in registers (one zmm, two ymm on
+// AVX2) for the whole K.
 // float32 or bfloat16 weights and activations; always float32 accumulation.
 #pragma once
 
@@ -16,8 +17,12 @@ namespace engine_native {
 
 constexpr int64_t kSmallGemmMaxRows = 16;
 
-// Whether this build has the AVX-512 kernel (else callers use their GEMM for every size).
+// Whether this build's kernel is SIMD (AVX-512 or AVX2 + FMA), which the head loop's plan uses
+// for products of few rows; small_gemm_run works in every build (portable C++ otherwise).
 bool small_gemm_compiled();
+
+// "avx512", "avx2" or "portable": the instruction set this build's kernel uses.
+const char* small_gemm_isa();
 
 // W [N, K] (float32 or bfloat16) -> the panel layout [ceil(N/16), K, 16], same dtype.
 at::Tensor small_gemm_pack(const at::Tensor& weight);

@@ -9,7 +9,6 @@ from .conditioning import Condition
 from .errors import ConfigError
 from .diffusion import make_tables
 from .models.head import PackedHead
-from .packed_linear import onednn_available
 from .plan import MAX_BATCH, check_count
 from .sampler import sample
 
@@ -55,7 +54,7 @@ class Model:
         self.backend = get_backend(self._backend_request, self.device, PRECISIONS[self.precision])
         self.backend.prepare(self.head)
         pack = (self.backend.packs_transformer and self.device.type == "cpu"
-                and self.precision in ("fp32", "bf16") and onednn_available())
+                and self.precision in ("fp32", "bf16"))
         self.mar.pack_linears(PRECISIONS[self.precision] if pack else None)
         self._graph_cache = {}  # captured plans hold the old weights and backend: drop them
 

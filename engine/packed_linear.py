@@ -1,12 +1,16 @@
 """Transformer products on weights packed once for the CPU (the native backend's transformer).
 
-float32: MKL's packed sgemm (cblas_sgemm_compute, through the native extension): on the
+float32 on an Intel CPU: MKL's packed sgemm (cblas_sgemm_compute, through the native extension): on the
 development Xeon, 2 threads, interleaved runs at MAR-B's shapes, 1.06-1.15x oneDNN's reordered
 product at 128-640 rows (equal at 24) and up to ~2x MKL's plain sgemm at few rows; the same sums
 as F.linear (bias first, then C += A W^T, as at::addmm does: MAR-B tokens bitwise equal to the
 reference backend's in benchmarks/bench_sample.py). Without the
-extension (or without MKL) float32 falls back to oneDNN. bfloat16 (precision="bf16", under
-CPU autocast): oneDNN on weights reordered once, autocast's own product.
+extension (or without MKL) float32 falls back to oneDNN. On other vendors' CPUs MKL runs its
+AVX2 code: on a 2-vCPU AMD EPYC (Zen 1) oneDNN's product was 1.07-1.3x MKL's at 128-640 rows of
+MAR-B's shapes and 2.9x at 8 rows, so there float32 packs for oneDNN. bfloat16 (precision="bf16",
+under CPU autocast): oneDNN on weights reordered once, autocast's own product; a CPU whose oneDNN
+has no bf16 kernels (AVX2 only: no avx512bw/vl/dq nor avx_ne_convert) packs nothing and keeps
+autocast's F.linear.
 """
 from __future__ import annotations
 
@@ -18,6 +22,26 @@ import torch
 
 def onednn_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+
+
+def onednn_bf16_available() -> bool:
+    """Whether oneDNN has bf16 kernels on this CPU (its reorder refuses bf16 weights otherwise)."""
+    supported = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return onednn_available() and supported is not None and bool(supported())
+
+
+def intel_cpu() -> bool:
+    """Whether this is an Intel CPU (MKL's own kernels). Read when asked, never at import."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return "GenuineIntel" in line
+    except OSError:
+        pass
+    import platform
+
+    return "intel" in platform.processor().lower()
 
 
 @functools.lru_cache(maxsize=1)
@@ -59,13 +83,31 @@ class MklPack:
         return self
 
 
-def pack(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> tuple:
+def float32_kind() -> str | None:
+    """The float32 packing this CPU runs fastest: "mkl" (Intel, with the extension), "onednn", or
+    None when this torch build has neither (then nothing is packed)."""
+    if mkl_available() and (intel_cpu() or not onednn_available()):
+        return "mkl"
+    return "onednn" if onednn_available() else None
+
+
+def pack(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype,
+         kind: str | None = None) -> tuple | None:
     """(kind, packed weight, bias) for W [N, K]: "mkl" (float32 with the extension; the bias
-    lives in the pack) or "onednn" (weight reordered once, bias in `dtype`)."""
-    if dtype == torch.float32 and mkl_available():
+    lives in the pack) or "onednn" (weight reordered once, bias in `dtype`); `kind` None picks
+    this CPU's (float32_kind; bf16: oneDNN). None when this CPU has no packed path for `dtype`:
+    the caller keeps F.linear."""
+    if kind is None:
+        kind = float32_kind() if dtype == torch.float32 else (
+            "onednn" if onednn_bf16_available() else None)
+        if kind is None:
+            return None
+    if kind == "mkl":
+        if dtype != torch.float32 or not mkl_available():
+            raise RuntimeError("packed linear: MKL's packed path is float32 with the native extension")
         return "mkl", MklPack(weight, bias), None
-    if not onednn_available():
-        raise RuntimeError("packed linear: this torch build has neither oneDNN nor the MKL path")
+    if kind != "onednn" or not onednn_available():
+        raise RuntimeError(f"packed linear: no {kind!r} path in this torch build")
     reordered = torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(dtype).contiguous(), None)
     return "onednn", reordered, None if bias is None else bias.detach().to(dtype).contiguous()
 

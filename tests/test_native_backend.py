@@ -162,13 +162,13 @@ def test_default_gemm_paths(golden_model, monkeypatch):
     without MKL would report aten); other vendors and bf16: oneDNN."""
     from engine.backends import native
 
-    monkeypatch.setattr(native, "_intel_cpu", lambda: True)
+    monkeypatch.setattr(native.packed_linear, "intel_cpu", lambda: True)
     backend = NativeBackend()
     assert backend.gemm == "mkl_packed"
     want = "mkl_packed" if native_build.load_extension().has_mkl_packed() else "aten"
     assert f"gemm={want}," in backend.describe(golden_model.head)
     assert NativeBackend(weight_dtype=torch.bfloat16).gemm == "onednn"
-    monkeypatch.setattr(native, "_intel_cpu", lambda: False)
+    monkeypatch.setattr(native.packed_linear, "intel_cpu", lambda: False)
     assert NativeBackend().gemm == "onednn"
 
 
@@ -439,21 +439,26 @@ def test_not_for_other_devices():
     assert "CPU only" in backend.unavailable_reason(torch.device("meta"))
 
 
-def test_transformer_products_on_reordered_weights(native_ext):
+@pytest.mark.parametrize("intel", [True, False])
+def test_transformer_products_on_reordered_weights(native_ext, monkeypatch, intel):
     """The native backend also runs the transformer blocks' products on weights packed once
-    (MKL's packed sgemm through the extension): the step's transformer pass matches plain
-    F.linear to float32 rounding, the reference backend leaves the blocks unpacked."""
+    (MKL's packed sgemm through the extension on Intel CPUs, oneDNN's reordered weights on
+    others): the step's transformer pass matches plain F.linear to float32 rounding, the
+    reference backend leaves the blocks unpacked."""
+    from engine import packed_linear
     from engine.models.mar import Linear
-    from engine.packed_linear import onednn_available
 
-    if not onednn_available():
+    if not packed_linear.onednn_available():
         pytest.skip("this torch build has no oneDNN")  # environment guard; CI's torch has it
+    monkeypatch.setattr(packed_linear, "intel_cpu", lambda: intel)
+    kind, op = ("mkl", "engine.mkl_packed_linear.default") if intel else \
+        ("onednn", "mkldnn._linear_pointwise.default")
     model = engine.load(CHECKPOINT, backend="native")
     layers = [m for m in model.mar.modules() if isinstance(m, Linear)]
     assert layers and all(m.packs for m in layers)
     gen = torch.Generator().manual_seed(0)
     first, last = model.mar.decoder_blocks[0].attn.qkv, model.mar.decoder_blocks[-1].attn.qkv
-    assert {kind for m in layers for kind, _, _ in m.packs.values()} == {"mkl"}
+    assert {k for m in layers for k, _, _ in m.packs.values()} == {kind}
     assert set(first.packs) == {(0, None)}  # a weight is packed once, as it is used
     assert set(last.packs) == {(0, first.in_features), (first.in_features, None)}
     x = torch.randn(3, 7, first.in_features, generator=gen)
@@ -473,11 +478,10 @@ def test_transformer_products_on_reordered_weights(native_ext):
     model.mar.pack_linears(None)
     plain, plain_counter = count_ops(model.mar.forward_step, tokens, known, predict, (class_emb,))
     torch.testing.assert_close(packed, plain, rtol=1e-4, atol=1e-5)
-    # The packed path really ran: every block product went through MKL's packed GEMM (the sums
+    # The packed path really ran: every block product went through the packed GEMM (MKL's sums
     # are F.linear's, so the results can be bitwise equal: count the calls, not the values).
-    mkl = "engine.mkl_packed_linear.default"
     # One product per packed layer, two for the last decoder block's qkv (its q and kv rows apart).
-    assert counter.counts[mkl] == len(layers) + 1 and plain_counter.counts[mkl] == 0
+    assert counter.counts[op] == len(layers) + 1 and plain_counter.counts[op] == 0
     other = engine.load(CHECKPOINT, backend="reference")
     assert not any(m.packs for m in other.mar.modules() if isinstance(m, Linear))
 
@@ -491,9 +495,13 @@ def test_bf16_transformer_products_on_reordered_weights(native_ext):
 
     if not onednn_available():
         pytest.skip("this torch build has no oneDNN")  # environment guard; CI's torch has it
+    from engine.packed_linear import onednn_bf16_available
+
     model = engine.load(CHECKPOINT, backend="native", precision="bf16")
     layers = [m for m in model.mar.modules() if isinstance(m, Linear)]
-    assert layers and all(m.packs and m.pack_dtype == torch.bfloat16 for m in layers)
+    # A CPU without oneDNN's bf16 kernels (AVX2 only) packs nothing: autocast's F.linear runs.
+    reordered = onednn_bf16_available()
+    assert layers and all(bool(m.packs) == reordered and m.pack_dtype == torch.bfloat16 for m in layers)
     gen = torch.Generator().manual_seed(1)
     c = model.config
     tokens = torch.randn(2, c.seq_len, c.token_dim, generator=gen)
@@ -505,7 +513,8 @@ def test_bf16_transformer_products_on_reordered_weights(native_ext):
         packed, counter = count_ops(model.mar.forward_step, tokens, known, predict, (class_emb,))
         model.mar.pack_linears(None)
         plain, plain_counter = count_ops(model.mar.forward_step, tokens, known, predict, (class_emb,))
-    assert counter.counts[onednn] == len(layers) + 1 and plain_counter.counts[onednn] == 0
+    assert counter.counts[onednn] == (len(layers) + 1 if reordered else 0)
+    assert plain_counter.counts[onednn] == 0
     assert packed.dtype == plain.dtype
     # Same bf16 products; only oneDNN's blocking may differ from the unreordered call's.
     torch.testing.assert_close(packed.float(), plain.float(), rtol=2e-2, atol=2e-2)

@@ -1,6 +1,7 @@
 """engine.packed_linear: the transformer's float32 products on MKL packed weights (native
 extension) against F.linear, over row counts, input ranks, with and without bias; its custom op
-under torch.compile; the oneDNN fallback when the extension has no MKL path."""
+under torch.compile; the packing each CPU gets (MKL on Intel, oneDNN elsewhere or without the
+extension's MKL path; bf16 unpacked where oneDNN has no bf16 kernels)."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -17,7 +18,7 @@ def test_mkl_packed_linear_matches_f_linear(native_ext, shape, bias):
     weight = torch.randn(40, 24, generator=gen)
     b = torch.randn(40, generator=gen) if bias else None
     x = torch.randn(shape, generator=gen)
-    kind, packed, rest = packed_linear.pack(weight, b, torch.float32)
+    kind, packed, rest = packed_linear.pack(weight, b, torch.float32, kind="mkl")
     assert kind == "mkl" and rest is None   # the bias lives in the pack
     got = packed_linear.run(kind, x, packed, None)
     assert got.shape == (*shape[:-1], 40)
@@ -35,7 +36,8 @@ def test_row_ranges_and_non_contiguous_input(native_ext):
     torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
 
 
-def test_custom_op_traces_fullgraph(native_ext):
+def test_custom_op_traces_fullgraph(native_ext, monkeypatch):
+    monkeypatch.setattr(packed_linear, "intel_cpu", lambda: True)   # MKL's pack
     layer = Linear(24, 40)
     layer.pack(dtype=torch.float32)
     x = torch.randn(5, 24)
@@ -46,10 +48,11 @@ def test_custom_op_traces_fullgraph(native_ext):
     torch.library.opcheck(packed_linear.mkl_packed_linear, (x, pack.id, 40))
 
 
-def test_a_copied_layer_shares_its_pack(native_ext):
+def test_a_copied_layer_shares_its_pack(native_ext, monkeypatch):
     """MKL's packed buffer is only valid where it was written: copies share the one pack."""
     import copy
 
+    monkeypatch.setattr(packed_linear, "intel_cpu", lambda: True)
     layer = Linear(24, 40)
     layer.pack(dtype=torch.float32)
     twin = copy.deepcopy(layer)
@@ -59,7 +62,8 @@ def test_a_copied_layer_shares_its_pack(native_ext):
     torch.testing.assert_close(twin(x), F.linear(x, twin.weight, twin.bias), rtol=1e-5, atol=1e-5)
 
 
-def test_wrong_input_width_is_an_error(native_ext):
+def test_wrong_input_width_is_an_error(native_ext, monkeypatch):
+    monkeypatch.setattr(packed_linear, "intel_cpu", lambda: True)
     layer = Linear(24, 40)
     layer.pack(dtype=torch.float32)
     with pytest.raises(RuntimeError, match=r"float32 input \[\.\.\., 24\]"):
@@ -75,3 +79,34 @@ def test_without_the_mkl_path_float32_packs_for_onednn(monkeypatch):
     assert layer.packs[(0, None)][0] == "onednn"
     x = torch.randn(7, 24)
     torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
+
+
+def test_float32_packing_follows_the_cpu(native_ext, monkeypatch):
+    """MKL's pack on Intel CPUs; oneDNN's reordered weights on other vendors' (MKL runs its
+    slower AVX2 code there), with the same products."""
+    if not packed_linear.onednn_available():
+        pytest.skip("this torch build has no oneDNN")  # environment guard; CI's torch has it
+    x = torch.randn(9, 24)
+    for intel, kind in ((True, "mkl"), (False, "onednn")):
+        monkeypatch.setattr(packed_linear, "intel_cpu", lambda: intel)
+        layer = Linear(24, 40)
+        layer.pack(dtype=torch.float32)
+        assert layer.packs[(0, None)][0] == kind
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="float32"):
+        packed_linear.pack(torch.randn(4, 3), None, torch.bfloat16, kind="mkl")
+
+
+def test_bf16_without_onednn_bf16_kernels_keeps_f_linear(monkeypatch):
+    """A CPU whose oneDNN has no bf16 kernels (AVX2 only) would refuse the bf16 reorder: the
+    layer stays unpacked and autocast's F.linear computes the product."""
+    monkeypatch.setattr(packed_linear, "onednn_bf16_available", lambda: False)
+    layer = Linear(24, 40)
+    layer.pack(dtype=torch.bfloat16)
+    assert layer.packs == {} and layer.pack_dtype == torch.bfloat16
+    x = torch.randn(6, 24)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = layer(x)
+        want = F.linear(x, layer.weight, layer.bias)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want, rtol=0, atol=0)

@@ -34,6 +34,7 @@ import weakref
 
 import torch
 
+from .. import packed_linear
 from ..errors import ConfigError
 from .base import HeadBackend, row_param
 
@@ -88,23 +89,9 @@ def default_gemm(weight_dtype: torch.dtype) -> str:
     falls back to ATen. On other vendors' CPUs MKL runs its AVX2 code (on the AMD EPYC of the
     earlier tables oneDNN's float32 was 2-3x it), so there oneDNN. bfloat16: oneDNN (AMX), the
     only bf16 path."""
-    if weight_dtype == torch.float32 and _intel_cpu():
+    if weight_dtype == torch.float32 and packed_linear.intel_cpu():
         return "mkl_packed"
     return "onednn"
-
-
-def _intel_cpu() -> bool:
-    """Whether this is an Intel CPU (MKL's own kernels). Read when a backend is made, never at import."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.startswith("vendor_id"):
-                    return "GenuineIntel" in line
-    except OSError:
-        pass
-    import platform
-
-    return "intel" in platform.processor().lower()
 
 
 class NativeBackend(HeadBackend):

@@ -32,8 +32,9 @@ def unpatchify(x: torch.Tensor, p: int, c: int, h: int, w: int | None = None) ->
 
 class Linear(nn.Linear):
     """nn.Linear (same parameters and state-dict keys) that can also hold row ranges of its
-    weight packed once for the CPU (engine.packed_linear): float32 on MKL's packed sgemm (oneDNN
-    without the native extension), equal to F.linear up to summation order; bfloat16
+    weight packed once for the CPU (engine.packed_linear): float32 on MKL's packed sgemm on Intel
+    CPUs (oneDNN elsewhere or without the native extension), equal to F.linear up to summation
+    order; bfloat16
     (precision="bf16", under CPU autocast) on oneDNN, the same product as autocast's F.linear
     without its per-call weight reorder (1.2-5.7x at MAR-B's shapes). MARModel packs the blocks
     for the native CPU backend; everything else uses F.linear."""
@@ -46,8 +47,10 @@ class Linear(nn.Linear):
             raise ValueError(f"Linear.pack: float32 or bfloat16, got {dtype}")
         packs = {}
         for a, b in ranges:
-            packs[(a, b)] = packed_linear.pack(self.weight[a:b], None if self.bias is None
-                                               else self.bias[a:b], dtype)
+            packed = packed_linear.pack(self.weight[a:b], None if self.bias is None
+                                        else self.bias[a:b], dtype)
+            if packed is not None:   # else this CPU has no packed path for dtype: F.linear
+                packs[(a, b)] = packed
         self.packs, self.pack_dtype = packs, dtype
 
     def unpack(self) -> None:
