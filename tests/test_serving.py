@@ -52,6 +52,19 @@ class Gate:
         monkeypatch.setattr(scheduler_module.sampler, "advance", advance)
 
 
+@pytest.fixture
+def slow_steps(monkeypatch):
+    """Every MAR step of the scheduler takes at least 20 ms, so a request of tens of steps
+    outlasts a test's sub-second deadline or cancel on any machine (a fast CPU finished 4 x 16
+    digits steps inside 0.3 s)."""
+    real = scheduler_module.sampler.advance
+
+    def advance(model, images):
+        time.sleep(0.02)
+        return real(model, images)
+    monkeypatch.setattr(scheduler_module.sampler, "advance", advance)
+
+
 # The scheduler ---------------------------------------------------------------------------------
 def test_invariant_with_mixed_concurrent_requests(model):
     """18 requests (labels, num_iter, cfg, schedule, temperature, n) from 6 threads, at most 8
@@ -144,7 +157,7 @@ def test_cancellation_queued_and_in_flight(model):
     assert np.abs(after.images("np") - gen(model, 3, 5, num_iter=2)).max() <= 1e-4
 
 
-def test_async_cancel_cancels_the_request(model):
+def test_async_cancel_cancels_the_request(model, slow_steps):
     async def main(sched):
         task = asyncio.ensure_future(sched.submit_async(Request(label=1, n=4, num_iter=16)))
         await asyncio.sleep(0.05)
@@ -159,7 +172,7 @@ def test_async_cancel_cancels_the_request(model):
         assert sched.counts["cancelled"] == 1
 
 
-def test_deadlines_in_flight_and_queued(model):
+def test_deadlines_in_flight_and_queued(model, slow_steps):
     with Scheduler(model, max_batch_images=1) as sched:
         slow = sched.submit(Request(label=1, n=4, num_iter=16, timeout=0.3))
         waiting = sched.submit(Request(label=2, num_iter=2, timeout=0.05))
@@ -418,12 +431,12 @@ def test_malformed_inputs_are_422_naming_the_field(service, body, param, message
     assert error["message"].startswith(param) and message in error["message"], error
 
 
-def test_deadline_is_504(service):
+def test_deadline_is_504(service, slow_steps):
     r = post(service, class_label=1, n=8, num_iter=32, timeout=0.05)
     assert r.status_code == 504 and "deadline" in r.json()["error"]["message"]
 
 
-def test_client_disconnect_cancels(service):
+def test_client_disconnect_cancels(service, slow_steps):
     sched = service.server.config.app.state.engine.scheduler
     before = sched.counts["cancelled"]
     with pytest.raises(httpx.ReadTimeout):

@@ -34,10 +34,10 @@ class Linear(nn.Linear):
     """nn.Linear (same parameters and state-dict keys) that can also hold row ranges of its
     weight packed once for the CPU (engine.packed_linear): float32 on MKL's packed sgemm on Intel
     CPUs (oneDNN elsewhere or without the native extension), equal to F.linear up to summation
-    order; bfloat16
-    (precision="bf16", under CPU autocast) on oneDNN, the same product as autocast's F.linear
-    without its per-call weight reorder (1.2-5.7x at MAR-B's shapes). MARModel packs the blocks
-    for the native CPU backend; everything else uses F.linear."""
+    order; bfloat16 (precision="bf16", under CPU autocast) on oneDNN, the same product as
+    autocast's F.linear without its per-call weight reorder (1.2-5.7x at MAR-B's shapes), where
+    this CPU's oneDNN has bf16 kernels. MARModel packs the blocks for the native CPU backend;
+    everything else uses F.linear."""
 
     packs: dict | None = None  # {(start, stop): (kind, packed weight rows start:stop, bias rows)}
     pack_dtype: torch.dtype | None = None
