@@ -3,6 +3,7 @@
 // part of the build) while the other compiles in parallel.
 #include <torch/extension.h>
 
+#include "attention.h"
 #include "head_loop.h"
 #include "small_gemm.h"
 
@@ -32,6 +33,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            pybind11::call_guard<pybind11::gil_scoped_release>())
       .def_property_readonly("n", &engine_native::MklPackedLinear::n)
       .def_property_readonly("k", &engine_native::MklPackedLinear::k);
+  m.def("attention", &engine_native::attention, pybind11::arg("q"), pybind11::arg("k"),
+        pybind11::arg("v"), pybind11::arg("scale"), pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("has_sleef_exp", &engine_native::has_sleef_exp);
   m.def("has_small_gemm", &engine_native::has_small_gemm);
   m.def("small_gemm_isa", [] { return std::string(engine_native::small_gemm_isa()); });

@@ -624,6 +624,10 @@ at::Tensor MklPackedLinear::run(const at::Tensor& x) const {
 
 bool has_small_gemm() { return small_gemm_compiled(); }
 
+void exp_inplace(float* v, int64_t n) {
+  for (int64_t i = 0; i < n; i += kBlock) exp_block(v + i, static_cast<int>(std::min<int64_t>(kBlock, n - i)));
+}
+
 bool has_sleef_exp() {
 #if defined(__AVX512F__)
   if (Sleef_expf16_u10 != nullptr) return true;

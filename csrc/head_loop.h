@@ -114,6 +114,8 @@ class MklPackedLinear {
   int64_t n_ = 0, k_ = 0;
 };
 bool has_sleef_exp();
+// v[0..n) = exp(v[0..n)): torch's vectorised Sleef exp (1 ulp) where it is available, else std::exp.
+void exp_inplace(float* v, int64_t n);
 bool has_small_gemm();
 
 }  // namespace engine_native

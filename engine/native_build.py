@@ -29,8 +29,8 @@ import threading
 import time
 from pathlib import Path
 
-SOURCES = ("head_loop.cpp", "small_gemm.cpp", "bindings.cpp")  # compiled in parallel by ninja
-HEADERS = ("head_loop.h", "small_gemm.h")
+SOURCES = ("head_loop.cpp", "small_gemm.cpp", "attention.cpp", "bindings.cpp")  # compiled in parallel by ninja
+HEADERS = ("head_loop.h", "small_gemm.h", "attention.h", "vec16.h")
 BASE_CFLAGS = ("-O3", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-DNDEBUG")
 LDFLAGS = ("-fopenmp",)
 STALE_LOCK_SECONDS = 15 * 60

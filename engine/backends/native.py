@@ -24,7 +24,8 @@ Options:
   stream_rows   products of at most this many rows (0-16; default 16) go through the small-row
                 kernel (csrc/small_gemm.cpp: each weight read once for all rows, the batch-1
                 case, where MKL and oneDNN reach a third to a half of the memory bandwidth);
-                0 = never. Builds without AVX-512 never use it.
+                0 = never. Builds without AVX-512 or AVX2 + FMA (the portable kernel) never
+                use it.
 """
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ from .base import HeadBackend, row_param
 GEMM_MODES = {"aten": 0, "mkl_packed": 1, "onednn": 2}
 WEIGHT_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
 DEFAULT_MOD_BUDGET = 32 << 20
-DEFAULT_STREAM_ROWS = 16   # products of at most this many rows: csrc/small_gemm.cpp (AVX-512 builds)
+DEFAULT_STREAM_ROWS = 16   # products of at most this many rows: csrc/small_gemm.cpp (SIMD builds)
 
 _warned = False
 _warn_lock = threading.Lock()

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from ..attention import attention
 from ..errors import SamplingError
 from .head import DiffLoss
-from .mar import LN_EPS, Block, Linear, Mlp, gather_rows, pack_blocks, unpatchify
+from .mar import LN_EPS, AttentionBase, Block, Linear, Mlp, gather_rows, pack_blocks, unpatchify
 
 BASE_GRID = 16   # LightGen stores position embeddings for 16 x 16 tokens (its "256px" checkpoints)
 
@@ -61,7 +61,7 @@ class TextAligner(nn.Module):
         return self.text_aligner_norm(x)
 
 
-class CrossAttention(nn.Module):
+class CrossAttention(AttentionBase):
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
         self.num_heads = num_heads
@@ -78,7 +78,7 @@ class CrossAttention(nn.Module):
     def forward(self, q_rows, k, v):
         b, n, dim = q_rows.shape
         q = self.query_linear(q_rows).reshape(b, n, self.num_heads, dim // self.num_heads).transpose(1, 2)
-        out = attention(q, k.to(q.dtype), v.to(q.dtype))
+        out = attention(q, k.to(q.dtype), v.to(q.dtype), native=self.use_native_kernel)
         return self.proj(out.transpose(1, 2).reshape(b, n, dim))
 
 

@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import packed_linear
-from ..attention import attention
+from ..attention import attention, native_available as native_attention_available
 from ..config import MARConfig
 from ..errors import SamplingError
 from .head import DiffLoss
@@ -74,7 +74,14 @@ class Linear(nn.Linear):
         return self.rows(x)
 
 
-class Attention(nn.Module):
+class AttentionBase(nn.Module):
+    """An attention layer whose score-softmax-value product can run on the native CPU kernel
+    (engine.attention); pack_blocks turns it on with the packed linears."""
+
+    use_native_kernel = False
+
+
+class Attention(AttentionBase):
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
         self.num_heads = num_heads
@@ -91,7 +98,7 @@ class Attention(nn.Module):
             k, v = self.qkv.rows(x, dim).reshape(b, length, 2, self.num_heads, hd).permute(2, 0, 3, 1, 4)
             rows = torch.gather(x, 1, query_index.unsqueeze(-1).expand(-1, -1, dim))
             q = self.qkv.rows(rows, 0, dim).reshape(b, -1, self.num_heads, hd).transpose(1, 2)
-        out = attention(q, k, v)
+        out = attention(q, k, v, native=self.use_native_kernel)
         return self.proj(out.transpose(1, 2).reshape(b, -1, dim))
 
 
@@ -131,9 +138,12 @@ class Block(nn.Module):
 def pack_blocks(blocks, rows_block, dtype: torch.dtype | None) -> None:
     """Pack every engine `Linear` of `blocks` for oneDNN in `dtype` (None: drop the packs), each
     as it is used: the block that attends from a subset of rows (`rows_block`) has its q and kv
-    products apart."""
+    products apart. Their attention layers then use the native CPU kernel where it is built."""
+    native_kernel = dtype is not None and native_attention_available()
     for block in blocks:
         for module in block.modules():
+            if isinstance(module, AttentionBase):
+                module.use_native_kernel = native_kernel
             if isinstance(module, Linear):
                 ranges = ((0, None),)
                 if block is rows_block and module is block.attn.qkv:

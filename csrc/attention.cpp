@@ -1,0 +1,170 @@
+// Bidirectional CPU attention (see attention.h for the design).
+#include "attention.h"
+#include "head_loop.h"  // exp_inplace
+#include "vec16.h"
+
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+
+#include <algorithm>
+#include <limits>
+#include <vector>
+
+namespace engine_native {
+namespace {
+
+#if defined(__AVX512F__)
+constexpr int kRows = 8, kPanels = 2;  // 16 accumulators + 2 key vectors of the 32 zmm
+#else
+constexpr int kRows = 4, kPanels = 1;  // 4 accumulators (8 of the 16 ymm on AVX2)
+#endif
+
+struct Scratch {
+  std::vector<float> keys, values, queries, scores;
+};
+
+// scores[i][16p..16(p+NP)) = sum_d qt[d][i] * keys[p..p+NP)[d]: kRows x NP accumulators over D.
+template <int NP>
+inline void score_panels(const float* qt, const float* keys, int64_t D, int64_t p, float* s,
+                         int64_t lds) {
+  Vec16 acc[kRows][NP];
+  for (int i = 0; i < kRows; ++i)
+    for (int j = 0; j < NP; ++j) acc[i][j] = Vec16::zero();
+  for (int64_t d = 0; d < D; ++d) {
+    Vec16 w[NP];
+    for (int j = 0; j < NP; ++j) w[j] = Vec16::load(keys + ((p + j) * D + d) * 16);
+    for (int i = 0; i < kRows; ++i) {
+      const float a = qt[d * kRows + i];
+      for (int j = 0; j < NP; ++j) acc[i][j] = Vec16::fma(a, w[j], acc[i][j]);
+    }
+  }
+  for (int i = 0; i < kRows; ++i)
+    for (int j = 0; j < NP; ++j) acc[i][j].store(s + i * lds + (p + j) * 16);
+}
+
+// out[i][16c..16(c+NP)) = inv[i] * sum_j s[i][j] * values[j][16c..): kRows x NP accumulators over
+// the keys; only the first `rows` rows and D columns are stored.
+template <int NP, typename T>
+inline void value_panels(const float* s, int64_t lds, const float* values, int64_t Lk, int64_t Dp,
+                         int64_t c, const float* inv, T* out, int64_t D, int rows) {
+  Vec16 acc[kRows][NP];
+  for (int i = 0; i < kRows; ++i)
+    for (int j = 0; j < NP; ++j) acc[i][j] = Vec16::zero();
+  for (int64_t key = 0; key < Lk; ++key) {
+    Vec16 w[NP];
+    for (int j = 0; j < NP; ++j) w[j] = Vec16::load(values + key * Dp + (c + j) * 16);
+    for (int i = 0; i < kRows; ++i) {
+      const float a = s[i * lds + key];
+      for (int j = 0; j < NP; ++j) acc[i][j] = Vec16::fma(a, w[j], acc[i][j]);
+    }
+  }
+  for (int i = 0; i < rows; ++i)
+    for (int j = 0; j < NP; ++j)  // inv * acc + 0: the one rounding of the product
+      store16(out + i * D + (c + j) * 16, Vec16::fma(inv[i], acc[i][j], Vec16::zero()),
+              D - (c + j) * 16);
+}
+
+// One score row (lds = a multiple of 16 entries, those past the keys already -inf) -> its
+// unnormalised softmax in place; returns 1 / sum. Partial maxima and sums in 16 lanes vectorise.
+inline float softmax_row(float* row, int64_t lds, float scale) {
+  float part[16];
+  std::fill(part, part + 16, -std::numeric_limits<float>::infinity());
+  for (int64_t j = 0; j < lds; j += 16)
+    for (int l = 0; l < 16; ++l) {
+      row[j + l] *= scale;
+      part[l] = std::max(part[l], row[j + l]);
+    }
+  const float m = *std::max_element(part, part + 16);
+  for (int64_t j = 0; j < lds; ++j) row[j] -= m;
+  exp_inplace(row, lds);
+  std::fill(part, part + 16, 0.f);
+  for (int64_t j = 0; j < lds; j += 16)
+    for (int l = 0; l < 16; ++l) part[l] += row[j + l];
+  float sum = 0.f;
+  for (int l = 0; l < 16; ++l) sum += part[l];
+  return 1.f / sum;
+}
+
+template <typename T>
+void attend_head(const T* q, int64_t sq, const T* k, int64_t sk, const T* v, int64_t sv, T* out,
+                 int64_t Lq, int64_t Lk, int64_t D, float scale, Scratch& w) {
+  const int64_t P = (Lk + 15) / 16, lds = P * 16, Dp = (D + 15) / 16 * 16;
+  w.keys.assign(P * D * 16, 0.f);  // zero keys past Lk: their scores are set to -inf below
+  for (int64_t key = 0; key < Lk; ++key)
+    for (int64_t d = 0; d < D; ++d)
+      w.keys[((key / 16) * D + d) * 16 + key % 16] = static_cast<float>(k[key * sk + d]);
+  w.values.assign(Lk * Dp, 0.f);
+  for (int64_t key = 0; key < Lk; ++key)
+    for (int64_t d = 0; d < D; ++d) w.values[key * Dp + d] = static_cast<float>(v[key * sv + d]);
+  w.queries.resize(D * kRows);
+  w.scores.resize(kRows * lds);
+  float* s = w.scores.data();
+  for (int64_t r0 = 0; r0 < Lq; r0 += kRows) {
+    const int rows = static_cast<int>(std::min<int64_t>(kRows, Lq - r0));
+    for (int64_t d = 0; d < D; ++d)
+      for (int i = 0; i < kRows; ++i)
+        w.queries[d * kRows + i] = i < rows ? static_cast<float>(q[(r0 + i) * sq + d]) : 0.f;
+    int64_t p = 0;
+    for (; p + kPanels <= P; p += kPanels) score_panels<kPanels>(w.queries.data(), w.keys.data(), D, p, s, lds);
+    for (; p < P; ++p) score_panels<1>(w.queries.data(), w.keys.data(), D, p, s, lds);
+    float inv[kRows];
+    for (int i = 0; i < kRows; ++i) {
+      std::fill(s + i * lds + Lk, s + (i + 1) * lds, -std::numeric_limits<float>::infinity());
+      inv[i] = softmax_row(s + i * lds, lds, scale);
+    }
+    T* o = out + r0 * D;
+    const int64_t C = Dp / 16;
+    int64_t c = 0;
+    for (; c + kPanels <= C; c += kPanels)
+      value_panels<kPanels>(s, lds, w.values.data(), Lk, Dp, c, inv, o, D, rows);
+    for (; c < C; ++c) value_panels<1>(s, lds, w.values.data(), Lk, Dp, c, inv, o, D, rows);
+  }
+}
+
+template <typename T>
+void attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
+            float scale) {
+  const int64_t H = q.size(1), Lq = q.size(2), D = q.size(3), Lk = k.size(2);
+  const T* qp = q.data_ptr<T>();
+  const T* kp = k.data_ptr<T>();
+  const T* vp = v.data_ptr<T>();
+  T* op = out.data_ptr<T>();
+  at::parallel_for(0, q.size(0) * H, 1, [&](int64_t t0, int64_t t1) {
+    thread_local Scratch w;
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / H, h = t % H;
+      attend_head(qp + b * q.stride(0) + h * q.stride(1), q.stride(2),
+                  kp + b * k.stride(0) + h * k.stride(1), k.stride(2),
+                  vp + b * v.stride(0) + h * v.stride(1), v.stride(2), op + t * Lq * D, Lq, Lk, D,
+                  scale, w);
+    }
+  });
+}
+
+}  // namespace
+
+at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4,
+              "engine native: attention takes q, k, v of shape [B, H, L, D]");
+  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(),
+              "engine native: attention runs on the CPU");
+  const auto dtype = q.scalar_type();
+  TORCH_CHECK((dtype == at::kFloat || dtype == at::kBFloat16) && k.scalar_type() == dtype &&
+                  v.scalar_type() == dtype,
+              "engine native: attention takes float32 or bfloat16 q, k, v of one dtype");
+  TORCH_CHECK(k.size(0) == q.size(0) && k.size(1) == q.size(1) && k.size(3) == q.size(3) &&
+                  v.sizes() == k.sizes(),
+              "engine native: attention needs k and v of shape [B, H, Lk, D] matching q's B, H, D");
+  TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1,
+              "engine native: attention needs unit stride along the head width");
+  TORCH_CHECK(k.size(2) >= 1, "engine native: attention needs at least one key");
+  at::Tensor out = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
+  if (q.numel() == 0) return out;
+  if (dtype == at::kFloat)
+    attend<float>(q, k, v, out, static_cast<float>(scale));
+  else
+    attend<c10::BFloat16>(q, k, v, out, static_cast<float>(scale));
+  return out;
+}
+
+}  // namespace engine_native

@@ -1,0 +1,21 @@
+// Bidirectional attention on the CPU, out = softmax(q k^T * scale) v per (batch, head), for the
+// native backend's transformer (engine/attention.py). At MAR's shapes (a few hundred keys, head
+// width 64) torch's SDPA ran at a quarter to a third of the float32 GEMM peak, and its bf16 path
+// no faster; this kernel keeps a block of query rows' whole score rows in L1/L2, so the softmax
+// is the exact two-pass one (max, then exp and sum: no online rescaling):
+//   * per (batch, head) K is packed once into panels of 16 keys ([ceil(Lk/16), D, 16]) and V is
+//     widened to float32 rows, both read from L2 by every query block;
+//   * per block of query rows (8 with AVX-512, 4 otherwise) the scores are register-blocked FMAs
+//     over the head width, exp is torch's vectorised Sleef exp, and P V accumulates in registers
+//     over all keys, scaled by 1 / sum at the store.
+// float32 or bfloat16 q, k, v (always float32 arithmetic); the output has q's dtype.
+#pragma once
+
+#include <ATen/ATen.h>
+
+namespace engine_native {
+
+// q [B, H, Lq, D], k / v [B, H, Lk, D] (each with unit stride in D) -> [B, H, Lq, D] contiguous.
+at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale);
+
+}  // namespace engine_native
