@@ -16,7 +16,8 @@ sum of theirs; fraction = bound / measured (1.0 = at the roof).
 
 Parts, for a call of `num_iter` MAR steps x `T` diffusion steps (CFG doubles the rows):
   * per transformer block (encoder over buffer + known rows, decoder over buffer + all rows):
-    norm1, qkv, attention (SDPA), proj, residual adds, norm2, fc1, GELU, fc2 — each run on the
+    norm1, qkv, attention (engine.attention: the native kernel, SDPA for few queries), proj,
+    residual adds, norm2, fc1, GELU, fc2 — each run on the
     model's own modules (packed oneDNN linears, as the native backend binds them) at the shapes of
     `--sampled-steps` steps spread over the schedule, interpolated over the others;
   * embed / gather / scatter (z_proj, position rows, the decoder's mask-token scatter, the
@@ -51,6 +52,7 @@ sys.path.insert(0, str(HERE))
 from gemm import bandwidth_gbs, median_time, methods  # noqa: E402
 from stamp import machine_stamp  # noqa: E402
 
+from engine.attention import attention  # noqa: E402
 from engine.config import PRESETS, MARConfig  # noqa: E402
 from engine.model import MARModel  # noqa: E402
 from engine.models.mar import MAR, gather_rows  # noqa: E402
@@ -185,7 +187,8 @@ def block_parts(block, x: torch.Tensor, heads: int, min_seconds: float) -> dict:
     h = block.norm1(x)
     qkv = block.attn.qkv(h)
     q, k, v = qkv.reshape(b, s, 3, heads, hd).permute(2, 0, 3, 1, 4)
-    attn = F.scaled_dot_product_attention(q, k, v)
+    native = block.attn.use_native_kernel   # the kernel the model's own forward takes
+    attn = attention(q, k, v, native=native)
     merged = attn.transpose(1, 2).reshape(b, s, d)
     u = block.mlp.fc1(block.norm2(x))
     g = F.gelu(u)
@@ -193,7 +196,7 @@ def block_parts(block, x: torch.Tensor, heads: int, min_seconds: float) -> dict:
     return {
         "norm1": part(t(lambda: block.norm1(x)), 8 * b * s * d, 2 * act),
         "qkv": part(t(lambda: block.attn.qkv(h)), 2 * b * s * d * 3 * d, act + 3 * act + 3 * d * d * E),
-        "attention": part(t(lambda: F.scaled_dot_product_attention(q, k, v)),
+        "attention": part(t(lambda: attention(q, k, v, native=native)),
                           4 * b * heads * s * s * hd, 4 * act),
         "proj": part(t(lambda: block.attn.proj(merged)), 2 * b * s * d * d, 2 * act + d * d * E),
         "residual adds": part(2 * t(lambda: x + merged), 2 * b * s * d, 2 * 3 * act,

@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace engine_native {
@@ -45,14 +46,14 @@ inline void score_panels(const float* qt, const float* keys, int64_t D, int64_t 
 // out[i][16c..16(c+NP)) = inv[i] * sum_j s[i][j] * values[j][16c..): kRows x NP accumulators over
 // the keys; only the first `rows` rows and D columns are stored.
 template <int NP, typename T>
-inline void value_panels(const float* s, int64_t lds, const float* values, int64_t Lk, int64_t Dp,
+inline void value_panels(const float* s, int64_t lds, const float* values, int64_t Lk, int64_t ldv,
                          int64_t c, const float* inv, T* out, int64_t D, int rows) {
   Vec16 acc[kRows][NP];
   for (int i = 0; i < kRows; ++i)
     for (int j = 0; j < NP; ++j) acc[i][j] = Vec16::zero();
   for (int64_t key = 0; key < Lk; ++key) {
     Vec16 w[NP];
-    for (int j = 0; j < NP; ++j) w[j] = Vec16::load(values + key * Dp + (c + j) * 16);
+    for (int j = 0; j < NP; ++j) w[j] = Vec16::load(values + key * ldv + (c + j) * 16);
     for (int i = 0; i < kRows; ++i) {
       const float a = s[i * lds + key];
       for (int j = 0; j < NP; ++j) acc[i][j] = Vec16::fma(a, w[j], acc[i][j]);
@@ -64,16 +65,14 @@ inline void value_panels(const float* s, int64_t lds, const float* values, int64
               D - (c + j) * 16);
 }
 
-// One score row (lds = a multiple of 16 entries, those past the keys already -inf) -> its
-// unnormalised softmax in place; returns 1 / sum. Partial maxima and sums in 16 lanes vectorise.
-inline float softmax_row(float* row, int64_t lds, float scale) {
+// One (scaled) score row (lds = a multiple of 16 entries, those past the keys already -inf) ->
+// its unnormalised softmax in place; returns 1 / sum. Partial maxima and sums in 16 lanes
+// vectorise.
+inline float softmax_row(float* row, int64_t lds) {
   float part[16];
   std::fill(part, part + 16, -std::numeric_limits<float>::infinity());
   for (int64_t j = 0; j < lds; j += 16)
-    for (int l = 0; l < 16; ++l) {
-      row[j + l] *= scale;
-      part[l] = std::max(part[l], row[j + l]);
-    }
+    for (int l = 0; l < 16; ++l) part[l] = std::max(part[l], row[j + l]);
   const float m = *std::max_element(part, part + 16);
   for (int64_t j = 0; j < lds; ++j) row[j] -= m;
   exp_inplace(row, lds);
@@ -93,9 +92,18 @@ void attend_head(const T* q, int64_t sq, const T* k, int64_t sk, const T* v, int
   for (int64_t key = 0; key < Lk; ++key)
     for (int64_t d = 0; d < D; ++d)
       w.keys[((key / 16) * D + d) * 16 + key % 16] = static_cast<float>(k[key * sk + d]);
-  w.values.assign(Lk * Dp, 0.f);
-  for (int64_t key = 0; key < Lk; ++key)
-    for (int64_t d = 0; d < D; ++d) w.values[key * Dp + d] = static_cast<float>(v[key * sv + d]);
+  // V rows as float32 of Dp columns: read in place when they already are (float32, D = Dp)
+  const float* values;
+  int64_t ldv = Dp;
+  if (std::is_same<T, float>::value && D == Dp) {
+    values = reinterpret_cast<const float*>(v);
+    ldv = sv;
+  } else {
+    w.values.assign(Lk * Dp, 0.f);
+    for (int64_t key = 0; key < Lk; ++key)
+      for (int64_t d = 0; d < D; ++d) w.values[key * Dp + d] = static_cast<float>(v[key * sv + d]);
+    values = w.values.data();
+  }
   w.queries.resize(D * kRows);
   w.scores.resize(kRows * lds);
   float* s = w.scores.data();
@@ -103,21 +111,23 @@ void attend_head(const T* q, int64_t sq, const T* k, int64_t sk, const T* v, int
     const int rows = static_cast<int>(std::min<int64_t>(kRows, Lq - r0));
     for (int64_t d = 0; d < D; ++d)
       for (int i = 0; i < kRows; ++i)
-        w.queries[d * kRows + i] = i < rows ? static_cast<float>(q[(r0 + i) * sq + d]) : 0.f;
+        // q * scale first (exact for the power-of-two scales of head widths 4^n; SDPA's math
+        // path scales the scores instead, one rounding apart otherwise)
+        w.queries[d * kRows + i] = i < rows ? static_cast<float>(q[(r0 + i) * sq + d]) * scale : 0.f;
     int64_t p = 0;
     for (; p + kPanels <= P; p += kPanels) score_panels<kPanels>(w.queries.data(), w.keys.data(), D, p, s, lds);
     for (; p < P; ++p) score_panels<1>(w.queries.data(), w.keys.data(), D, p, s, lds);
     float inv[kRows];
     for (int i = 0; i < kRows; ++i) {
       std::fill(s + i * lds + Lk, s + (i + 1) * lds, -std::numeric_limits<float>::infinity());
-      inv[i] = softmax_row(s + i * lds, lds, scale);
+      inv[i] = softmax_row(s + i * lds, lds);
     }
     T* o = out + r0 * D;
     const int64_t C = Dp / 16;
     int64_t c = 0;
     for (; c + kPanels <= C; c += kPanels)
-      value_panels<kPanels>(s, lds, w.values.data(), Lk, Dp, c, inv, o, D, rows);
-    for (; c < C; ++c) value_panels<1>(s, lds, w.values.data(), Lk, Dp, c, inv, o, D, rows);
+      value_panels<kPanels>(s, lds, values, Lk, ldv, c, inv, o, D, rows);
+    for (; c < C; ++c) value_panels<1>(s, lds, values, Lk, ldv, c, inv, o, D, rows);
   }
 }
 
