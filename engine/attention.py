@@ -32,12 +32,7 @@ def _native():
     """The native extension when it builds and has the attention kernel, else None."""
     from . import native_build
 
-    if native_build.build_error() is not None:
-        return None
-    try:
-        ext = native_build.load_extension()
-    except native_build.NativeBuildError:
-        return None
+    ext = native_build.extension_or_none()
     return ext if hasattr(ext, "attention") else None
 
 

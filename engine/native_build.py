@@ -222,6 +222,15 @@ def build_error() -> str | None:
     return None
 
 
+def extension_or_none():
+    """The compiled module (building it if needed), or None when it cannot build or load: for
+    callers with a pure-torch fallback."""
+    try:
+        return load_extension()
+    except NativeBuildError:
+        return None
+
+
 def reset() -> None:
     """Forget the cached result (tests; a retry after installing a compiler)."""
     global _module, _error

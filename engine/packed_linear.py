@@ -49,12 +49,7 @@ def _native():
     """The native extension when it is built (or builds) and has MKL's packed GEMM, else None."""
     from . import native_build
 
-    if native_build.build_error() is not None:
-        return None
-    try:
-        ext = native_build.load_extension()
-    except native_build.NativeBuildError:
-        return None
+    ext = native_build.extension_or_none()
     return ext if hasattr(ext, "MklPackedLinear") and ext.has_mkl_packed() else None
 
 
