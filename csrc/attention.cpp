@@ -16,8 +16,10 @@ namespace {
 
 #if defined(__AVX512F__)
 constexpr int kRows = 8, kPanels = 2;  // 16 accumulators + 2 key vectors of the 32 zmm
+#elif defined(__AVX2__) && defined(__FMA__)
+constexpr int kRows = 6, kPanels = 1;  // 6 accumulators: 12 of the 16 ymm, 2 for the key vector
 #else
-constexpr int kRows = 4, kPanels = 1;  // 4 accumulators (8 of the 16 ymm on AVX2)
+constexpr int kRows = 4, kPanels = 1;
 #endif
 
 struct Scratch {
