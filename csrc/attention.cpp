@@ -24,6 +24,7 @@ constexpr int kRows = 4, kPanels = 1;
 
 struct Scratch {
   std::vector<float> keys, values, queries, scores;
+  std::vector<uint32_t> key_pairs, value_pairs, query_pairs, score_pairs;  // bf16 x bf16 path
 };
 
 // scores[i][16p..16(p+NP)) = sum_d qt[d][i] * keys[p..p+NP)[d]: kRows x NP accumulators over D.
@@ -86,10 +87,138 @@ inline float softmax_row(float* row, int64_t lds) {
   return 1.f / sum;
 }
 
+#if defined(__AVX512BF16__)
+// bfloat16 q, k, v on CPUs with AVX512-BF16: both products as vdpbf16ps over pairs (exact
+// bf16 x bf16 products, float32 sums), twice the float32 FMA rate. Scores, softmax and the
+// 1 / sum stay float32; the probabilities enter P V rounded to bfloat16, as torch's bf16 flash
+// attention does. Pairs are two bf16 in a uint32, the lower index in the low half.
+inline uint32_t bf16_bits(float x) {
+  return static_cast<uint32_t>(c10::BFloat16(x).x);
+}
+inline uint32_t bits(const c10::BFloat16& x) { return static_cast<uint32_t>(x.x); }
+inline __m512bh as_bh(__m512i v) { return (__m512bh)v; }
+
+template <int NP>
+inline void score_panels_dp(const uint32_t* qp2, const uint32_t* keys2, int64_t D2, int64_t p,
+                            float scale, float* s, int64_t lds) {
+  __m512 acc[kRows][NP];
+  for (int i = 0; i < kRows; ++i)
+    for (int j = 0; j < NP; ++j) acc[i][j] = _mm512_setzero_ps();
+  for (int64_t d = 0; d < D2; ++d) {
+    __m512i w[NP];
+    for (int j = 0; j < NP; ++j)
+      w[j] = _mm512_loadu_si512(keys2 + ((p + j) * D2 + d) * 16);
+    for (int i = 0; i < kRows; ++i) {
+      const __m512i a = _mm512_set1_epi32(static_cast<int>(qp2[d * kRows + i]));
+      for (int j = 0; j < NP; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], as_bh(a), as_bh(w[j]));
+    }
+  }
+  const __m512 sc = _mm512_set1_ps(scale);
+  for (int i = 0; i < kRows; ++i)
+    for (int j = 0; j < NP; ++j)
+      _mm512_storeu_ps(s + i * lds + (p + j) * 16, _mm512_mul_ps(acc[i][j], sc));
+}
+
+template <int NP>
+inline void value_panels_dp(const uint32_t* s2, int64_t K2, const uint32_t* values2, int64_t Dp,
+                            int64_t c, const float* inv, c10::BFloat16* out, int64_t D, int rows) {
+  __m512 acc[kRows][NP];
+  for (int i = 0; i < kRows; ++i)
+    for (int j = 0; j < NP; ++j) acc[i][j] = _mm512_setzero_ps();
+  for (int64_t kp = 0; kp < K2; ++kp) {
+    __m512i w[NP];
+    for (int j = 0; j < NP; ++j) w[j] = _mm512_loadu_si512(values2 + kp * Dp + (c + j) * 16);
+    for (int i = 0; i < kRows; ++i) {
+      const __m512i a = _mm512_set1_epi32(static_cast<int>(s2[i * K2 + kp]));
+      for (int j = 0; j < NP; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], as_bh(a), as_bh(w[j]));
+    }
+  }
+  for (int i = 0; i < rows; ++i)
+    for (int j = 0; j < NP; ++j)
+      store16(out + i * D + (c + j) * 16, Vec16{_mm512_mul_ps(_mm512_set1_ps(inv[i]), acc[i][j])},
+              D - (c + j) * 16);
+}
+
+void attend_head_dp(const c10::BFloat16* q, int64_t sq, const c10::BFloat16* k, int64_t sk,
+                    const c10::BFloat16* v, int64_t sv, c10::BFloat16* out, int64_t Lq,
+                    int64_t Lk, int64_t D, float scale, Scratch& w) {
+  const int64_t P = (Lk + 15) / 16, lds = P * 16, Dp = (D + 15) / 16 * 16;
+  const int64_t D2 = (D + 1) / 2, K2 = (Lk + 1) / 2;
+  // K in panels of 16 keys, pairs along the head width: [P, D2, 16] (zero past Lk and D). A
+  // bf16 row read as uint32 already is its pairs (little-endian: the lower index in the low half).
+  w.key_pairs.assign(P * D2 * 16, 0u);
+  for (int64_t key = 0; key < Lk; ++key) {
+    const c10::BFloat16* kr = k + key * sk;
+    uint32_t* dst = w.key_pairs.data() + (key / 16) * D2 * 16 + key % 16;
+    for (int64_t d = 0; d + 1 < D; d += 2) dst[(d / 2) * 16] = bits(kr[d]) | (bits(kr[d + 1]) << 16);
+    if (D % 2) dst[(D / 2) * 16] = bits(kr[D - 1]);
+  }
+  // V as pairs of keys: [K2, Dp] (zero past Lk and D), 16 columns of two rows at a time.
+  w.value_pairs.assign(K2 * Dp, 0u);
+  const c10::BFloat16 zero_row[16] = {};
+  for (int64_t kp = 0; kp < K2; ++kp) {
+    const c10::BFloat16* v0 = v + 2 * kp * sv;
+    const c10::BFloat16* v1 = 2 * kp + 1 < Lk ? v + (2 * kp + 1) * sv : nullptr;
+    uint32_t* dst = w.value_pairs.data() + kp * Dp;
+    int64_t d = 0;
+    for (; d + 16 <= D; d += 16) {
+      const __m512i lo = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v0 + d)));
+      const __m512i hi = _mm512_cvtepu16_epi32(_mm256_loadu_si256(
+          reinterpret_cast<const __m256i*>(v1 != nullptr ? v1 + d : zero_row)));
+      _mm512_storeu_si512(dst + d, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+    }
+    for (; d < D; ++d) dst[d] = bits(v0[d]) | (v1 != nullptr ? bits(v1[d]) << 16 : 0u);
+  }
+  w.query_pairs.resize(D2 * kRows);
+  w.score_pairs.resize(kRows * K2);
+  w.scores.resize(kRows * lds);
+  float* s = w.scores.data();
+  for (int64_t r0 = 0; r0 < Lq; r0 += kRows) {
+    const int rows = static_cast<int>(std::min<int64_t>(kRows, Lq - r0));
+    std::fill(w.query_pairs.begin(), w.query_pairs.end(), 0u);
+    for (int i = 0; i < rows; ++i) {
+      const c10::BFloat16* qr = q + (r0 + i) * sq;
+      for (int64_t d = 0; d + 1 < D; d += 2)
+        w.query_pairs[(d / 2) * kRows + i] = bits(qr[d]) | (bits(qr[d + 1]) << 16);
+      if (D % 2) w.query_pairs[(D / 2) * kRows + i] = bits(qr[D - 1]);
+    }
+    int64_t p = 0;
+    for (; p + kPanels <= P; p += kPanels)
+      score_panels_dp<kPanels>(w.query_pairs.data(), w.key_pairs.data(), D2, p, scale, s, lds);
+    for (; p < P; ++p) score_panels_dp<1>(w.query_pairs.data(), w.key_pairs.data(), D2, p, scale, s, lds);
+    float inv[kRows];
+    for (int i = 0; i < kRows; ++i) {
+      float* row = s + i * lds;
+      std::fill(row + Lk, row + lds, -std::numeric_limits<float>::infinity());
+      inv[i] = softmax_row(row, lds);
+      // The row as bf16 (round to nearest even) is its pairs; past Lk the probabilities are
+      // exp(-inf) = 0, and lds (a multiple of 16) covers the pad key of an odd Lk.
+      uint32_t* r2 = w.score_pairs.data() + i * K2;
+      int64_t kp = 0;
+      for (; kp + 16 <= K2; kp += 16)
+        _mm512_storeu_si512(r2 + kp, (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(row + 2 * kp + 16),
+                                                                   _mm512_loadu_ps(row + 2 * kp)));
+      for (; kp < K2; ++kp) r2[kp] = bf16_bits(row[2 * kp]) | (bf16_bits(row[2 * kp + 1]) << 16);
+    }
+    c10::BFloat16* o = out + r0 * D;
+    const int64_t C = Dp / 16;
+    int64_t c = 0;
+    for (; c + kPanels <= C; c += kPanels)
+      value_panels_dp<kPanels>(w.score_pairs.data(), K2, w.value_pairs.data(), Dp, c, inv, o, D, rows);
+    for (; c < C; ++c)
+      value_panels_dp<1>(w.score_pairs.data(), K2, w.value_pairs.data(), Dp, c, inv, o, D, rows);
+  }
+}
+#endif
+
 template <typename T>
 void attend_head(const T* q, int64_t sq, const T* k, int64_t sk, const T* v, int64_t sv, T* out,
                  int64_t Lq, int64_t Lk, int64_t D, float scale, Scratch& w) {
   const int64_t P = (Lk + 15) / 16, lds = P * 16, Dp = (D + 15) / 16 * 16;
+#if defined(__AVX512BF16__)
+  if constexpr (std::is_same<T, c10::BFloat16>::value)
+    return attend_head_dp(q, sq, k, sk, v, sv, out, Lq, Lk, D, scale, w);
+#endif
   w.keys.assign(P * D * 16, 0.f);  // zero keys past Lk: their scores are set to -inf below
   for (int64_t key = 0; key < Lk; ++key)
     for (int64_t d = 0; d < D; ++d)
@@ -154,6 +283,14 @@ void attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::T
 }
 
 }  // namespace
+
+bool attention_bf16_dot() {
+#if defined(__AVX512BF16__)
+  return true;
+#else
+  return false;
+#endif
+}
 
 at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4,

@@ -8,7 +8,10 @@
 //   * per block of query rows (8 with AVX-512, 4 otherwise) the scores are register-blocked FMAs
 //     over the head width, exp is torch's vectorised Sleef exp, and P V accumulates in registers
 //     over all keys, scaled by 1 / sum at the store.
-// float32 or bfloat16 q, k, v (always float32 arithmetic); the output has q's dtype.
+// float32 or bfloat16 q, k, v; the output has q's dtype. Float32 arithmetic, except bfloat16
+// inputs on CPUs with AVX512-BF16 (attention_bf16_dot()): there both products are vdpbf16ps
+// (exact bf16 products, float32 sums; twice the float32 FMA rate) and the probabilities enter
+// P V rounded to bfloat16, as in torch's bf16 flash attention; scores, softmax, 1 / sum float32.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -17,5 +20,8 @@ namespace engine_native {
 
 // q [B, H, Lq, D], k / v [B, H, Lk, D] (each with unit stride in D) -> [B, H, Lq, D] contiguous.
 at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale);
+
+// Whether this build multiplies bfloat16 inputs with vdpbf16ps (see above).
+bool attention_bf16_dot();
 
 }  // namespace engine_native

@@ -35,6 +35,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_property_readonly("k", &engine_native::MklPackedLinear::k);
   m.def("attention", &engine_native::attention, pybind11::arg("q"), pybind11::arg("k"),
         pybind11::arg("v"), pybind11::arg("scale"), pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("attention_bf16_dot", &engine_native::attention_bf16_dot);
   m.def("has_sleef_exp", &engine_native::has_sleef_exp);
   m.def("has_small_gemm", &engine_native::has_small_gemm);
   m.def("small_gemm_isa", [] { return std::string(engine_native::small_gemm_isa()); });
