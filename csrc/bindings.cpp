@@ -38,6 +38,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attention_bf16_dot", &engine_native::attention_bf16_dot);
   m.def("has_sleef_exp", &engine_native::has_sleef_exp);
   m.def("has_small_gemm", &engine_native::has_small_gemm);
+  m.def("small_gemm_bf16_dot", &engine_native::small_gemm_bf16_dot);
   m.def("small_gemm_isa", [] { return std::string(engine_native::small_gemm_isa()); });
   // The small-row kernel on its own, for tests and benchmarks: A [M, K] @ W [N, K]^T.
   m.def("small_gemm_pack", &engine_native::small_gemm_pack, pybind11::arg("weight"));

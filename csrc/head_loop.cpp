@@ -275,9 +275,16 @@ HeadPlan::HeadPlan(std::vector<at::Tensor> t, std::optional<std::vector<double>>
   cond_ = Gemm(t[kCondW], opts_.gemm, pack_rows, sr);  // float32 weights in both modes
   in_ = Gemm(t[kInW], opts_.small_gemm, pack_rows, sr);
   out_ = Gemm(t[kOutW], opts_.small_gemm, pack_rows, sr);
-  // bfloat16 weights: oneDNN's AMX / bf16 kernels beat the small-row kernel (which widens to
-  // float32 FMAs) from 8 rows on (MAR-B head, one thread: 0.85x at 8 rows, 1.6x at 2).
-  const int64_t big_sr = bf16 ? std::min<int64_t>(sr, 4) : sr;
+  // bfloat16 weights: where the small-row kernel widens them to float32 FMAs, and against AMX,
+  // oneDNN wins from 8 rows on (MAR-B head on a Xeon with AMX, one thread: 0.85x at 8 rows, 1.6x
+  // at 2). The vdpbf16ps kernel (AVX512-BF16, no AMX) beat oneDNN up to 16 rows: MAR-B head
+  // loops on a Zen 4, 2 threads, alternating processes: 1.3x at 8 rows, 1.0-1.2x at 2-4 and 12-16.
+#if defined(__AMX_BF16__)
+  constexpr bool bf16_small_rows = false;
+#else
+  const bool bf16_small_rows = small_gemm_bf16_dot();
+#endif
+  const int64_t big_sr = bf16 && !bf16_small_rows ? std::min<int64_t>(sr, 4) : sr;
   ada_ = Gemm(t[kAdaW].to(big), opts_.gemm, pack_rows, big_sr);
   const at::Tensor fc1w = t[kFc1W].reshape({depth_, width_, width_});
   const at::Tensor fc2w = t[kFc2W].reshape({depth_, width_, width_});

@@ -24,9 +24,25 @@ const char* small_gemm_isa() {
 // MKL / oneDNN (AVX-512, AVX2); the portable build is for correctness anywhere.
 bool small_gemm_compiled() { return std::string(small_gemm_isa()) != "portable"; }
 
+bool small_gemm_bf16_dot() {
+#if defined(__AVX512BF16__)
+  return true;
+#else
+  return false;
+#endif
+}
+
 at::Tensor small_gemm_pack(const at::Tensor& weight) {
   TORCH_CHECK(weight.dim() == 2, "engine native: small_gemm_pack needs a 2-D weight");
   const int64_t n = weight.size(0), k = weight.size(1), panels = (n + 15) / 16;
+  if (weight.scalar_type() == at::kBFloat16 && small_gemm_bf16_dot()) {
+    // [P, ceil(K/2), 16, 2]: each k pair of a panel's 16 columns is one 64-byte vector, the
+    // operand layout of vdpbf16ps (K zero-padded to even).
+    const int64_t k2 = (k + 1) / 2;
+    at::Tensor padded = at::zeros({panels * 16, 2 * k2}, weight.options());
+    padded.narrow(0, 0, n).narrow(1, 0, k).copy_(weight);
+    return padded.view({panels, 16, k2, 2}).permute({0, 2, 1, 3}).contiguous();
+  }
   at::Tensor padded = at::zeros({panels * 16, k}, weight.options());
   padded.narrow(0, 0, n).copy_(weight);
   return padded.view({panels, 16, k}).transpose(1, 2).contiguous();
@@ -135,6 +151,59 @@ void half_panel_rows(const float* at_, const W* panels, int64_t K, int64_t N, O*
 constexpr int kHalfPanelRows = 7;   // from this many rows up
 #endif
 
+#if defined(__AVX512BF16__)
+// bfloat16 weights in k pairs ([P, K2, 16, 2], small_gemm_pack). DOT: bfloat16 rows, one
+// vdpbf16ps per (row, panel, k pair): exact bf16 x bf16 products summed in float32 (half the
+// instructions of widening to float32 FMAs, which made the batch-1 bf16 head loop compute-bound
+// on AVX-512 CPUs that split a zmm FMA in two). Not DOT: float32 rows, each pair widened
+// (exactly) to two float32 vectors and two FMAs, in k order as the unpaired kernel.
+template <int MB, int NP, bool DOT, typename O>
+void pair_panel_rows(const float* at_, const uint32_t* at2, const c10::BFloat16* panels,
+                     int64_t K2, int64_t N, O* out, int64_t ldo, int64_t p0, int64_t p1) {
+  const __m512i hi_mask = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+  for (int64_t p = p0; p < p1; p += NP) {
+    const int np = static_cast<int>(std::min<int64_t>(NP, p1 - p));
+    __m512 acc[MB][NP];
+    for (int i = 0; i < MB; ++i)
+      for (int j = 0; j < NP; ++j) acc[i][j] = _mm512_setzero_ps();
+    const c10::BFloat16* w0 = panels + p * K2 * 32;
+    auto step = [&](int j, int64_t kp) {
+      const c10::BFloat16* q = w0 + (j * K2 + kp) * 32;
+      prefetch(q + kPrefetchLines * 32);
+      const __m512i wv = _mm512_loadu_si512(q);
+      if constexpr (DOT) {
+        for (int i = 0; i < MB; ++i)
+          acc[i][j] = _mm512_dpbf16_ps(acc[i][j],
+                                       (__m512bh)_mm512_set1_epi32(static_cast<int>(at2[kp * MB + i])),
+                                       (__m512bh)wv);
+      } else {
+        const __m512 even = _mm512_castsi512_ps(_mm512_slli_epi32(wv, 16));
+        const __m512 odd = _mm512_castsi512_ps(_mm512_and_si512(wv, hi_mask));
+        for (int i = 0; i < MB; ++i) {
+          acc[i][j] = _mm512_fmadd_ps(_mm512_set1_ps(at_[2 * kp * MB + i]), even, acc[i][j]);
+          acc[i][j] = _mm512_fmadd_ps(_mm512_set1_ps(at_[(2 * kp + 1) * MB + i]), odd, acc[i][j]);
+        }
+      }
+    };
+    if (np == NP) {
+      for (int64_t kp = 0; kp < K2; ++kp)
+        for (int j = 0; j < NP; ++j) step(j, kp);
+    } else {
+      for (int j = 0; j < np; ++j)
+        for (int64_t kp = 0; kp < K2; ++kp) step(j, kp);
+    }
+    for (int j = 0; j < np; ++j) {
+      const int64_t col = (p + j) * 16;
+      for (int i = 0; i < MB; ++i) store16(out + i * ldo + col, Vec16{acc[i][j]}, N - col);
+    }
+  }
+}
+
+// Rows x panels per register block for the paired kernel (MB * NP accumulators, NP weights).
+template <int MB>
+constexpr int pair_panels_per_block() { return MB <= 4 ? 4 : (MB <= 12 ? 2 : 1); }
+#endif
+
 template <int MB, typename W, typename O>
 void run_rows(const float* at_, const W* panels, int64_t K, int64_t N, O* out, int64_t ldo) {
   constexpr int NP = panels_per_block<MB>();
@@ -163,6 +232,38 @@ void dispatch_rows(int64_t M, const float* at_, const W* panels, int64_t K, int6
   }
 }
 
+#if defined(__AVX512BF16__)
+template <bool DOT, typename O>
+void dispatch_pair_rows(int64_t M, const float* at_, const uint32_t* at2,
+                        const c10::BFloat16* panels, int64_t K2, int64_t N, O* out, int64_t ldo) {
+  const int64_t P = (N + 15) / 16;
+  switch (M) {
+#define ENGINE_ROWS(m)                                                                       \
+  case m:                                                                                    \
+    return at::parallel_for(0, P, 4, [&](int64_t p0, int64_t p1) {                         \
+      pair_panel_rows<m, pair_panels_per_block<m>(), DOT>(at_, at2, panels, K2, N, out, ldo, \
+                                                          p0, p1);                           \
+    });
+    ENGINE_ROWS(1) ENGINE_ROWS(2) ENGINE_ROWS(3) ENGINE_ROWS(4) ENGINE_ROWS(5) ENGINE_ROWS(6)
+    ENGINE_ROWS(7) ENGINE_ROWS(8) ENGINE_ROWS(9) ENGINE_ROWS(10) ENGINE_ROWS(11) ENGINE_ROWS(12)
+    ENGINE_ROWS(13) ENGINE_ROWS(14) ENGINE_ROWS(15) ENGINE_ROWS(16)
+#undef ENGINE_ROWS
+    default:
+      TORCH_CHECK(false, "engine native: small_gemm takes at most ", kSmallGemmMaxRows, " rows");
+  }
+}
+
+// bfloat16 rows as k pairs [K2, M]: the low half the even k (vdpbf16ps' operand order).
+void pair_rows(const at::Tensor& a, int64_t K2, std::vector<uint32_t>& at2) {
+  const int64_t M = a.size(0), K = a.size(1), lda = a.stride(0);
+  const uint16_t* ap = reinterpret_cast<const uint16_t*>(a.data_ptr<c10::BFloat16>());
+  at2.assign(static_cast<size_t>(K2 * M), 0u);
+  for (int64_t i = 0; i < M; ++i)
+    for (int64_t k = 0; k < K; ++k)
+      at2[(k / 2) * M + i] |= static_cast<uint32_t>(ap[i * lda + k]) << (16 * (k % 2));
+}
+#endif
+
 template <typename A>
 void transpose_rows(const at::Tensor& a, std::vector<float>& at_) {
   const int64_t M = a.size(0), K = a.size(1), lda = a.stride(0);
@@ -180,8 +281,12 @@ at::Tensor small_gemm_run(const at::Tensor& a, const at::Tensor& panels, int64_t
   TORCH_CHECK(a.dim() == 2 && a.stride(1) == 1, "engine native: small_gemm needs rows of A contiguous");
   TORCH_CHECK(M >= 1 && M <= kSmallGemmMaxRows, "engine native: small_gemm takes 1 to ",
               kSmallGemmMaxRows, " rows, got ", M);
-  TORCH_CHECK(panels.dim() == 3 && panels.size(1) == K && panels.size(2) == 16 &&
-                  panels.size(0) == (n + 15) / 16,
+  const bool paired = panels.dim() == 4;  // bfloat16 k pairs (small_gemm_pack)
+  const int64_t K2 = (K + 1) / 2;
+  TORCH_CHECK(panels.size(0) == (n + 15) / 16 &&
+                  (paired ? panels.size(1) == K2 && panels.size(2) == 16 && panels.size(3) == 2 &&
+                                panels.scalar_type() == at::kBFloat16
+                          : panels.dim() == 3 && panels.size(1) == K && panels.size(2) == 16),
               "engine native: small_gemm panels ", panels.sizes(), " do not fit K=", K, ", N=", n);
   TORCH_CHECK(a.scalar_type() == at::kFloat || a.scalar_type() == at::kBFloat16,
               "engine native: small_gemm takes float32 or bfloat16 rows");
@@ -189,15 +294,32 @@ at::Tensor small_gemm_run(const at::Tensor& a, const at::Tensor& panels, int64_t
                            out_in.size(0) >= M && out_in.size(1) == n && out_in.stride(1) == 1
                        ? out_in
                        : at::empty({M, n}, a.options());
-  thread_local std::vector<float> at_;
-  if (a.scalar_type() == at::kFloat)
-    transpose_rows<float>(a, at_);
-  else
-    transpose_rows<c10::BFloat16>(a, at_);
   const int64_t ldo = out.stride(0);
   const bool wf = panels.scalar_type() == at::kFloat;
   TORCH_CHECK(wf || panels.scalar_type() == at::kBFloat16,
               "engine native: small_gemm weights must be float32 or bfloat16");
+  thread_local std::vector<float> at_;
+#if defined(__AVX512BF16__)
+  if (paired) {
+    const c10::BFloat16* w = panels.data_ptr<c10::BFloat16>();
+    if (a.scalar_type() == at::kBFloat16) {
+      thread_local std::vector<uint32_t> at2;
+      pair_rows(a, K2, at2);
+      dispatch_pair_rows<true>(M, nullptr, at2.data(), w, K2, n, out.data_ptr<c10::BFloat16>(), ldo);
+    } else {
+      transpose_rows<float>(a, at_);
+      at_.resize(static_cast<size_t>(2 * K2 * M), 0.0f);  // the pad k (odd K) reads zeros
+      dispatch_pair_rows<false>(M, at_.data(), nullptr, w, K2, n, out.data_ptr<float>(), ldo);
+    }
+    return out.size(0) == M ? out : out.narrow(0, 0, M);
+  }
+#else
+  TORCH_CHECK(!paired, "engine native: paired bfloat16 panels need an AVX512-BF16 build");
+#endif
+  if (a.scalar_type() == at::kFloat)
+    transpose_rows<float>(a, at_);
+  else
+    transpose_rows<c10::BFloat16>(a, at_);
   if (a.scalar_type() == at::kFloat) {
     float* o = out.data_ptr<float>();
     if (wf) dispatch_rows(M, at_.data(), panels.data_ptr<float>(), K, n, o, ldo);

@@ -8,7 +8,8 @@
 // transposed into a [K, M] float32 buffer (so each k's M values are adjacent: rows 4 KB apart
 // would alias in L1), and every (row, panel) accumulator lives in registers (one zmm, two ymm on
 // AVX2) for the whole K.
-// float32 or bfloat16 weights and activations; always float32 accumulation.
+// float32 or bfloat16 weights and activations; always float32 accumulation (bfloat16 rows and
+// weights on AVX512-BF16 builds: vdpbf16ps, exact bf16 products summed in float32 in pairs).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -24,7 +25,12 @@ bool small_gemm_compiled();
 // "avx512", "avx2" or "portable": the instruction set this build's kernel uses.
 const char* small_gemm_isa();
 
-// W [N, K] (float32 or bfloat16) -> the panel layout [ceil(N/16), K, 16], same dtype.
+// Whether bfloat16 weights are packed in k pairs and bfloat16 rows multiplied with vdpbf16ps
+// (builds for CPUs with AVX512-BF16).
+bool small_gemm_bf16_dot();
+
+// W [N, K] (float32 or bfloat16) -> the panel layout [ceil(N/16), K, 16], same dtype; bfloat16
+// on small_gemm_bf16_dot() builds: [ceil(N/16), ceil(K/2), 16, 2] (k pairs, zero-padded).
 at::Tensor small_gemm_pack(const at::Tensor& weight);
 
 // out [M, N] (A's dtype; written, also returned) = A [M, K] @ W^T, M <= kSmallGemmMaxRows,

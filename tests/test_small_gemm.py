@@ -54,6 +54,29 @@ def test_float32_weights_with_bfloat16_rows(ext):
     assert ((got.double() - want).abs() <= want.abs() * 2.0 ** -8 + 1e-4).all()
 
 
+@pytest.mark.parametrize("m,k,n", [(4, 64, 48), (13, 1023, 40), (16, 7, 33), (1, 1, 16)])
+def test_float32_rows_with_bfloat16_weights(ext, m, k, n):
+    gen = torch.Generator().manual_seed(m + k + n)
+    a = torch.randn(m, k, generator=gen)
+    w = torch.randn(n, k, generator=gen).bfloat16()
+    got = ext.small_gemm(a, ext.small_gemm_pack(w), n)
+    want = a.double() @ w.double().t()   # the float32 rows are not rounded to bfloat16
+    assert got.dtype == torch.float32
+    assert (got.double() - want).abs().max() <= 1e-5 * k
+
+
+def test_bfloat16_weights_pack_in_k_pairs_on_bf16_dot_builds(ext):
+    w = torch.randn(20, 5).bfloat16()   # 2 panels of 16 columns, K = 5 -> 3 pairs
+    panels = ext.small_gemm_pack(w)
+    if ext.small_gemm_bf16_dot():
+        assert panels.shape == (2, 3, 16, 2)
+        assert torch.equal(panels[1, 1, 3], w[19, 2:4])     # column 19, k = 2, 3
+        assert panels[1, 2, 3, 1] == 0 and panels[1, 1, 4:].abs().sum() == 0   # pads
+    else:
+        assert panels.shape == (2, 5, 16)
+    assert ext.small_gemm_pack(w.float()).shape == (2, 5, 16)
+
+
 def test_strided_rows(ext):
     base = torch.randn(6, 80)
     a = base[::2, 8:72]          # rows 160 floats apart, 64 wide
