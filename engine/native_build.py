@@ -45,6 +45,14 @@ class NativeBuildError(RuntimeError):
 
 
 def source_dir() -> Path:
+    """The C++ sources: the checkout's csrc/ beside the imported engine package where there is
+    one (a second checkout on PYTHONPATH builds its own sources, not an editable install's),
+    else the installed engine.csrc package."""
+    import engine
+
+    beside = Path(engine.__file__).resolve().parent.parent / "csrc"
+    if (beside / "head_loop.cpp").is_file():
+        return beside
     import engine.csrc
 
     return Path(engine.csrc.__file__).resolve().parent
