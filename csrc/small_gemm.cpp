@@ -257,10 +257,13 @@ void dispatch_pair_rows(int64_t M, const float* at_, const uint32_t* at2,
 void pair_rows(const at::Tensor& a, int64_t K2, std::vector<uint32_t>& at2) {
   const int64_t M = a.size(0), K = a.size(1), lda = a.stride(0);
   const uint16_t* ap = reinterpret_cast<const uint16_t*>(a.data_ptr<c10::BFloat16>());
-  at2.assign(static_cast<size_t>(K2 * M), 0u);
-  for (int64_t i = 0; i < M; ++i)
-    for (int64_t k = 0; k < K; ++k)
-      at2[(k / 2) * M + i] |= static_cast<uint32_t>(ap[i * lda + k]) << (16 * (k % 2));
+  at2.resize(static_cast<size_t>(K2 * M));
+  for (int64_t i = 0; i < M; ++i) {
+    const uint16_t* row = ap + i * lda;
+    for (int64_t kp = 0; kp < K / 2; ++kp)
+      at2[kp * M + i] = static_cast<uint32_t>(row[2 * kp]) | (static_cast<uint32_t>(row[2 * kp + 1]) << 16);
+    if (K % 2) at2[(K / 2) * M + i] = row[K - 1];   // the pad k is zero
+  }
 }
 #endif
 
