@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace engine_native {
@@ -216,13 +217,14 @@ void run_rows(const float* at_, const W* panels, int64_t K, int64_t N, O* out, i
   });
 }
 
-template <typename W, typename O>
-void dispatch_rows(int64_t M, const float* at_, const W* panels, int64_t K, int64_t N, O* out,
-                   int64_t ldo) {
+// fn(std::integral_constant<int, M>{}) for the row count M in 1..kSmallGemmMaxRows: each kernel
+// is instantiated per row count, so its accumulators are a fixed register block.
+template <typename Fn>
+void with_rows(int64_t M, Fn&& fn) {
   switch (M) {
 #define ENGINE_ROWS(m) \
   case m:              \
-    return run_rows<m>(at_, panels, K, N, out, ldo);
+    return fn(std::integral_constant<int, m>{});
     ENGINE_ROWS(1) ENGINE_ROWS(2) ENGINE_ROWS(3) ENGINE_ROWS(4) ENGINE_ROWS(5) ENGINE_ROWS(6)
     ENGINE_ROWS(7) ENGINE_ROWS(8) ENGINE_ROWS(9) ENGINE_ROWS(10) ENGINE_ROWS(11) ENGINE_ROWS(12)
     ENGINE_ROWS(13) ENGINE_ROWS(14) ENGINE_ROWS(15) ENGINE_ROWS(16)
@@ -232,25 +234,22 @@ void dispatch_rows(int64_t M, const float* at_, const W* panels, int64_t K, int6
   }
 }
 
+template <typename W, typename O>
+void dispatch_rows(int64_t M, const float* at_, const W* panels, int64_t K, int64_t N, O* out,
+                   int64_t ldo) {
+  with_rows(M, [&](auto rows) { run_rows<decltype(rows)::value>(at_, panels, K, N, out, ldo); });
+}
+
 #if defined(__AVX512BF16__)
 template <bool DOT, typename O>
 void dispatch_pair_rows(int64_t M, const float* at_, const uint32_t* at2,
                         const c10::BFloat16* panels, int64_t K2, int64_t N, O* out, int64_t ldo) {
-  const int64_t P = (N + 15) / 16;
-  switch (M) {
-#define ENGINE_ROWS(m)                                                                       \
-  case m:                                                                                    \
-    return at::parallel_for(0, P, 4, [&](int64_t p0, int64_t p1) {                         \
-      pair_panel_rows<m, pair_panels_per_block<m>(), DOT>(at_, at2, panels, K2, N, out, ldo, \
-                                                          p0, p1);                           \
+  with_rows(M, [&](auto rows) {
+    constexpr int MB = decltype(rows)::value;
+    at::parallel_for(0, (N + 15) / 16, 4, [&](int64_t p0, int64_t p1) {
+      pair_panel_rows<MB, pair_panels_per_block<MB>(), DOT>(at_, at2, panels, K2, N, out, ldo, p0, p1);
     });
-    ENGINE_ROWS(1) ENGINE_ROWS(2) ENGINE_ROWS(3) ENGINE_ROWS(4) ENGINE_ROWS(5) ENGINE_ROWS(6)
-    ENGINE_ROWS(7) ENGINE_ROWS(8) ENGINE_ROWS(9) ENGINE_ROWS(10) ENGINE_ROWS(11) ENGINE_ROWS(12)
-    ENGINE_ROWS(13) ENGINE_ROWS(14) ENGINE_ROWS(15) ENGINE_ROWS(16)
-#undef ENGINE_ROWS
-    default:
-      TORCH_CHECK(false, "engine native: small_gemm takes at most ", kSmallGemmMaxRows, " rows");
-  }
+  });
 }
 
 // bfloat16 rows as k pairs [K2, M]: the low half the even k (vdpbf16ps' operand order).
