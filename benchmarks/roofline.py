@@ -17,7 +17,7 @@ sum of theirs; fraction = bound / measured (1.0 = at the roof).
 Parts, for a call of `num_iter` MAR steps x `T` diffusion steps (CFG doubles the rows):
   * per transformer block (encoder over buffer + known rows, decoder over buffer + all rows):
     norm1, qkv, attention (engine.attention: the native kernel, SDPA for few queries), proj,
-    residual adds, norm2, fc1, GELU, fc2 — each run on the
+    residual adds, norm2, fc1 with its GELU post-op, fc2 — each run on the
     model's own modules (packed oneDNN linears, as the native backend binds them) at the shapes of
     `--sampled-steps` steps spread over the schedule, interpolated over the others;
   * embed / gather / scatter (z_proj, position rows, the decoder's mask-token scatter, the
@@ -45,7 +45,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -190,8 +189,7 @@ def block_parts(block, x: torch.Tensor, heads: int, min_seconds: float) -> dict:
     native = block.attn.use_native_kernel   # the kernel the model's own forward takes
     attn = attention(q, k, v, native=native)
     merged = attn.transpose(1, 2).reshape(b, s, d)
-    u = block.mlp.fc1(block.norm2(x))
-    g = F.gelu(u)
+    g = block.mlp.fc1.rows(block.norm2(x), gelu=True)
     t = lambda fn: median_time(fn, min_seconds=min_seconds, max_calls=50)  # noqa: E731
     return {
         "norm1": part(t(lambda: block.norm1(x)), 8 * b * s * d, 2 * act),
@@ -202,9 +200,10 @@ def block_parts(block, x: torch.Tensor, heads: int, min_seconds: float) -> dict:
         "residual adds": part(2 * t(lambda: x + merged), 2 * b * s * d, 2 * 3 * act,
                               *[(b * s * d, 3 * act, 3 * act)] * 2),
         "norm2": part(t(lambda: block.norm2(x)), 8 * b * s * d, 2 * act),
-        "fc1": part(t(lambda: block.mlp.fc1(h)), 2 * b * s * d * hidden,
-                    act + act * hidden // d + d * hidden * E),
-        "gelu": part(t(lambda: F.gelu(u)), 8 * b * s * hidden, 2 * act * hidden // d),
+        # GELU is fc1's post-op (Linear.rows(gelu=True), as Mlp runs it): no pass of its own.
+        "fc1 + gelu": part(t(lambda: block.mlp.fc1.rows(h, gelu=True)),
+                           2 * b * s * d * hidden + 8 * b * s * hidden,
+                           act + act * hidden // d + d * hidden * E),
         "fc2": part(t(lambda: block.mlp.fc2(g)), 2 * b * s * hidden * d,
                     act + act * hidden // d + d * hidden * E),
     }

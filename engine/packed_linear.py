@@ -118,7 +118,12 @@ def _mkl_packed_linear_fake(x, pack_id, n):
     return x.new_empty((*x.shape[:-1], n))
 
 
-def run(kind: str, x: torch.Tensor, packed, bias: torch.Tensor | None) -> torch.Tensor:
+def run(kind: str, x: torch.Tensor, packed, bias: torch.Tensor | None, gelu: bool = False) -> torch.Tensor:
+    """The packed product; with `gelu`, exact (erf) GELU of it (oneDNN: a post-op on its float32
+    sums, saving a pass over the output)."""
     if kind == "mkl":
-        return mkl_packed_linear(x, packed.id, packed.n)
+        h = mkl_packed_linear(x, packed.id, packed.n)
+        return torch.ops.aten.gelu_(h) if gelu else h
+    if gelu:
+        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "gelu", [], "none")
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")

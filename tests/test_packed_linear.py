@@ -110,3 +110,42 @@ def test_bf16_without_onednn_bf16_kernels_keeps_f_linear(monkeypatch):
         want = F.linear(x, layer.weight, layer.bias)
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["mkl", "onednn", "onednn-bf16", "unpacked"])
+@pytest.mark.parametrize("rows", [1, 8, 300])
+def test_gelu_post_op_matches_gelu_of_the_product(native_ext, monkeypatch, kind, rows):
+    """Linear.rows(gelu=True), as Mlp's fc1 runs it: exact (erf) GELU of the product, fused into
+    oneDNN's product as a post-op, after MKL's, or after F.linear — each against the plain math."""
+    if kind.startswith("onednn") and not packed_linear.onednn_available():
+        pytest.skip("this torch build has no oneDNN")  # environment guard; CI's torch has it
+    if kind == "onednn-bf16" and not packed_linear.onednn_bf16_available():
+        pytest.skip("this CPU's oneDNN has no bf16 kernels")  # environment guard (AVX2-only CPUs)
+    monkeypatch.setattr(packed_linear, "intel_cpu", lambda: kind == "mkl")
+    gen = torch.Generator().manual_seed(rows)
+    layer = Linear(32, 96)
+    x = torch.randn(rows, 32, generator=gen)
+    bf16 = kind == "onednn-bf16"
+    if kind != "unpacked":
+        layer.pack(dtype=torch.bfloat16 if bf16 else torch.float32)
+        assert layer.packs[(0, None)][0] == kind.split("-")[0]
+    if bf16:
+        # float32 sums of the bf16-rounded operands, GELU on them, then one bf16 rounding.
+        round_ = lambda t: t.to(torch.bfloat16).double()  # noqa: E731
+        want = F.gelu(F.linear(round_(x), round_(layer.weight), round_(layer.bias)))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = layer.rows(x, gelu=True)
+        assert got.dtype == torch.bfloat16
+        torch.testing.assert_close(got.double(), want, rtol=8e-3, atol=1e-3)
+    else:
+        want = F.gelu(F.linear(x.double(), layer.weight.double(), layer.bias.double()))
+        with torch.no_grad():
+            got = layer.rows(x, gelu=True)
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    # Not the tanh approximation: at these sizes the two differ by far more than the tolerance.
+    assert (F.gelu(want, approximate="tanh") - want).abs().max() > 1e-4
+    # Under autograd the fallback keeps h for the backward (no in-place GELU).
+    if kind == "unpacked":
+        got = layer.rows(x, gelu=True)
+        got.sum().backward()
+        assert layer.weight.grad is not None

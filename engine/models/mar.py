@@ -56,19 +56,25 @@ class Linear(nn.Linear):
     def unpack(self) -> None:
         self.packs = self.pack_dtype = None
 
-    def rows(self, x: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        """x @ weight[start:stop].T + bias[start:stop]."""
+    def rows(self, x: torch.Tensor, start: int = 0, stop: int | None = None,
+             gelu: bool = False) -> torch.Tensor:
+        """x @ weight[start:stop].T + bias[start:stop], with `gelu` then exact (erf) GELU: on a
+        oneDNN pack as the product's post-op (its float32 sums, before any bf16 rounding)."""
         packed = None if self.packs is None or x.device.type != "cpu" else self.packs.get((start, stop))
         if packed is not None:
             kind, weight, bias = packed
             autocast = torch.is_autocast_enabled("cpu")
             if self.pack_dtype == torch.float32 and x.dtype == torch.float32 and not autocast:
-                return packed_linear.run(kind, x, weight, bias)
+                return packed_linear.run(kind, x, weight, bias, gelu)
             if self.pack_dtype == torch.bfloat16 and autocast and \
                     torch.get_autocast_dtype("cpu") == torch.bfloat16:   # what autocast would compute
-                return packed_linear.run(kind, x.to(torch.bfloat16), weight, bias)
+                return packed_linear.run(kind, x.to(torch.bfloat16), weight, bias, gelu)
         bias = None if self.bias is None else self.bias[start:stop]
-        return F.linear(x, self.weight[start:stop], bias)
+        h = F.linear(x, self.weight[start:stop], bias)
+        if not gelu:
+            return h
+        # In place when no gradient needs h (sampling): the same values, one large buffer fewer.
+        return torch.ops.aten.gelu_(h) if not (torch.is_grad_enabled() and h.requires_grad) else F.gelu(h)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.rows(x)
@@ -109,10 +115,7 @@ class Mlp(nn.Module):
         self.fc2 = Linear(hidden, dim)
 
     def forward(self, x):
-        h = self.fc1(x)
-        # In place when no gradient needs h (sampling): the same values, one large buffer fewer.
-        h = torch.ops.aten.gelu_(h) if not (torch.is_grad_enabled() and h.requires_grad) else F.gelu(h)
-        return self.fc2(h)
+        return self.fc2(self.fc1.rows(x, gelu=True))
 
 
 class Block(nn.Module):
