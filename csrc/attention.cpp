@@ -11,8 +11,17 @@
 #include <type_traits>
 #include <vector>
 
+#if defined(__AVX512F__)
+// torch's Sleef exp, resolved where libtorch_cpu exports it (as in head_loop.cpp)
+extern "C" __m512 Sleef_expf16_u10(__m512) __attribute__((weak));
+#endif
+
 namespace engine_native {
 namespace {
+
+#if defined(__AVX512F__)
+inline bool has_sleef_exp16() { return Sleef_expf16_u10 != nullptr; }
+#endif
 
 #if defined(__AVX512F__)
 constexpr int kRows = 8, kPanels = 2;  // 16 accumulators + 2 key vectors of the 32 zmm
@@ -71,7 +80,7 @@ inline void value_panels(const float* s, int64_t lds, const float* values, int64
 // One (scaled) score row (lds = a multiple of 16 entries, those past the keys already -inf) ->
 // its unnormalised softmax in place; returns 1 / sum. Partial maxima and sums in 16 lanes
 // vectorise.
-inline float softmax_row(float* row, int64_t lds) {
+inline float softmax_row_passes(float* row, int64_t lds) {
   float part[16];
   std::fill(part, part + 16, -std::numeric_limits<float>::infinity());
   for (int64_t j = 0; j < lds; j += 16)
@@ -87,6 +96,40 @@ inline float softmax_row(float* row, int64_t lds) {
   return 1.f / sum;
 }
 
+#if defined(__AVX512F__)
+// The same arithmetic in two passes instead of four (max; then subtract, exp, store and the
+// lane sums in one): the same exp (Sleef's, 16 lanes), the same per-lane summation order, the
+// same final sum over lanes, so bit for bit the result of softmax_row_passes. With `pairs`
+// (bf16 P V) the probabilities are stored only as bf16 pairs, k2 of them, not as floats.
+inline float lane_sum(__m512 acc) {
+  alignas(64) float part[16];
+  _mm512_store_ps(part, acc);
+  float sum = 0.f;
+  for (int l = 0; l < 16; ++l) sum += part[l];
+  return sum;
+}
+
+inline float row_max(const float* row, int64_t lds) {
+  __m512 mx = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  for (int64_t j = 0; j < lds; j += 16) mx = _mm512_max_ps(mx, _mm512_loadu_ps(row + j));
+  return _mm512_reduce_max_ps(mx);
+}
+
+inline float softmax_row(float* row, int64_t lds) {
+  if (!has_sleef_exp16()) return softmax_row_passes(row, lds);
+  const __m512 m = _mm512_set1_ps(row_max(row, lds));
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t j = 0; j < lds; j += 16) {
+    const __m512 e = Sleef_expf16_u10(_mm512_sub_ps(_mm512_loadu_ps(row + j), m));
+    _mm512_storeu_ps(row + j, e);
+    acc = _mm512_add_ps(acc, e);
+  }
+  return 1.f / lane_sum(acc);
+}
+#else
+inline float softmax_row(float* row, int64_t lds) { return softmax_row_passes(row, lds); }
+#endif
+
 #if defined(__AVX512BF16__)
 // bfloat16 q, k, v on CPUs with AVX512-BF16: both products as vdpbf16ps over pairs (exact
 // bf16 x bf16 products, float32 sums), twice the float32 FMA rate. Scores, softmax and the
@@ -97,6 +140,38 @@ inline uint32_t bf16_bits(float x) {
 }
 inline uint32_t bits(const c10::BFloat16& x) { return static_cast<uint32_t>(x.x); }
 inline __m512bh as_bh(__m512i v) { return (__m512bh)v; }
+
+// softmax_row, then the probabilities as k2 bf16 pairs.
+inline float softmax_then_pairs(float* row, int64_t lds, uint32_t* r2, int64_t k2) {
+  const float inv = softmax_row_passes(row, lds);
+  int64_t kp = 0;
+  for (; kp + 16 <= k2; kp += 16)
+    _mm512_storeu_si512(r2 + kp, (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(row + 2 * kp + 16),
+                                                               _mm512_loadu_ps(row + 2 * kp)));
+  for (; kp < k2; ++kp) r2[kp] = bf16_bits(row[2 * kp]) | (bf16_bits(row[2 * kp + 1]) << 16);
+  return inv;
+}
+
+// The same values in two passes: exp, lane sums and the bf16 pairs in one, 32 keys at a time
+// (masked stores keep to the k2 pairs of the row).
+inline float softmax_row_to_pairs(const float* row, int64_t lds, uint32_t* r2, int64_t k2) {
+  const __m512 m = _mm512_set1_ps(row_max(row, lds));
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t j = 0; j < lds; j += 32) {
+    const __m512 e0 = Sleef_expf16_u10(_mm512_sub_ps(_mm512_loadu_ps(row + j), m));
+    acc = _mm512_add_ps(acc, e0);
+    __m512 e1 = _mm512_setzero_ps();
+    if (j + 16 < lds) {
+      e1 = Sleef_expf16_u10(_mm512_sub_ps(_mm512_loadu_ps(row + j + 16), m));
+      acc = _mm512_add_ps(acc, e1);
+    }
+    const int64_t left = std::min<int64_t>(16, k2 - j / 2);
+    const __mmask16 keep = left >= 16 ? static_cast<__mmask16>(0xFFFF)
+                                      : static_cast<__mmask16>((1u << left) - 1u);
+    _mm512_mask_storeu_epi32(r2 + j / 2, keep, (__m512i)_mm512_cvtne2ps_pbh(e1, e0));
+  }
+  return 1.f / lane_sum(acc);
+}
 
 template <int NP>
 inline void score_panels_dp(const uint32_t* qp2, const uint32_t* keys2, int64_t D2, int64_t p,
@@ -190,15 +265,11 @@ void attend_head_dp(const c10::BFloat16* q, int64_t sq, const c10::BFloat16* k, 
     for (int i = 0; i < kRows; ++i) {
       float* row = s + i * lds;
       std::fill(row + Lk, row + lds, -std::numeric_limits<float>::infinity());
-      inv[i] = softmax_row(row, lds);
       // The row as bf16 (round to nearest even) is its pairs; past Lk the probabilities are
       // exp(-inf) = 0, and lds (a multiple of 16) covers the pad key of an odd Lk.
       uint32_t* r2 = w.score_pairs.data() + i * K2;
-      int64_t kp = 0;
-      for (; kp + 16 <= K2; kp += 16)
-        _mm512_storeu_si512(r2 + kp, (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(row + 2 * kp + 16),
-                                                                   _mm512_loadu_ps(row + 2 * kp)));
-      for (; kp < K2; ++kp) r2[kp] = bf16_bits(row[2 * kp]) | (bf16_bits(row[2 * kp + 1]) << 16);
+      inv[i] = has_sleef_exp16() ? softmax_row_to_pairs(row, lds, r2, K2)
+                                 : softmax_then_pairs(row, lds, r2, K2);
     }
     c10::BFloat16* o = out + r0 * D;
     const int64_t C = Dp / 16;
