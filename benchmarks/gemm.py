@@ -6,7 +6,8 @@ For each product M x N x K (activations [M, K] times a weight [N, K], the head a
 shapes of MAR-B) and each thread count: F.linear (MKL sgemm), MKL packed weights
 (torch.ops.mkl._mkl_linear), oneDNN with the weight reordered once (torch.ops.mkldnn, what the
 native backend and the transformer's packed linears use), and oneDNN with bf16 weights and
-activations. Also the float32 / bf16 GEMM peak (best GFLOP/s over large products) and the
+activations (where this CPU's oneDNN has bf16 kernels; else "widened_bf16", the bf16 product the
+engine runs there: oneDNN's float32 product of the bf16 values, rounded to bf16). Also the float32 / bf16 GEMM peak (best GFLOP/s over large products) and the
 streaming memory bandwidth (a large copy), the two roofs of benchmarks/README.md. Times are the
 median of repeated calls after a warm-up; the results file carries the machine stamp.
 """
@@ -24,6 +25,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from stamp import machine_stamp  # noqa: E402
+
+from engine import packed_linear  # noqa: E402
 
 SHAPES = [(8, 1024, 1024), (8, 3072, 1024), (64, 1024, 1024), (512, 1024, 1024),
           (200, 20480, 1024), (512, 20480, 1024),
@@ -53,14 +56,17 @@ def methods(m: int, n: int, k: int) -> dict:
     if hasattr(torch.ops.mkl, "_mkl_reorder_linear_weight") and torch.backends.mkl.is_available():
         packed = torch.ops.mkl._mkl_reorder_linear_weight(w, m)
         out["mkl_packed"] = lambda: torch.ops.mkl._mkl_linear(x, packed, w, b, m)
-    if torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
+    if packed_linear.onednn_available():
         reordered = torch.ops.mkldnn._reorder_linear_weight(w, None)
         out["onednn"] = lambda: torch.ops.mkldnn._linear_pointwise(x, reordered, b, "none", [], "")
-        xb, wb, bb = x.bfloat16(), w.bfloat16(), b.bfloat16()
-        reordered_bf16 = torch.ops.mkldnn._reorder_linear_weight(wb, None)
-        out["onednn_bf16"] = lambda: torch.ops.mkldnn._linear_pointwise(
-            xb, reordered_bf16, bb, "none", [], "")
+        xb = x.bfloat16()
+        kind, packed, bias = packed_linear.pack(w, b, torch.bfloat16)   # this CPU's bf16 product
+        name = "onednn_bf16" if kind == "onednn" else "widened_bf16"
+        out[name] = lambda: packed_linear.run(kind, xb, packed, bias)
     return out
+
+
+BF16_METHODS = ("onednn_bf16", "widened_bf16")
 
 
 def bandwidth_gbs(mbytes: int = 512) -> float:
@@ -87,7 +93,7 @@ def main() -> None:
                                  gflops=2 * m * n * k / t / 1e9))
                 print(f"threads={threads} {m}x{n}x{k} {name:12s} {t * 1e6:10.1f} us "
                       f"{rows[-1]['gflops']:7.1f} GFLOP/s", flush=True)
-        for name in ("aten_mkl", "onednn", "onednn_bf16"):
+        for name in ("aten_mkl", "onednn", *BF16_METHODS):
             best = 0.0
             for m, n, k in PEAK_SHAPES:
                 fn = methods(m, n, k).get(name)

@@ -126,6 +126,40 @@ inline int64_t row_grain(int64_t width) { return std::max<int64_t>(1, 16384 / st
 
 }  // namespace
 
+namespace {
+at::Tensor onednn_product(const at::Tensor& a, const at::Tensor& packed) {
+  torch::jit::Stack stack{c10::IValue(a), c10::IValue(packed), c10::IValue(),
+                          c10::IValue(std::string("none")),
+                          c10::IValue(c10::List<std::optional<at::Scalar>>()),
+                          c10::IValue(std::string(""))};
+  onednn_linear_op()->callBoxed(&stack);
+  return stack[0].toTensor();
+}
+
+// The weight reordered for oneDNN, probed with one product so that an unsupported configuration
+// (e.g. a CPU without the ISA oneDNN needs for this dtype) falls back now, not mid-sampling;
+// undefined when it cannot.
+at::Tensor onednn_reorder(const at::Tensor& weight, int64_t pack_rows) {
+  const c10::OperatorHandle* reorder = onednn_reorder_op();
+  if (reorder == nullptr || onednn_linear_op() == nullptr || weight.numel() == 0) return {};
+  try {
+    torch::jit::Stack stack{c10::IValue(weight), c10::IValue(pack_rows)};
+    reorder->callBoxed(&stack);
+    at::Tensor packed = stack[0].toTensor();
+    onednn_product(at::zeros({1, weight.size(1)}, weight.options()), packed);
+    return packed;
+  } catch (const std::exception&) {
+    return {};
+  }
+}
+}  // namespace
+
+bool onednn_bf16_native() {
+  static const bool native =
+      onednn_reorder(at::zeros({16, 16}, at::TensorOptions().dtype(at::kBFloat16)), 1).defined();
+  return native;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Gemm
 
@@ -148,27 +182,12 @@ Gemm::Gemm(const at::Tensor& weight, GemmMode mode, int64_t pack_rows, int64_t s
       cblas_sgemm_pack(kCblasRowMajor, kCblasBMatrix, kCblasTrans, kMklPackRows, n_, k_, 1.0f,
                        weight_.data_ptr<float>(), k_, reinterpret_cast<float*>(packed_.data_ptr()));
     }
-  } else if (mode_ == GemmMode::kOneDnn) {
-    const c10::OperatorHandle* reorder = onednn_reorder_op();
-    if (reorder == nullptr || onednn_linear_op() == nullptr || n_ == 0 || k_ == 0) {
-      mode_ = GemmMode::kAten;
-    } else {
-      try {  // e.g. a CPU without the ISA oneDNN needs for this dtype: use ATen instead
-        torch::jit::Stack stack{c10::IValue(weight_), c10::IValue(pack_rows)};
-        reorder->callBoxed(&stack);
-        packed_ = stack[0].toTensor();
-        // one probe product so an unsupported configuration falls back now, not mid-sampling
-        at::Tensor probe = at::zeros({1, k_}, weight_.options());
-        torch::jit::Stack run{c10::IValue(probe), c10::IValue(packed_), c10::IValue(),
-                              c10::IValue(std::string("none")),
-                              c10::IValue(c10::List<std::optional<at::Scalar>>()),
-                              c10::IValue(std::string(""))};
-        onednn_linear_op()->callBoxed(&run);
-      } catch (const std::exception&) {
-        packed_ = at::Tensor();
-        mode_ = GemmMode::kAten;
-      }
-    }
+  } else if (mode_ == GemmMode::kOneDnn || mode_ == GemmMode::kOneDnnWidened) {
+    // Widened where asked (for tests on any CPU) or where oneDNN has no bf16 kernels.
+    const bool widen = weight_.scalar_type() == at::kBFloat16 &&
+                       (mode_ == GemmMode::kOneDnnWidened || !onednn_bf16_native());
+    packed_ = onednn_reorder(widen ? weight_.to(at::kFloat) : weight_, pack_rows);
+    mode_ = !packed_.defined() ? GemmMode::kAten : widen ? GemmMode::kOneDnnWidened : GemmMode::kOneDnn;
   }
 }
 
@@ -183,14 +202,10 @@ at::Tensor Gemm::run(const at::Tensor& a, const at::Tensor& out) const {
                           reinterpret_cast<const float*>(packed_.data_ptr()), k_, 0.0f,
                           out.data_ptr<float>(), out.stride(0));
       return out;
-    case GemmMode::kOneDnn: {
-      torch::jit::Stack stack{c10::IValue(a), c10::IValue(packed_), c10::IValue(),
-                              c10::IValue(std::string("none")),
-                              c10::IValue(c10::List<std::optional<at::Scalar>>()),
-                              c10::IValue(std::string(""))};
-      onednn_linear_op()->callBoxed(&stack);
-      return stack[0].toTensor();
-    }
+    case GemmMode::kOneDnn:
+      return onednn_product(a, packed_);
+    case GemmMode::kOneDnnWidened:
+      return onednn_product(a.to(at::kFloat), packed_).to(a.scalar_type());
     case GemmMode::kAten:
     default: {
       at::Tensor o = out;
@@ -210,7 +225,7 @@ enum TensorIndex {
 };
 
 GemmMode to_mode(int64_t v) {
-  TORCH_CHECK(v >= 0 && v <= 2, "engine native: bad GEMM mode ", v);
+  TORCH_CHECK(v >= 0 && v <= 3, "engine native: bad GEMM mode ", v);
   return static_cast<GemmMode>(v);
 }
 
@@ -218,6 +233,7 @@ const char* mode_name(GemmMode m) {
   switch (m) {
     case GemmMode::kMklPacked: return "mkl_packed";
     case GemmMode::kOneDnn: return "onednn";
+    case GemmMode::kOneDnnWidened: return "onednn_widened";
     default: return "aten";
   }
 }
@@ -284,7 +300,10 @@ HeadPlan::HeadPlan(std::vector<at::Tensor> t, std::optional<std::vector<double>>
 #else
   const bool bf16_small_rows = small_gemm_bf16_dot();
 #endif
-  const int64_t big_sr = bf16 && !bf16_small_rows ? std::min<int64_t>(sr, 4) : sr;
+  // Where oneDNN has no bf16 kernels its widened float32 product reads twice the bytes: the
+  // small-row kernel (bf16 weights widened in registers) keeps every row count it takes.
+  const int64_t big_sr =
+      bf16 && !bf16_small_rows && onednn_bf16_native() ? std::min<int64_t>(sr, 4) : sr;
   ada_ = Gemm(t[kAdaW].to(big), opts_.gemm, pack_rows, big_sr);
   const at::Tensor fc1w = t[kFc1W].reshape({depth_, width_, width_});
   const at::Tensor fc2w = t[kFc2W].reshape({depth_, width_, width_});
@@ -361,7 +380,7 @@ at::Tensor HeadPlan::run_impl(const at::Tensor& z, const at::Tensor& x_start,
   at::Tensor cemb = at::empty({R, w}, f32);
   at::Tensor ybuf = at::empty({S * R, w}, tT);
   at::Tensor modbuf =
-      ada_.mode() == GemmMode::kOneDnn ? at::Tensor() : at::empty({S * R, NA}, tT);
+      ada_.returns_new_output() ? at::Tensor() : at::empty({S * R, NA}, tT);
   at::Tensor h = at::empty({R, w}, f32);
   at::Tensor hx = at::empty({n, w}, f32);
   at::Tensor ubuf = at::empty({R, w}, tT);

@@ -29,6 +29,11 @@ enum class GemmMode : int {
   kAten = 0,       // at::mm_out (MKL sgemm for float32, oneDNN for bfloat16)
   kMklPacked = 1,  // MKL cblas_sgemm_compute on weights packed once (float32 only)
   kOneDnn = 2,     // oneDNN matmul on weights reordered once (mkldnn::_linear_pointwise)
+  // bf16 weights on a CPU whose oneDNN has no bf16 kernels (AVX2 only, where ATen's bf16 mm runs
+  // at a fifth of the float32 rate): oneDNN's float32 product of the bf16 values, rounded once
+  // to bf16 (the sums a bf16 kernel forms). kOneDnn becomes it there; asking for it widens bf16
+  // on any CPU (float32 weights: kOneDnn).
+  kOneDnnWidened = 3,
 };
 
 class Gemm {
@@ -40,6 +45,7 @@ class Gemm {
   // Returns the product: `out` itself, or (oneDNN) a new tensor of the same shape.
   at::Tensor run(const at::Tensor& a, const at::Tensor& out) const;
   GemmMode mode() const { return mode_; }
+  bool returns_new_output() const { return mode_ == GemmMode::kOneDnn || mode_ == GemmMode::kOneDnnWidened; }
   int64_t n() const { return n_; }
   int64_t k() const { return k_; }
 
@@ -96,6 +102,8 @@ class HeadPlan {
 
 // What this build can use (reported by the Python side's describe()).
 bool has_mkl_packed();
+// Whether this CPU's oneDNN multiplies bf16 itself (its reorder refuses bf16 weights otherwise).
+bool onednn_bf16_native();
 
 // A linear layer on MKL packed weights, for the transformer (engine.packed_linear): any number
 // of rows. MKL's packed buffer is only valid where it was written (a copy computes garbage), so it

@@ -8,9 +8,12 @@ reference backend's in benchmarks/bench_sample.py). Without the
 extension (or without MKL) float32 falls back to oneDNN. On other vendors' CPUs MKL runs its
 AVX2 code: on a 2-vCPU AMD EPYC (Zen 1) oneDNN's product was 1.07-1.3x MKL's at 128-640 rows of
 MAR-B's shapes and 2.9x at 8 rows, so there float32 packs for oneDNN. bfloat16 (precision="bf16",
-under CPU autocast): oneDNN on weights reordered once, autocast's own product; a CPU whose oneDNN
-has no bf16 kernels (AVX2 only: no avx512bw/vl/dq nor avx_ne_convert) packs nothing and keeps
-autocast's F.linear.
+under CPU autocast): oneDNN on weights reordered once, autocast's own product. A CPU whose oneDNN
+has no bf16 kernels (AVX2 only: no avx512bw/vl/dq nor avx_ne_convert) computes autocast's bf16
+F.linear at a fifth of its float32 speed (2-vCPU AMD EPYC, AVX2: 6.8 against 35 GFLOP/s at 640
+rows), so there the bf16 product is "widened": oneDNN's float32 product of the bf16-rounded
+operands (their products are exact in float32), rounded once to bf16 — the sums a bf16 kernel
+forms, at the float32 rate.
 """
 from __future__ import annotations
 
@@ -94,15 +97,22 @@ def pack(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype,
     the caller keeps F.linear."""
     if kind is None:
         kind = float32_kind() if dtype == torch.float32 else (
-            "onednn" if onednn_bf16_available() else None)
+            "onednn" if onednn_bf16_available() else "widened" if onednn_available() else None)
         if kind is None:
             return None
     if kind == "mkl":
         if dtype != torch.float32 or not mkl_available():
             raise RuntimeError("packed linear: MKL's packed path is float32 with the native extension")
         return "mkl", MklPack(weight, bias), None
-    if kind != "onednn" or not onednn_available():
+    if kind not in ("onednn", "widened") or not onednn_available():
         raise RuntimeError(f"packed linear: no {kind!r} path in this torch build")
+    if kind == "widened":
+        if dtype != torch.bfloat16:
+            raise RuntimeError("packed linear: the widened path is for bfloat16")
+        # float32 holding the bf16-rounded values: oneDNN's float32 product of the bf16 operands.
+        as_bf16_in_f32 = lambda t: t.detach().to(dtype).float().contiguous()  # noqa: E731
+        reordered = torch.ops.mkldnn._reorder_linear_weight(as_bf16_in_f32(weight), None)
+        return "widened", reordered, None if bias is None else as_bf16_in_f32(bias)
     reordered = torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(dtype).contiguous(), None)
     return "onednn", reordered, None if bias is None else bias.detach().to(dtype).contiguous()
 
@@ -120,10 +130,14 @@ def _mkl_packed_linear_fake(x, pack_id, n):
 
 def run(kind: str, x: torch.Tensor, packed, bias: torch.Tensor | None, gelu: bool = False) -> torch.Tensor:
     """The packed product; with `gelu`, exact (erf) GELU of it (oneDNN: a post-op on its float32
-    sums, saving a pass over the output)."""
+    sums, saving a pass over the output). "widened" takes and returns bf16."""
     if kind == "mkl":
         h = mkl_packed_linear(x, packed.id, packed.n)
         return torch.ops.aten.gelu_(h) if gelu else h
+    if kind == "widened":   # bf16 in (rounded if it was not), float32 sums, one bf16 rounding out
+        x = x.to(torch.bfloat16).float()
+        post = ("gelu", [], "none") if gelu else ("none", [], "")
+        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, *post).to(torch.bfloat16)
     if gelu:
         return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "gelu", [], "none")
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")

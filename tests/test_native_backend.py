@@ -172,10 +172,19 @@ def test_default_gemm_paths(golden_model, monkeypatch):
     assert NativeBackend().gemm == "onednn"
 
 
-def test_bf16_weights_are_close(golden_model):
-    backend = NativeBackend(weight_dtype=torch.bfloat16)
+@pytest.mark.parametrize("gemm", ["onednn", "onednn_widened"])
+@pytest.mark.parametrize("n", [8, 40])   # 2n rows under CFG; 80: past the small-row kernel
+def test_bf16_weights_are_close(golden_model, gemm, n):
+    """bf16 head weights through oneDNN's bf16 kernels, or "widened" (oneDNN's float32 product of
+    the bf16 values, rounded to bf16): what a CPU without bf16 kernels runs, and any CPU when
+    asked."""
+    from engine.packed_linear import onednn_bf16_available
+
+    backend = NativeBackend(weight_dtype=torch.bfloat16, gemm=gemm)
+    built = "onednn" if gemm == "onednn" and onednn_bf16_available() else "onednn_widened"
     assert "bfloat16" in backend.describe(golden_model.head)
-    got, want = _both(golden_model.head, 8, 3.0, backend=backend)
+    assert f"gemm={built}," in backend.describe(golden_model.head)
+    got, want = _both(golden_model.head, n, 3.0, backend=backend)
     assert torch.isfinite(got).all()
     assert rel_err(got, want) <= 0.1  # documented precision: bf16 weights and activations
 
@@ -499,9 +508,11 @@ def test_bf16_transformer_products_on_reordered_weights(native_ext):
 
     model = engine.load(CHECKPOINT, backend="native", precision="bf16")
     layers = [m for m in model.mar.modules() if isinstance(m, Linear)]
-    # A CPU without oneDNN's bf16 kernels (AVX2 only) packs nothing: autocast's F.linear runs.
-    reordered = onednn_bf16_available()
-    assert layers and all(bool(m.packs) == reordered and m.pack_dtype == torch.bfloat16 for m in layers)
+    # A CPU without oneDNN's bf16 kernels (AVX2 only) widens: oneDNN's float32 product of the
+    # bf16 values, rounded to bf16.
+    kind = "onednn" if onednn_bf16_available() else "widened"
+    assert layers and all(m.packs and {p[0] for p in m.packs.values()} == {kind}
+                          and m.pack_dtype == torch.bfloat16 for m in layers)
     gen = torch.Generator().manual_seed(1)
     c = model.config
     tokens = torch.randn(2, c.seq_len, c.token_dim, generator=gen)
@@ -513,7 +524,7 @@ def test_bf16_transformer_products_on_reordered_weights(native_ext):
         packed, counter = count_ops(model.mar.forward_step, tokens, known, predict, (class_emb,))
         model.mar.pack_linears(None)
         plain, plain_counter = count_ops(model.mar.forward_step, tokens, known, predict, (class_emb,))
-    assert counter.counts[onednn] == (len(layers) + 1 if reordered else 0)
+    assert counter.counts[onednn] == len(layers) + 1
     assert plain_counter.counts[onednn] == 0
     assert packed.dtype == plain.dtype
     # Same bf16 products; only oneDNN's blocking may differ from the unreordered call's.

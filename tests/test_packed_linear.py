@@ -1,7 +1,7 @@
 """engine.packed_linear: the transformer's float32 products on MKL packed weights (native
 extension) against F.linear, over row counts, input ranks, with and without bias; its custom op
 under torch.compile; the packing each CPU gets (MKL on Intel, oneDNN elsewhere or without the
-extension's MKL path; bf16 unpacked where oneDNN has no bf16 kernels)."""
+extension's MKL path; bf16 widened to oneDNN float32 where oneDNN has no bf16 kernels)."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -97,10 +97,44 @@ def test_float32_packing_follows_the_cpu(native_ext, monkeypatch):
         packed_linear.pack(torch.randn(4, 3), None, torch.bfloat16, kind="mkl")
 
 
-def test_bf16_without_onednn_bf16_kernels_keeps_f_linear(monkeypatch):
-    """A CPU whose oneDNN has no bf16 kernels (AVX2 only) would refuse the bf16 reorder: the
-    layer stays unpacked and autocast's F.linear computes the product."""
+def test_bf16_without_onednn_bf16_kernels_widens(monkeypatch):
+    """A CPU whose oneDNN has no bf16 kernels (AVX2 only) would refuse the bf16 reorder: there the
+    bf16 product is oneDNN's float32 product of the bf16-rounded operands, rounded once to bf16 —
+    against the same sums in float64, and against autocast's own bf16 F.linear."""
+    if not packed_linear.onednn_available():
+        pytest.skip("this torch build has no oneDNN")  # environment guard; CI's torch has it
     monkeypatch.setattr(packed_linear, "onednn_bf16_available", lambda: False)
+    gen = torch.Generator().manual_seed(0)
+    layer = Linear(96, 40)
+    layer.pack(dtype=torch.bfloat16)
+    assert layer.packs[(0, None)][0] == "widened" and layer.pack_dtype == torch.bfloat16
+    x = torch.randn(37, 96, generator=gen)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = layer(x)
+        autocast_product = F.linear(x, layer.weight, layer.bias)
+    assert got.dtype == torch.bfloat16
+    round_ = lambda t: t.to(torch.bfloat16).double()  # noqa: E731
+    want = F.linear(round_(x), round_(layer.weight), round_(layer.bias)).to(torch.bfloat16)
+    # float32 sums differ from float64's in the last float32 bits: a bf16 rounding can then
+    # land one bf16 ulp away (2^-8 relative), and only rarely.
+    ulp = 2.0 ** -7 * want.double().abs()
+    assert ((got.double() - want.double()).abs() <= ulp).all()
+    assert (got == want).float().mean() > 0.97
+    assert ((got.double() - autocast_product.double()).abs() <= ulp).all()
+    # A bf16 input is taken as it is; the bias-free and row-range forms widen too.
+    layer.pack([(0, 8), (8, None)], dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        part = layer.rows(x.bfloat16(), 8, None)
+    assert part.dtype == torch.bfloat16 and part.shape == (37, 32)
+    assert ((part.double() - want[:, 8:].double()).abs() <= ulp[:, 8:]).all()
+    with pytest.raises(RuntimeError, match="bfloat16"):
+        packed_linear.pack(torch.randn(4, 3), None, torch.float32, kind="widened")
+
+
+def test_bf16_without_onednn_keeps_f_linear(monkeypatch):
+    """A torch build without oneDNN packs nothing for bf16: autocast's F.linear computes it."""
+    monkeypatch.setattr(packed_linear, "onednn_bf16_available", lambda: False)
+    monkeypatch.setattr(packed_linear, "onednn_available", lambda: False)
     layer = Linear(24, 40)
     layer.pack(dtype=torch.bfloat16)
     assert layer.packs == {} and layer.pack_dtype == torch.bfloat16
@@ -112,23 +146,27 @@ def test_bf16_without_onednn_bf16_kernels_keeps_f_linear(monkeypatch):
     torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("kind", ["mkl", "onednn", "onednn-bf16", "unpacked"])
+@pytest.mark.parametrize("kind", ["mkl", "onednn", "bf16", "widened-bf16", "unpacked"])
 @pytest.mark.parametrize("rows", [1, 8, 300])
 def test_gelu_post_op_matches_gelu_of_the_product(native_ext, monkeypatch, kind, rows):
     """Linear.rows(gelu=True), as Mlp's fc1 runs it: exact (erf) GELU of the product, fused into
-    oneDNN's product as a post-op, after MKL's, or after F.linear — each against the plain math."""
-    if kind.startswith("onednn") and not packed_linear.onednn_available():
+    oneDNN's product as a post-op, after MKL's, or after F.linear — each against the plain math.
+    "bf16" is this CPU's bf16 pack (oneDNN's bf16 kernels, or widened where it has none),
+    "widened-bf16" the widened one on any CPU."""
+    if kind not in ("mkl", "unpacked") and not packed_linear.onednn_available():
         pytest.skip("this torch build has no oneDNN")  # environment guard; CI's torch has it
-    if kind == "onednn-bf16" and not packed_linear.onednn_bf16_available():
-        pytest.skip("this CPU's oneDNN has no bf16 kernels")  # environment guard (AVX2-only CPUs)
     monkeypatch.setattr(packed_linear, "intel_cpu", lambda: kind == "mkl")
+    if kind == "widened-bf16":
+        monkeypatch.setattr(packed_linear, "onednn_bf16_available", lambda: False)
     gen = torch.Generator().manual_seed(rows)
     layer = Linear(32, 96)
     x = torch.randn(rows, 32, generator=gen)
-    bf16 = kind == "onednn-bf16"
+    bf16 = kind.endswith("bf16")
     if kind != "unpacked":
         layer.pack(dtype=torch.bfloat16 if bf16 else torch.float32)
-        assert layer.packs[(0, None)][0] == kind.split("-")[0]
+        expected = kind.split("-")[0] if kind != "bf16" else (
+            "onednn" if packed_linear.onednn_bf16_available() else "widened")
+        assert layer.packs[(0, None)][0] == expected
     if bf16:
         # float32 sums of the bf16-rounded operands, GELU on them, then one bf16 rounding.
         round_ = lambda t: t.to(torch.bfloat16).double()  # noqa: E731

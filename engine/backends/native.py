@@ -39,7 +39,9 @@ from .. import packed_linear
 from ..errors import ConfigError
 from .base import HeadBackend, row_param
 
-GEMM_MODES = {"aten": 0, "mkl_packed": 1, "onednn": 2}
+# "onednn_widened": bf16 weights as oneDNN float32 products of their values, rounded to bf16 —
+# what "onednn" becomes on a CPU whose oneDNN has no bf16 kernels; asked for, on any CPU.
+GEMM_MODES = {"aten": 0, "mkl_packed": 1, "onednn": 2, "onednn_widened": 3}
 WEIGHT_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
 DEFAULT_MOD_BUDGET = 32 << 20
 DEFAULT_STREAM_ROWS = 16   # products of at most this many rows: csrc/small_gemm.cpp (SIMD builds)
