@@ -60,9 +60,9 @@ def methods(m: int, n: int, k: int) -> dict:
         reordered = torch.ops.mkldnn._reorder_linear_weight(w, None)
         out["onednn"] = lambda: torch.ops.mkldnn._linear_pointwise(x, reordered, b, "none", [], "")
         xb = x.bfloat16()
-        kind, packed, bias = packed_linear.pack(w, b, torch.bfloat16)   # this CPU's bf16 product
+        kind, packed_bf16, bias_bf16 = packed_linear.pack(w, b, torch.bfloat16)  # this CPU's bf16 product
         name = "onednn_bf16" if kind == "onednn" else "widened_bf16"
-        out[name] = lambda: packed_linear.run(kind, xb, packed, bias)
+        out[name] = lambda: packed_linear.run(kind, xb, packed_bf16, bias_bf16)
     return out
 
 
