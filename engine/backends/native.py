@@ -90,8 +90,8 @@ def default_gemm(weight_dtype: torch.dtype) -> str:
     rows 1.1-1.29x; and no per-shape cost, where oneDNN builds a primitive for every new row count
     (sampling meets a new one at almost every MAR step; the first took 2 s). A build without MKL
     falls back to ATen. On other vendors' CPUs MKL runs its AVX2 code (on the AMD EPYC of the
-    earlier tables oneDNN's float32 was 2-3x it), so there oneDNN. bfloat16: oneDNN (AMX), the
-    only bf16 path."""
+    earlier tables oneDNN's float32 was 2-3x it), so there oneDNN. bfloat16: oneDNN (AMX,
+    AVX512-BF16), which the plan widens where oneDNN has no bf16 kernels ("onednn_widened")."""
     if weight_dtype == torch.float32 and packed_linear.intel_cpu():
         return "mkl_packed"
     return "onednn"

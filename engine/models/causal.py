@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from .head import DiffLoss
 from .kv_cache import StaticKVCache, decode_attention, prefill_attention
-from .mar import LN_EPS, Block, pack_blocks, unpatchify
+from .mar import LN_EPS, Block, Linear, pack_blocks, unpatchify
 
 
 class CausalBlock(Block):
@@ -67,7 +67,7 @@ class CausalAR(nn.Module):
         d, length = c.embed_dim, c.seq_len
         self.class_emb = nn.Embedding(c.class_num, d)
         self.fake_latent = nn.Parameter(torch.zeros(1, d))
-        self.z_proj = nn.Linear(c.token_dim, d)
+        self.z_proj = Linear(c.token_dim, d)
         self.z_proj_ln = nn.LayerNorm(d, eps=LN_EPS)
         self.pos_embed_learned = nn.Parameter(torch.zeros(1, length + 1, d))
         self.target_pos_embed_learned = nn.Parameter(torch.zeros(1, length, d))
@@ -81,7 +81,7 @@ class CausalAR(nn.Module):
 
     def pack_linears(self, dtype: torch.dtype | None) -> None:
         """Reorder the blocks' weights for oneDNN in `dtype`, or drop them (see mar.Linear)."""
-        pack_blocks(self.blocks, None, dtype)
+        pack_blocks(self.blocks, None, dtype, (self.z_proj,))
 
     def grid(self) -> tuple[int, int]:
         return (self.config.seq_h, self.config.seq_h)

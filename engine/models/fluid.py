@@ -141,13 +141,13 @@ class Fluid(nn.Module):
         self.cross_attn_blocks = nn.ModuleList(
             CrossBlock(x, c.cross_num_heads, c.mlp_ratio, eps) for _ in range(c.cross_depth))
         self.cross_norm = nn.LayerNorm(x, eps=eps)
-        self.z_proj = nn.Linear(c.token_dim, e)
+        self.z_proj = Linear(c.token_dim, e)
         self.z_proj_ln = nn.LayerNorm(e, eps=LN_EPS)   # 1e-6 whatever norm_layer is (published)
         self.encoder_pos_embed_learned = nn.Parameter(torch.zeros(1, length, e))
         self.encoder_blocks = nn.ModuleList(
             Block(e, c.encoder_num_heads, c.mlp_ratio, eps) for _ in range(c.encoder_depth))
         self.encoder_norm = nn.LayerNorm(e, eps=eps)
-        self.decoder_embed = nn.Linear(e, d)
+        self.decoder_embed = Linear(e, d)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, d))
         self.decoder_pos_embed_learned = nn.Parameter(torch.zeros(1, length, d))
         if c.decoder_text:   # engine option: the text rows prefix the decoder's sequence
@@ -162,7 +162,8 @@ class Fluid(nn.Module):
 
     def pack_linears(self, dtype: torch.dtype | None) -> None:
         last = self.decoder_blocks[-1] if len(self.decoder_blocks) else None
-        pack_blocks([*self.encoder_blocks, *self.decoder_blocks, *self.cross_attn_blocks], last, dtype)
+        pack_blocks([*self.encoder_blocks, *self.decoder_blocks, *self.cross_attn_blocks], last, dtype,
+                    (self.z_proj, self.decoder_embed))
 
     # The family interface --------------------------------------------------------------------
     def grid(self, height: int | None = None, width: int | None = None) -> tuple[int, int]:

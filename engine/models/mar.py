@@ -36,7 +36,8 @@ class Linear(nn.Linear):
     CPUs (oneDNN elsewhere or without the native extension), equal to F.linear up to summation
     order; bfloat16 (precision="bf16", under CPU autocast) on oneDNN, the same product as
     autocast's F.linear without its per-call weight reorder (1.2-5.7x at MAR-B's shapes), where
-    this CPU's oneDNN has bf16 kernels. MARModel packs the blocks for the native CPU backend;
+    this CPU's oneDNN has bf16 kernels, else widened (oneDNN's float32 product of the bf16 values,
+    rounded to bf16: ~5x autocast's bf16 F.linear on AVX2). MARModel packs the blocks for the native CPU backend;
     everything else uses F.linear."""
 
     packs: dict | None = None  # {(start, stop): (kind, packed weight rows start:stop, bias rows)}
@@ -138,10 +139,14 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-def pack_blocks(blocks, rows_block, dtype: torch.dtype | None) -> None:
+def pack_blocks(blocks, rows_block, dtype: torch.dtype | None, linears=()) -> None:
     """Pack every engine `Linear` of `blocks` for oneDNN in `dtype` (None: drop the packs), each
     as it is used: the block that attends from a subset of rows (`rows_block`) has its q and kv
-    products apart. Their attention layers then use the native CPU kernel where it is built."""
+    products apart. Their attention layers then use the native CPU kernel where it is built.
+    `linears`: the model's other per-step `Linear`s (token and width projections), packed whole
+    (under bf16 autocast on an AVX2 CPU unpacked ones ran at a fifth of the float32 rate)."""
+    for module in linears:
+        module.pack(dtype=dtype) if dtype is not None else module.unpack()
     native_kernel = dtype is not None and native_attention_available()
     for block in blocks:
         for module in block.modules():
@@ -169,13 +174,13 @@ class MAR(nn.Module):
         e, d, buf, length = c.encoder_embed_dim, c.decoder_embed_dim, c.buffer_size, c.seq_len
         self.class_emb = nn.Embedding(c.class_num, e)
         self.fake_latent = nn.Parameter(torch.zeros(1, e))
-        self.z_proj = nn.Linear(c.token_dim, e)
+        self.z_proj = Linear(c.token_dim, e)
         self.z_proj_ln = nn.LayerNorm(e, eps=LN_EPS)
         self.encoder_pos_embed_learned = nn.Parameter(torch.zeros(1, length + buf, e))
         self.encoder_blocks = nn.ModuleList(
             Block(e, c.encoder_num_heads, c.mlp_ratio) for _ in range(c.encoder_depth))
         self.encoder_norm = nn.LayerNorm(e, eps=LN_EPS)
-        self.decoder_embed = nn.Linear(e, d)
+        self.decoder_embed = Linear(e, d)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, d))
         self.decoder_pos_embed_learned = nn.Parameter(torch.zeros(1, length + buf, d))
         self.decoder_blocks = nn.ModuleList(
@@ -188,7 +193,8 @@ class MAR(nn.Module):
         """Reorder the transformer blocks' weights for oneDNN in `dtype` (CPU float32 or
         bfloat16), or drop them (None)."""
         pack_blocks([*self.encoder_blocks, *self.decoder_blocks],
-                    self.decoder_blocks[-1] if len(self.decoder_blocks) else None, dtype)
+                    self.decoder_blocks[-1] if len(self.decoder_blocks) else None, dtype,
+                    (self.z_proj, self.decoder_embed))
 
     # The family interface (see engine/families): grid, step context, step, unpatchify.
     def grid(self) -> tuple[int, int]:
