@@ -37,8 +37,8 @@ class Linear(nn.Linear):
     order; bfloat16 (precision="bf16", under CPU autocast) on oneDNN, the same product as
     autocast's F.linear without its per-call weight reorder (1.2-5.7x at MAR-B's shapes), where
     this CPU's oneDNN has bf16 kernels, else widened (oneDNN's float32 product of the bf16 values,
-    rounded to bf16: ~5x autocast's bf16 F.linear on AVX2). MARModel packs the blocks for the native CPU backend;
-    everything else uses F.linear."""
+    rounded to bf16: ~5x autocast's bf16 F.linear on AVX2). MARModel packs the blocks (and the
+    token and width projections) for the native CPU backend; everything else uses F.linear."""
 
     packs: dict | None = None  # {(start, stop): (kind, packed weight rows start:stop, bias rows)}
     pack_dtype: torch.dtype | None = None
