@@ -7,9 +7,10 @@ shapes of MAR-B) and each thread count: F.linear (MKL sgemm), MKL packed weights
 (torch.ops.mkl._mkl_linear), oneDNN with the weight reordered once (torch.ops.mkldnn, what the
 native backend and the transformer's packed linears use), and oneDNN with bf16 weights and
 activations (where this CPU's oneDNN has bf16 kernels; else "widened_bf16", the bf16 product the
-engine runs there: oneDNN's float32 product of the bf16 values, rounded to bf16). Also the float32 / bf16 GEMM peak (best GFLOP/s over large products) and the
-streaming memory bandwidth (a large copy), the two roofs of benchmarks/README.md. Times are the
-median of repeated calls after a warm-up; the results file carries the machine stamp.
+engine runs there: oneDNN's float32 product of the bf16 values, rounded to bf16). Also the
+float32 / bf16 GEMM peak (best GFLOP/s over large products) and the streaming memory bandwidth
+(a large copy), the two roofs of benchmarks/README.md. Times are the median of repeated calls
+after a warm-up; the results file carries the machine stamp.
 """
 from __future__ import annotations
 
@@ -60,7 +61,8 @@ def methods(m: int, n: int, k: int) -> dict:
         reordered = torch.ops.mkldnn._reorder_linear_weight(w, None)
         out["onednn"] = lambda: torch.ops.mkldnn._linear_pointwise(x, reordered, b, "none", [], "")
         xb = x.bfloat16()
-        kind, packed_bf16, bias_bf16 = packed_linear.pack(w, b, torch.bfloat16)  # this CPU's bf16 product
+        # this CPU's bf16 product: oneDNN's bf16 kernels, or widened where it has none
+        kind, packed_bf16, bias_bf16 = packed_linear.pack(w, b, torch.bfloat16)
         name = "onednn_bf16" if kind == "onednn" else "widened_bf16"
         out[name] = lambda: packed_linear.run(kind, xb, packed_bf16, bias_bf16)
     return out
