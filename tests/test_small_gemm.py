@@ -33,6 +33,18 @@ def test_float32_matches_torch(ext, m, k, n, threads):
     assert (got.double() - want).abs().max() <= 1e-5 * k
 
 
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m", range(1, 17))
+def test_every_row_count(ext, m, weight_dtype):
+    """Each row count has its own register blocking (AVX2 splits 7-16 rows into groups and k into
+    blocks): K = 40 ends mid-block, N = 40 mid-panel."""
+    gen = torch.Generator().manual_seed(m)
+    a, w = torch.randn(m, 40, generator=gen), torch.randn(40, 40, generator=gen).to(weight_dtype)
+    got = ext.small_gemm(a, ext.small_gemm_pack(w), 40)
+    want = a.double() @ w.double().t()
+    assert (got.double() - want).abs().max() <= 1e-5 * 40
+
+
 @pytest.mark.parametrize("m,k,n", SHAPES)
 def test_bfloat16_rows_and_weights(ext, m, k, n):
     gen = torch.Generator().manual_seed(m + k * 7 + n)
