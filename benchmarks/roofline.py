@@ -8,11 +8,13 @@ time, and the fraction of the bound (compute or memory) it reaches.
 Roofs: the float32 and bf16 GEMM peaks through the libraries the engine calls (MKL F.linear and
 packed sgemm, oneDNN with reordered weights: the best over large products; bf16 where oneDNN has
 no bf16 kernels: the widened product, float32 arithmetic on bf16 values) and the streaming
-bandwidth of a copy at working sets from 64 KB (L2) to 512 MB (DRAM), each the best of three
-measurements, re-measured before every case and only ever raised (this VM's speed drifts by up
-to 1.5x over minutes; a roof caught in a slow moment made fractions exceed 1). A phase's bound is max(FLOPs / peak,
-bytes / bandwidth at its working set); a part made of phases that run one after the other (the
-head loop: cond_embed, the batched adaLN products, the per-step fc products) is bounded by the
+bandwidth of a copy (bytes read + written) and of a read (a sum: what weights streamed into
+products see; 1.4x the copy from DRAM on Zen 1) at working sets from 64 KB (L2) to 512 MB
+(DRAM), each the best of three measurements, re-measured before every case and only ever raised
+(this VM's speed drifts by up to 1.5x over minutes; a roof caught in a slow moment made fractions
+exceed 1). A phase's bound is max(FLOPs / peak, bytes / bandwidth at its working set: the read
+one for weight streams); a part made of phases that run one after the other (the head loop:
+cond_embed, the batched adaLN products, the per-step fc products) is bounded by the
 sum of theirs; fraction = bound / measured (1.0 = at the roof).
 
 Parts, for a call of `num_iter` MAR steps x `T` diffusion steps (CFG doubles the rows):
@@ -106,29 +108,34 @@ def roofs(rounds: int = 3) -> dict:
     by up to 1.5x over minutes; a roof measured in a slow moment would flatter every fraction)."""
     peaks = {}
     curve = [[ws, 0.0] for ws in WORKING_SETS]
+    read_curve = [[ws, 0.0] for ws in WORKING_SETS]
     for _ in range(rounds):
         for name in ("aten_mkl", "mkl_packed", "onednn", *BF16_METHODS):
             for m, n, k in ((1024, 1024, 1024), (2048, 2048, 2048), (640, 3072, 768)):
                 fn = methods(m, n, k).get(name)
                 if fn is not None:
                     peaks[name] = max(peaks.get(name, 0.0), 2 * m * n * k / median_time(fn) / 1e9)
-        for point in curve:
+        for point, read_point in zip(curve, read_curve):
             point[1] = max(point[1], copy_bandwidth_gbs(point[0]))
-    for i in range(len(curve) - 2, -1, -1):   # a smaller working set streams at least as fast
-        curve[i][1] = max(curve[i][1], curve[i + 1][1])
+            read_point[1] = max(read_point[1], point[1], read_bandwidth_gbs(point[0]))
+    for c in (curve, read_curve):
+        for i in range(len(c) - 2, -1, -1):   # a smaller working set streams at least as fast
+            c[i][1] = max(c[i][1], c[i + 1][1])
     fp32 = max(v for k, v in peaks.items() if k not in BF16_METHODS)
     bf16 = max(v for k, v in peaks.items() if k in BF16_METHODS)
     return {"fp32_gflops": fp32, "bf16_gflops": bf16,
-            "bandwidth_gbs": curve[-1][1], "bandwidth_by_working_set": curve, "peaks_by_library": peaks}
+            "bandwidth_gbs": curve[-1][1], "bandwidth_by_working_set": curve,
+            "read_bandwidth_gbs": read_curve[-1][1], "read_bandwidth_by_working_set": read_curve,
+            "peaks_by_library": peaks}
 
 
 def merge_roofs(a: dict, b: dict) -> dict:
     """The higher of two roof measurements, roof by roof."""
     out = dict(a)
-    for key in ("fp32_gflops", "bf16_gflops", "bandwidth_gbs"):
-        out[key] = max(a[key], b[key])
-    out["bandwidth_by_working_set"] = [[ws, max(x, y)] for (ws, x), (_, y) in
-                                       zip(a["bandwidth_by_working_set"], b["bandwidth_by_working_set"])]
+    for key in ("fp32_gflops", "bf16_gflops", "bandwidth_gbs", "read_bandwidth_gbs"):
+        out[key] = max(a.get(key, 0.0), b[key])   # results before the read roof lack it
+    for key in ("bandwidth_by_working_set", "read_bandwidth_by_working_set"):
+        out[key] = [[ws, max(x, y)] for (ws, x), (_, y) in zip(a.get(key, b[key]), b[key])]
     out["peaks_by_library"] = {k: max(a["peaks_by_library"].get(k, 0.0), v)
                                for k, v in b["peaks_by_library"].items()}
     return out
@@ -151,28 +158,37 @@ def copy_bandwidth_gbs(working_set: int) -> float:
     return working_set / t / 1e9
 
 
-def bandwidth_at(working_set: float) -> float:
-    """GB/s for an op touching `working_set` bytes: log-interpolated on the measured curve."""
-    sizes = [math.log(ws) for ws, _ in ROOF["bandwidth_by_working_set"]]
-    rates = [gbs for _, gbs in ROOF["bandwidth_by_working_set"]]
+def read_bandwidth_gbs(working_set: int) -> float:
+    src = torch.ones(working_set // 4)
+    t = median_time(lambda: src.sum(), min_seconds=0.3, max_calls=20000)
+    return working_set / t / 1e9
+
+
+def bandwidth_at(working_set: float, read: bool = False) -> float:
+    """GB/s for an op touching `working_set` bytes (`read`: only reading them), log-interpolated
+    on the measured curve."""
+    curve = ROOF["read_bandwidth_by_working_set" if read else "bandwidth_by_working_set"]
+    sizes = [math.log(ws) for ws, _ in curve]
+    rates = [gbs for _, gbs in curve]
     return float(np.interp(math.log(max(working_set, 1.0)), sizes, rates))
 
 
-def bound(flops: float, bytes_: float, working_set: float | None = None) -> tuple[float, float]:
+def bound(flops: float, bytes_: float, working_set: float | None = None,
+          read: bool = False) -> tuple[float, float]:
     """(compute-bound seconds, memory-bound seconds) of one phase: only the larger is kept."""
     compute = flops / (CURRENT["peak_gflops"] * 1e9)
-    memory = bytes_ / (bandwidth_at(bytes_ if working_set is None else working_set) * 1e9)
+    memory = bytes_ / (bandwidth_at(bytes_ if working_set is None else working_set, read) * 1e9)
     return (compute, 0.0) if compute >= memory else (0.0, memory)
 
 
 def part(seconds: float, flops: float, bytes_: float, *phases) -> tuple:
     """A measured part: (seconds, flops, bytes, compute-bound s, memory-bound s). Without
-    `phases` it is one phase; else each phase is (flops, bytes, working set) and the bounds add
-    (the phases run one after the other, so the part cannot beat their sum)."""
+    `phases` it is one phase; else each phase is (flops, bytes, working set[, read only]) and the
+    bounds add (the phases run one after the other, so the part cannot beat their sum)."""
     phases = phases or ((flops, bytes_, bytes_),)
     comp = mem = 0.0
-    for f, b, ws in phases:
-        c, m = bound(f, b, ws)
+    for f, b, ws, *read in phases:
+        c, m = bound(f, b, ws, *read)
         comp, mem = comp + c, mem + m
     return (seconds, flops, bytes_, comp, mem)
 
@@ -259,11 +275,11 @@ def head_part(model: MARModel, rows: int, min_seconds: float) -> tuple:
     # Three phases, one after the other: cond_embed once; the adaLN modulations of every step
     # (silu(t_emb + c) @ ada^T; the native loop batches them over a chunk of steps, so they are
     # compute-bound products); per diffusion step the fc products, which re-read their weights
-    # (memory-bound at few rows), with the activations.
+    # (memory-bound at few rows: a read stream), with the activations.
     act = E * rows * w * (4 * depth + 2)
     phases = [(2 * rows * cond, F32 * cond, F32 * cond),
               (2 * rows * steps * ada, E * ada, E * ada),
-              (2 * rows * steps * fc, steps * (E * fc + act), E * fc + act)]
+              (2 * rows * steps * fc, steps * (E * fc + act), E * fc + act, True)]
     return part(seconds, flops, bytes_, *phases)
 
 
@@ -389,7 +405,8 @@ def markdown(report: dict) -> str:
     r = report["roofs"]
     s = report["stamp"]
     lines = [f"Roofs: float32 GEMM {r['fp32_gflops']:.0f} GFLOP/s, bf16 GEMM {r['bf16_gflops']:.0f} "
-             f"GFLOP/s, copy bandwidth {r['bandwidth_gbs']:.1f} GB/s from DRAM, "
+             f"GFLOP/s, read bandwidth {r.get('read_bandwidth_gbs', float('nan')):.1f} GB/s from DRAM, "
+             f"copy bandwidth {r['bandwidth_gbs']:.1f} GB/s from DRAM, "
              + ", ".join(f"{gbs:.0f} GB/s at {ws / 2 ** 20:g} MB" for ws, gbs in r["bandwidth_by_working_set"])
              + f" ({s['cpu']}, {s['threads']} threads, "
              f"commit {s['commit'][:10]}, {s['tree']} tree"
