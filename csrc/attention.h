@@ -5,8 +5,9 @@
 // is the exact two-pass one (max, then exp and sum: no online rescaling):
 //   * per (batch, head) K is packed once into panels of 16 keys ([ceil(Lk/16), D, 16]) and V is
 //     widened to float32 rows, both read from L2 by every query block;
-//   * per block of query rows (8 with AVX-512, 4 otherwise) the scores are register-blocked FMAs
-//     over the head width, exp is torch's vectorised Sleef exp, and P V accumulates in registers
+//   * per block of query rows (8 with AVX-512, 6 with AVX2, 4 otherwise) the scores are
+//     register-blocked FMAs over the head width, exp is torch's vectorised Sleef exp (AVX-512)
+//     or the polynomial torch's own SDPA softmax uses (AVX2), and P V accumulates in registers
 //     over all keys, scaled by 1 / sum at the store.
 // float32 or bfloat16 q, k, v; the output has q's dtype. Float32 arithmetic, except bfloat16
 // inputs on CPUs with AVX512-BF16 (attention_bf16_dot()): there both products are vdpbf16ps
