@@ -47,6 +47,24 @@ def test_float32_matches_the_math(native_ext, b, h, lq, lk, d, threads):
     assert err < 5e-6 and err < 8 * sdpa_err + 1e-7, (err, sdpa_err)   # float32 rounding, as SDPA's
 
 
+@pytest.mark.parametrize("spread", [0.0, 10.0, 40.0])
+def test_float32_flat_and_peaked_scores(native_ext, spread):
+    """Equal scores (every key weighs 1 / Lk) and scores tens to hundreds apart (most exps below
+    float32's range: they must be 0, not NaN or garbage, and the max row still sums to 1)."""
+    gen = torch.Generator().manual_seed(7)
+    q = torch.randn(1, 2, 24, 64, generator=gen) * spread
+    k = torch.randn(1, 2, 77, 64, generator=gen)
+    v = torch.randn(1, 2, 77, 64, generator=gen)
+    got = native_ext.attention(q, k, v, 64 ** -0.5)
+    want = reference(q, k, v)
+    assert torch.isfinite(got).all()
+    err = ((got.double() - want).abs().max() / want.abs().max()).item()
+    sdpa = F.scaled_dot_product_attention(q, k, v)
+    sdpa_err = ((sdpa.double() - want).abs().max() / want.abs().max()).item()
+    # scores ~100 apart carry float32 rounding of ~1e-5 into their exps: SDPA's error too
+    assert err < 2 * sdpa_err + 1e-6 and err < 2e-5, (err, sdpa_err)
+
+
 @pytest.mark.parametrize("lq,lk,d", [(8, 320, 64), (21, 50, 32), (9, 33, 24), (16, 7, 5)])
 def test_bf16_inputs(native_ext, lq, lk, d):
     q, k, v = qkv(2, 2, lq, lk, d, torch.bfloat16, seed=lk)
