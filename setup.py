@@ -8,9 +8,10 @@ setup(
     python_requires=">=3.10",
     packages=["engine", "engine.models", "engine.backends", "engine.families", "engine.kernels",
               "engine.csrc", "engine.distributed", "engine.serving"],
-    # Triton kernels live in kernels/ and the native sources in csrc/ at the top of the repo;
-    # they install as engine.kernels and engine.csrc (the C++ builds lazily on first use).
-    package_dir={"engine.kernels": "kernels", "engine.csrc": "csrc"},
+    # The native sources live in csrc/ at the top of the repo and install as engine.csrc (the C++
+    # builds lazily on first use). The Triton kernels are engine/kernels: a top-level kernels/
+    # would shadow Hugging Face's `kernels` package, which transformers imports when it finds one.
+    package_dir={"engine.csrc": "csrc"},
     package_data={"engine": ["assets/*/*", "assets/*/*/*"], "engine.csrc": ["*.cpp", "*.h", "*.cu"]},
     install_requires=[
         "torch>=2.4",

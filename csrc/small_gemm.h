@@ -7,7 +7,7 @@
 // once into panels of 16 output columns ([ceil(N/16), K, 16], zero-padded), the rows are
 // transposed into a [K, M] float32 buffer (so each k's M values are adjacent: rows 4 KB apart
 // would alias in L1), and every (row, panel) accumulator lives in registers (one zmm, two ymm on
-// AVX2) for the whole K.
+// AVX2) for the whole K (AVX2 past 6 rows: for 1 KB blocks of it, see small_gemm.cpp).
 // float32 or bfloat16 weights and activations; always float32 accumulation (bfloat16 rows and
 // weights on AVX512-BF16 builds: vdpbf16ps, exact bf16 products summed in float32 in pairs).
 #pragma once

@@ -182,3 +182,20 @@ def test_unavailable_device_is_named():
         engine.load(CHECKPOINT, device="cuda")
     with pytest.raises(ConfigError, match="bad device 'gpu0'"):
         engine.load(CHECKPOINT, device="gpu0")
+
+
+def test_the_checkout_shadows_no_library_package():
+    """Run from the checkout (README's commands, pytest), its top-level directories are importable:
+    a top-level kernels/ shadowed Hugging Face's `kernels`, which transformers 5.25 imports when it
+    finds one, and every T5 text encoder failed to load. Only engine, csrc (engine.csrc) and the
+    tests' and benchmarks' own directories may sit there."""
+    from pathlib import Path
+
+    root = Path(engine.__file__).resolve().parent.parent
+    packages = {p.name for p in root.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
+    assert packages <= {"engine", "csrc"}, packages
+    code = ("import importlib.util, sys; s = importlib.util.find_spec('kernels'); "
+            "print(s.origin if s else '')")
+    found = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
+                           check=True).stdout.strip()
+    assert not found.startswith(str(root)), found

@@ -3,7 +3,7 @@
 Per MAR step (head_loop call): cond_embed(z) once.               1 launch
 Per diffusion step:  all adaLN modulations, silu(t_emb[i] + c) @ W_ada^T + b, one GEMM;
                      input_proj of x (the n distinct rows only, also under CFG);
-                     one launch per ResBlock (kernels/head_block.py);
+                     one launch per ResBlock (engine/kernels/head_block.py);
                      final layer + CFG + DDPM update.            depth + 3 launches
 Every launch is a torch.library custom op, so a head loop traces under torch.compile.
 Runs on CUDA tensors, or on CPU tensors in Triton's interpreter (TRITON_INTERPRET=1, tests).
