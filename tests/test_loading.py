@@ -198,4 +198,5 @@ def test_the_checkout_shadows_no_library_package():
             "print(s.origin if s else '')")
     found = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
                            check=True).stdout.strip()
-    assert not found.startswith(str(root)), found
+    # (Hugging Face's own kernels, installed in a venv that may sit inside the checkout, is fine.)
+    assert not found.startswith(str(root / "kernels")), found
