@@ -28,7 +28,7 @@ import pytest
 import torch
 
 from engine.config import PRESETS, MARConfig
-from engine.model import MARModel
+from engine.families.mar import MARModel
 from engine.models.mar import MAR
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

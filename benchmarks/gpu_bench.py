@@ -15,7 +15,7 @@ import time
 import torch
 
 from engine.config import MARConfig, PRESETS
-from engine.model import MARModel
+from engine.families.mar import MARModel
 from engine.models.mar import MAR
 
 MODELS = {"mar_base": "mar_base", "mar_large": "mar_large", "mar_huge": "mar_huge"}

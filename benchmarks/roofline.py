@@ -56,7 +56,7 @@ from stamp import machine_stamp  # noqa: E402
 
 from engine.attention import attention  # noqa: E402
 from engine.config import PRESETS, MARConfig  # noqa: E402
-from engine.model import MARModel  # noqa: E402
+from engine.families.mar import MARModel  # noqa: E402
 from engine.models.mar import MAR, gather_rows  # noqa: E402
 from engine.plan import mask_schedule  # noqa: E402
 

@@ -1,4 +1,5 @@
-"""engine: a fast, exact sampler for masked-autoregressive image generators (MAR, Fluid).
+"""engine: a fast, exact sampler for autoregressive image generators of six families (mar, fluid,
+causal, elm-ar, elm-mlm, ctf), each through one family protocol (engine/core/protocol.py).
 
     model = engine.load("checkpoint-last.pth")            # published MAR checkpoint
     tokens = model.sample_tokens(4, num_iter=64, cfg=3.0, labels=[207, 360, 387, 974])
@@ -18,7 +19,9 @@ import torch
 from .config import MARConfig, PRESETS
 from .errors import CheckpointError, ConfigError, EngineError, SamplingError
 from .images import labelled_grid, make_grid, save_grid
-from .model import MARModel, Model
+from .core.protocol import labels_and_batch  # noqa: F401  (re-exported: the CLI and tests use it)
+from .families.mar import MARModel
+from .model import Model
 
 __version__ = "0.1.0"
 __all__ = ["load", "load_vae", "load_bae", "load_text_encoder", "generate", "accelerate", "patch", "convert", "make_grid",
@@ -32,7 +35,7 @@ def load(path, ema: bool | None = None, device="cpu", backend="auto", num_sampli
     """Load a published checkpoint (MAR's `checkpoint-last.pth`, a LightGen Fluid checkpoint),
     an engine model directory, or a built-in model ("digits", "digits-text"; an engine directory
     with a `text_encoder/` T5 directory sets `model.text_encoder`). The family is recognised from the
-    checkpoint (its args' preset name, its keys) unless `family=` names it ("mar", "fluid").
+    checkpoint (its args' preset name, its keys) unless `family=` names it (engine.families.families()).
     Keyword arguments supply or override configuration fields (named as the published
     constructor's arguments). ema: True loads 'model_ema', False 'model'; by default the
     family's choice (MAR: 'model_ema'; Fluid: 'model', as LightGen's sampling scripts).
@@ -103,14 +106,10 @@ def load_text_encoder(path, max_length: int = 128, device="cpu", dtype=torch.flo
     return _load(path, max_length=max_length, device=device, dtype=dtype)
 
 
-SAMPLING_DEFAULTS = {"num_iter": 64, "cfg": 1.0, "cfg_schedule": "linear", "temperature": 1.0}
-
-
 def sampling_settings(model, **given) -> dict:
     """The caller's settings; where one is None, the model's recorded default (engine model
-    directories record them), else the published sampler's."""
-    defaults = {**SAMPLING_DEFAULTS, **getattr(model, "sampling_defaults", {})}
-    return {k: defaults[k] if v is None else v for k, v in given.items()}
+    directories record them), else the family's published one (model.resolve_settings)."""
+    return model.resolve_settings(**given)
 
 
 def generate(model: Model, labels=None, vae=None, num_images: int | None = None, num_iter=None,
@@ -125,100 +124,19 @@ def generate(model: Model, labels=None, vae=None, num_images: int | None = None,
     `generator`: one torch.Generator, or a list with one per image (image i then depends on
     generator i alone). output_type "pil": list of PIL images; "np": float array [N, H, W,
     channels] in [0, 1]; "pt": float tensor [N, channels, H, W] in [0, 1]. `vae` decodes
-    latent-token models (engine.load_vae); pixel models need none. ELM models ("elm-ar", "elm-mlm")
-    decode with `bae=engine.load_bae(path)` and also take `top_k` / `top_p`."""
-    from .images import OUTPUT_TYPES, convert_output, tokens_to_images
+    latent-token models (engine.load_vae); pixel models need none. Models with binary tokens
+    (ELM's, CTF) decode with `bae=engine.load_bae(path)` (or the one they ship) and also take
+    `top_k` / `top_p`."""
+    from .images import OUTPUT_TYPES, convert_output
 
     if output_type not in OUTPUT_TYPES:
         raise SamplingError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
-    if model.family in ("elm-ar", "elm-mlm", "ctf"):
-        if model.family == "elm-mlm":
-            from .families.elm_mlm import generate_images
-        elif model.family == "ctf":
-            from .families.ctf import generate_images
-        else:
-            from .families.elm import generate_images
-        bae = getattr(model, "bae", None) if bae is None else bae   # the model's own BAE, if it ships one
-        return convert_output(generate_images(model, labels, bae, num_images, num_iter, cfg, cfg_schedule,
-                                              temperature, top_k, top_p, generator, progress,
-                                              vae=vae, prompts=prompts, texts=texts, height=height,
-                                              width=width), output_type)
-    if bae is not None or top_k is not None or top_p is not None:
-        raise SamplingError("bae=, top_k= and top_p= are for ELM models (families 'elm-ar', 'elm-mlm')")
-    if model.family == "causal":   # continuous causal AR: one step per token, class-conditional
-        if prompts is not None or texts is not None or text_encoder is not None or height or width:
-            raise SamplingError("this is a class-conditional model: pass labels=[...]; prompts, texts, "
-                                "height and width are for text-to-image models")
-        from .families.causal import generate_images as causal_images
-        return convert_output(causal_images(model, labels, num_images, num_iter, cfg, cfg_schedule, temperature,
-                                            generator, progress, vae), output_type)
-    settings = sampling_settings(model, num_iter=num_iter, cfg=cfg, cfg_schedule=cfg_schedule,
-                                 temperature=temperature)
-    if model.family == "fluid":
-        if labels is not None:
-            raise SamplingError("this is a text-to-image model: pass prompts=[...], not labels")
-        texts, bsz = _texts_for(model, prompts, texts, text_encoder, num_images)
-        tokens = model.sample_tokens(bsz, texts=texts, height=height, width=width, progress=progress,
-                                     generator=generator, **settings)
-    else:
-        if prompts is not None or texts is not None or text_encoder is not None:
-            raise SamplingError("this is a class-conditional model: pass labels=[...], not prompts")
-        if height is not None or width is not None:
-            raise SamplingError("this is a class-conditional model: it samples at its img_size "
-                                f"({model.config.img_size}); height / width are for text-to-image models")
-        labels, bsz = labels_and_batch(labels, num_images)
-        tokens = model.sample_tokens(bsz, labels=labels, progress=progress, generator=generator,
-                                     **settings)
-    return convert_output(tokens_to_images(model, tokens, vae), output_type)
-
-
-def labels_and_batch(labels, num_images) -> tuple:
-    """(labels as a list or None, batch size) of a class-conditional call."""
-    if labels is None:
-        if num_images is None:
-            raise SamplingError("pass labels, or num_images for unconditional samples")
-        return None, num_images
-    labels = list(labels.tolist() if hasattr(labels, "tolist") else labels)
-    if num_images is not None and num_images != len(labels):
-        raise SamplingError(f"num_images={num_images} but {len(labels)} labels")
-    return labels, len(labels)
-
-
-def _texts_for(model, prompts, texts, text_encoder, num_images):
-    """(text-encoder outputs or None, batch size) of a text-to-image call."""
-    c = model.config
-    if texts is not None:
-        if prompts is not None:
-            raise SamplingError("pass prompts or texts, not both")
-        if not isinstance(texts, torch.Tensor) or texts.ndim != 3:
-            raise SamplingError(f"texts must be a tensor [B, {c.max_length}, {c.caption_channels}] of "
-                                "text-encoder outputs; encode prompts with engine.load_text_encoder(DIR), "
-                                "or pass prompts=[...]")
-        if num_images is not None and num_images != len(texts):
-            raise SamplingError(f"num_images={num_images} but {len(texts)} texts")
-        return texts, len(texts)
-    if prompts is None:
-        if num_images is None:
-            raise SamplingError("pass prompts=[...] (or num_images for unconditional samples)")
-        return None, num_images
-    if isinstance(prompts, str):
-        prompts = [prompts]
-    if not isinstance(prompts, (list, tuple)) or not prompts \
-            or not all(isinstance(p, str) for p in prompts):
-        raise SamplingError(f"prompts must be a non-empty list of strings, got {prompts!r:.100}")
-    if num_images is not None and num_images != len(prompts):
-        raise SamplingError(f"num_images={num_images} but {len(prompts)} prompts")
-    encoder = text_encoder if text_encoder is not None else getattr(model, "text_encoder", None)
-    if encoder is None:
-        raise SamplingError("prompts need a text encoder: pass text_encoder=engine.load_text_encoder(DIR, "
-                            "max_length=model.config.max_length), or set model.text_encoder")
-    length, channels = getattr(encoder, "max_length", None), getattr(encoder, "channels", None)
-    if length != c.max_length or channels != c.caption_channels:
-        raise SamplingError(f"the text encoder gives [*, {length}, {channels}] but the model reads "
-                            f"[*, {c.max_length}, {c.caption_channels}] (max_length, caption_channels); "
-                            "load the encoder with max_length=model.config.max_length (and the T5 the "
-                            "model was trained with)")
-    return encoder(list(prompts)).to(model.device), len(prompts)
+    settings = {"num_iter": num_iter, "cfg": cfg, "cfg_schedule": cfg_schedule, "temperature": temperature,
+                "top_k": top_k, "top_p": top_p}
+    images = model.generate_images(labels=labels, num_images=num_images, generator=generator, progress=progress,
+                                   vae=vae, bae=bae, prompts=prompts, texts=texts, text_encoder=text_encoder,
+                                   height=height, width=width, **settings)
+    return convert_output(images, output_type)
 
 
 def accelerate(published_model, backend="auto", num_sampling_steps=None, **config) -> MARModel:

@@ -11,6 +11,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from .arguments import add_family_argument, add_setting_arguments
 from .errors import EngineError
 
 OUTPUT_SUFFIXES = (".png", ".jpg", ".jpeg", ".npz")
@@ -61,7 +62,7 @@ def _sample(args) -> int:
     import torch
 
     import engine
-    from .images import captioned_grid, labelled_grid, tokens_to_images
+    from .images import captioned_grid, labelled_grid
 
     out = check_output(args.out)
     positive("--batch-size", args.batch_size)
@@ -70,31 +71,36 @@ def _sample(args) -> int:
         raise EngineError(f"--seed must be in [0, {MAX_SEED}], got {args.seed}")
     model = engine.load(args.checkpoint, device=args.device, backend=args.backend,
                         num_sampling_steps=args.steps, precision=args.precision, family=args.family)
-    if getattr(model, "bae", None) is not None:   # BAE-token models decode with the BAE they ship
-        return _sample_bae_model(args, model, out)
-    text_model = model.family == "fluid"
+    text_model = model.conditioning == "text"
     if text_model and args.classes is not None:
         raise EngineError("this is a text-to-image model: pass --prompt \"...\", not --classes")
     if not text_model and (args.prompt or args.text_encoder):
         raise EngineError("this is a class-conditional model: pass --classes, not --prompt")
     if not text_model and (args.height or args.width):
         raise EngineError("--height / --width are for text-to-image models")
+    if args.vae and model.decoder != "vae":
+        raise EngineError(f"this model's tokens decode with {'its BAE (--bae)' if model.decoder == 'bae' else 'no decoder (pixels)'}; "
+                          "--vae is for VAE-latent models")
+    if args.bae and model.decoder != "bae":
+        raise EngineError("--bae is for models with binary tokens (ELM's, CTF)")
     vae = engine.load_vae(args.vae, device=args.device) if args.vae else None
-    if model.config.tokenizer == "vae" and vae is None and out.suffix != ".npz":
-        raise EngineError("this model generates VAE latents: pass --vae (kl16.ckpt, or an "
-                          "AutoencoderKL directory), or --out x.npz to save the latents")
-    settings = engine.sampling_settings(model, num_iter=args.num_iter, cfg=args.cfg,
-                                        cfg_schedule=args.cfg_schedule, temperature=args.temperature)
+    bae = engine.load_bae(args.bae, device=args.device) if args.bae else None
+    decodable = {"pixels": True, "vae": vae is not None,
+                 "bae": bae is not None or getattr(model, "bae", None) is not None}[model.decoder]
+    if not decodable and out.suffix != ".npz":
+        what = "VAE latents: pass --vae (kl16.ckpt, or an AutoencoderKL directory)" if model.decoder == "vae" \
+            else "binary tokens: pass --bae (ELM's binaryae_ema.th)"
+        raise EngineError(f"this model generates {what}, or --out x.npz to save the tokens")
+    settings = model.resolve_settings(num_iter=args.num_iter, cfg=args.cfg, cfg_schedule=args.cfg_schedule,
+                                      temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     if text_model:
         encoder = engine.load_text_encoder(args.text_encoder, max_length=model.config.max_length,
                                            device=args.device) if args.text_encoder else None
-        prompts = [p for p in (args.prompt or []) for _ in range(args.per_class)]
-        if not prompts:
+        conditions = [p for p in (args.prompt or []) for _ in range(args.per_class)]
+        if not conditions:
             raise EngineError("pass --prompt \"...\" (one or more)")
-        conditions = prompts
     else:
-        encoder = None
-        classes = args.classes if args.classes is not None else list(range(min(10, model.config.class_num)))
+        classes = args.classes if args.classes is not None else list(range(min(10, model.num_classes)))
         conditions = [c for c in classes for _ in range(args.per_class)]
     # Image i has its own generator seeded seed + i: the images do not depend on --batch-size.
     chunks = []
@@ -103,7 +109,7 @@ def _sample(args) -> int:
         generators = [torch.Generator().manual_seed((args.seed + start + i) % (MAX_SEED + 1))
                       for i in range(len(batch))]
         if text_model:
-            texts = engine._texts_for(model, batch, None, encoder, None)[0]
+            texts = model.texts_for(batch, None, encoder, None)[0]
             tokens = model.sample_tokens(len(batch), texts=texts, height=args.height, width=args.width,
                                          progress=True, generator=generators, **settings)
         else:
@@ -111,8 +117,7 @@ def _sample(args) -> int:
                                          **settings)
         chunks.append(tokens)
     tokens = torch.cat(chunks)
-    decodable = vae is not None or model.config.tokenizer == "pixels"
-    images = tokens_to_images(model, tokens, vae).permute(0, 2, 3, 1).cpu().numpy() if decodable else None
+    images = model.decode(tokens, vae=vae, bae=bae).permute(0, 2, 3, 1).cpu().numpy() if decodable else None
     if out.suffix == ".npz":
         arrays = {"tokens": tokens.cpu().numpy(),
                   ("prompts" if text_model else "labels"): np.array(conditions)}
@@ -124,43 +129,10 @@ def _sample(args) -> int:
         grid = (captioned_grid(images, conditions, scale=scale) if text_model
                 else labelled_grid(images, conditions, scale=scale))
         write_atomically(out, lambda tmp: grid.save(tmp, format="JPEG" if out.suffix.lower() != ".png" else "PNG"))
-    what = f"{len(prompts)} samples of {len(args.prompt)} prompts" if text_model else \
+    what = f"{len(conditions)} samples of {len(args.prompt)} prompts" if text_model else \
         f"{len(conditions)} samples of classes {classes}"
-    print(f"wrote {what} to {out} (backend {model.backend_name}, {settings['num_iter']} steps, "
-          f"cfg {settings['cfg']})")
-    return 0
-
-
-def _sample_bae_model(args, model, out: Path) -> int:
-    """`sample` for class-conditional models that ship their BAE (digits-elm-ar): engine.generate
-    per batch, image i drawn with its own generator seeded seed + i."""
-    import numpy as np
-    import torch
-
-    import engine
-    from .images import labelled_grid
-
-    if args.prompt or args.text_encoder or args.height or args.width or args.vae or args.steps:
-        raise EngineError("this is a class-conditional model decoded by its own BAE: pass --classes "
-                          "(not --prompt, --text-encoder, --height / --width, --vae or --steps)")
-    classes = args.classes if args.classes is not None else list(range(min(10, model.config.num_classes)))
-    conditions = [c for c in classes for _ in range(args.per_class)]
-    chunks = []
-    for start in range(0, len(conditions), args.batch_size):
-        batch = conditions[start:start + args.batch_size]
-        generators = [torch.Generator().manual_seed((args.seed + start + i) % (MAX_SEED + 1))
-                      for i in range(len(batch))]
-        chunks.append(engine.generate(model, batch, num_iter=args.num_iter, cfg=args.cfg,
-                                      cfg_schedule=args.cfg_schedule, temperature=args.temperature,
-                                      generator=generators, output_type="np"))
-    images = np.concatenate(chunks)
-    if out.suffix == ".npz":
-        write_atomically(out, lambda tmp: np.savez(tmp, images=images, labels=np.array(conditions)))
-    else:
-        grid = labelled_grid(images, conditions, scale=max(1, 256 // max(images.shape[1], images.shape[2])))
-        write_atomically(out, lambda tmp: grid.save(tmp, format="JPEG" if out.suffix.lower() != ".png" else "PNG"))
-    print(f"wrote {len(conditions)} samples of classes {classes} to {out} ({model.family}, settings "
-          f"{model.sampling_defaults or 'published defaults'} unless given)")
+    shown = ", ".join(f"{k} {v}" for k, v in settings.items() if v is not None)
+    print(f"wrote {what} to {out} ({model.family}, backend {model.backend_name}, {shown})")
     return 0
 
 
@@ -179,9 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("sample", help="generate a PNG grid (or .npz) of samples")
     s.add_argument("--checkpoint", default="digits",
                    help="published .pth, engine model directory, or built-in name (default: digits)")
-    s.add_argument("--family", default=None, choices=["mar", "fluid"],
-                   help="model family (default: recognised from the checkpoint)")
+    add_family_argument(s)
     s.add_argument("--vae", default=None, help="kl16.ckpt (MAR) or an AutoencoderKL directory (Fluid)")
+    s.add_argument("--bae", default=None, help="ELM's binaryae_ema.th (binary-token models that ship none)")
     s.add_argument("--classes", type=int, nargs="+", default=None, help="class labels (default 0-9)")
     s.add_argument("--prompt", action="append", default=None,
                    help="text prompt (text-to-image models; repeat for several)")
@@ -190,11 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--width", type=int, default=None, help="image width (text-to-image; default img_size)")
     s.add_argument("--per-class", type=int, default=1,
                    help="samples per class or prompt (one grid row per class when > 1)")
-    s.add_argument("--num-iter", type=int, default=None, help="MAR steps (default: the model's, or 64)")
-    s.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the model's, or 1)")
-    s.add_argument("--cfg-schedule", default=None, choices=["linear", "constant"],
-                   help="(default: the model's, or linear)")
-    s.add_argument("--temperature", type=float, default=None, help="(default: the model's, or 1)")
+    add_setting_arguments(s)
     s.add_argument("--steps", default=None, help="diffusion respacing: '100', 'ddim25', '10,5'")
     s.add_argument("--seed", type=int, default=0, help="image i is sampled with seed + i")
     s.add_argument("--batch-size", type=int, default=64)

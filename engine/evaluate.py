@@ -250,24 +250,14 @@ def _load_model(checkpoint, backend: str, device: str, precision: str = "fp32"):
 
     model = engine.load(checkpoint, device=device, backend=backend, precision=precision)
     if getattr(model, "bae", None) is not None:   # a BAE-token model that ships its decoder (digits-elm-ar)
-        if model.config.num_classes < NUM_CLASSES:
-            raise EngineError(f"evaluate needs classes 0-9; this model has {model.config.num_classes}")
+        if model.num_classes < NUM_CLASSES:
+            raise EngineError(f"evaluate needs classes 0-9; this model has {model.num_classes}")
         return model
-    if model.config.tokenizer != "pixels" or model.config.vae_embed_dim != 1 or model.config.class_num < NUM_CLASSES:
+    if model.conditioning != "class" or model.decoder != "pixels" or model.image_shape()[2] != 1 \
+            or model.num_classes < NUM_CLASSES:
         raise EngineError("evaluate needs a class-conditional single-channel pixel model with "
                           "classes 0-9 (such as the built-in 'digits')")
     return model
-
-
-def _family(checkpoint) -> str:
-    """The family an engine directory's config.json names ("mar" otherwise)."""
-    from .loading import BUILTIN_MODELS, CONFIG_FILE
-
-    path = BUILTIN_MODELS.get(checkpoint, checkpoint) if isinstance(checkpoint, str) else checkpoint
-    try:
-        return str(json.loads((Path(path) / CONFIG_FILE).read_text()).get("family", "mar"))
-    except (OSError, TypeError, ValueError, AttributeError):
-        return "mar"
 
 
 def run_sweep(checkpoint="digits", samples_per_class: int = 20, cfgs=(1.0, 2.0, 4.0), num_iters=None,
@@ -277,10 +267,11 @@ def run_sweep(checkpoint="digits", samples_per_class: int = 20, cfgs=(1.0, 2.0, 
     With a reduced `precision` the backends are labelled e.g. "native-bf16"."""
     from .backends import available_backends
 
-    if not backends:   # the head backends are MAR's; the other families sample in PyTorch
-        backends = available_backends(device) if _family(checkpoint) == "mar" else ["reference"]
+    first = _load_model(checkpoint, backends[0] if backends else "auto", device, precision)
+    if not backends:   # the head backends, for models with a diffusion head; the others sample in PyTorch
+        backends = available_backends(device) if hasattr(first, "head") else [first.backend_name]
+        first = _load_model(checkpoint, backends[0], device, precision)
     backends = list(backends)
-    first = _load_model(checkpoint, backends[0], device, precision)
     defaults = first.sampling_defaults
     num_iters = list(num_iters) if num_iters else [int(defaults.get("num_iter", 16))]
     temperature = float(defaults.get("temperature", 1.0)) if temperature is None else float(temperature)

@@ -128,7 +128,7 @@ def _load(checkpoint, backend, device, precision):
 
     model = engine.load(checkpoint, device=device, backend=backend, precision=precision)
     c = model.config
-    if model.family != "fluid" or c.tokenizer != "pixels" or c.vae_embed_dim != 1 \
+    if model.conditioning != "text" or c.tokenizer != "pixels" or c.vae_embed_dim != 1 \
             or getattr(model, "text_encoder", None) is None:
         raise EngineError("geneval needs a single-channel pixel text-to-image model with its text "
                           "encoder (such as the built-in 'digits-text')")

@@ -17,12 +17,11 @@ import torch
 
 from .config import config_from_args
 from .errors import CheckpointError, ConfigError
-from .families import detect_family, family_of_config, get_family
+from .families import detect_family, families, family_of_config, family_of_format, get_family
 from .families.mar import infer_sizes  # noqa: F401  (MAR's, re-exported for callers)
 
 ENGINE_FORMAT = "engine-mar"
 ENGINE_FORMAT_VERSION = 1
-ENGINE_FORMATS = {ENGINE_FORMAT: "mar", "engine-ctf": "ctf"}   # config.json "format" -> its default family
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 BUILTIN_DIR = Path(__file__).parent / "assets"
@@ -208,8 +207,10 @@ def read_engine_dir(path: Path, overrides: dict, family: str | None = None):
         meta = json.loads(cfg_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{cfg_file} is not valid JSON: {err}") from None
-    if not isinstance(meta, dict) or meta.get("format") not in ENGINE_FORMATS or "config" not in meta:
-        raise CheckpointError(f"{cfg_file} is not an engine model config (format one of {sorted(ENGINE_FORMATS)})")
+
+    formats = sorted(f for fam in families().values() for f in fam.formats)
+    if not isinstance(meta, dict) or meta.get("format") not in formats or "config" not in meta:
+        raise CheckpointError(f"{cfg_file} is not an engine model config (format one of {formats})")
     if meta.get("version", 0) > ENGINE_FORMAT_VERSION:
         raise CheckpointError(f"{cfg_file} has format version {meta['version']}; this engine reads "
                               f"up to {ENGINE_FORMAT_VERSION}")
@@ -218,7 +219,7 @@ def read_engine_dir(path: Path, overrides: dict, family: str | None = None):
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f"{weights} is not a readable safetensors file: {err}") from None
     try:
-        fam = get_family(meta.get("family", ENGINE_FORMATS[meta["format"]]))
+        fam = get_family(meta["family"]) if "family" in meta else family_of_format(meta["format"])
         if family is not None and family != fam.name:
             raise ConfigError(f"the directory holds a {fam.name!r} model, not {family!r}")
         values = {k: v for k, v in {**meta["config"], **overrides}.items() if k not in fam.ignored_args}

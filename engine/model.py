@@ -1,16 +1,17 @@
-"""`Model`: a loaded masked-AR transformer of any continuous family + its packed diffusion head +
-a head backend; `MARModel`: the class-conditional MAR family's published `sample_tokens`."""
+"""`Model`: a loaded transformer of a continuous family (MAR, Fluid, causal) + its packed diffusion
+head + a head backend, with the family protocol's shared pieces (engine/core/protocol.py)."""
 from __future__ import annotations
 
 import torch
 
 from .backends import get_backend
 from .conditioning import Condition
-from .errors import ConfigError
+from .core.protocol import each, labels_and_batch, resolve_settings
+from .errors import ConfigError, SamplingError
 from .diffusion import make_tables
 from .models.head import PackedHead
-from .plan import MAX_BATCH, check_count
-from .sampler import sample
+from .plan import MAX_BATCH, MAX_NUM_ITER, check_cfg, check_count, check_schedule
+from .sampler import InFlightImage, advance, check_finite, sample, validate_temperature
 
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -102,6 +103,65 @@ class Model:
         """Unpatchified tokens [B, C, H, W] of the one masked loop (engine.sampler.sample)."""
         return self.mar.unpatchify(sample(self, bsz, condition, grid, **settings), grid)
 
+    # The family protocol (engine/core/protocol.py) --------------------------------------------
+    conditioning = "class"
+    DEFAULTS = {"num_iter": 64, "cfg": 1.0, "cfg_schedule": "linear", "temperature": 1.0}
+
+    @property
+    def decoder(self) -> str:
+        return "pixels" if self.config.tokenizer == "pixels" else "vae"
+
+    @property
+    def num_classes(self) -> int:
+        return self.config.class_num
+
+    def setting_checks(self) -> dict:
+        return {"num_iter": lambda v: check_count("num_iter", v, MAX_NUM_ITER), "cfg": each(check_cfg),
+                "cfg_schedule": each(check_schedule), "temperature": each(validate_temperature)}
+
+    def resolve_settings(self, **given) -> dict:
+        return resolve_settings(given, self.DEFAULTS, self.setting_checks(), self.sampling_defaults)
+
+    def decode(self, tokens: torch.Tensor, vae=None, bae=None) -> torch.Tensor:
+        """Tokens -> float32 images [N, C, H, W] in [0, 1] (through `vae` for latent tokens)."""
+        from .images import tokens_to_images
+
+        if bae is not None:
+            raise SamplingError("bae= decodes the binary tokens of ELM-style models; this model's tokens "
+                                + ("are pixels" if self.decoder == "pixels" else "decode with vae="))
+        return tokens_to_images(self, tokens, vae)
+
+    def image_shape(self, height=None, width=None, vae=None, bae=None) -> tuple:
+        c = self.config
+        return (c.img_size, c.img_size, c.vae_embed_dim if self.decoder == "pixels" else 3)
+
+    def check_class_call(self, prompts=None, texts=None, text_encoder=None, height=None, width=None, bae=None):
+        if prompts is not None or texts is not None or text_encoder is not None:
+            raise SamplingError("this is a class-conditional model: pass labels=[...], not prompts")
+        if height is not None or width is not None:
+            raise SamplingError("this is a class-conditional model: it samples at its img_size "
+                                f"({self.config.img_size}); height / width are for text-to-image models")
+        if bae is not None:
+            raise SamplingError("bae= is for models whose tokens a binary autoencoder decodes (BAE tokens); "
+                                "this model decodes with vae= (or needs none for pixels)")
+
+    def generate_images(self, labels=None, num_images=None, generator=None, progress=False, vae=None, bae=None,
+                        prompts=None, texts=None, text_encoder=None, height=None, width=None, **settings):
+        """engine.generate for a class-conditional model: one image per label."""
+        self.check_class_call(prompts, texts, text_encoder, height, width, bae)
+        settings = self.resolve_settings(**settings)
+        labels, bsz = labels_and_batch(labels, num_images)
+        tokens = self.sample_tokens(bsz, labels=labels, progress=progress, generator=generator, **settings)
+        return self.decode(tokens, vae)
+
+    def condition_of(self, label=None, texts=None) -> Condition:
+        """The Condition of one image in flight (see Batcher.add)."""
+        labels = None if label is None else [label]
+        return Condition.labels(labels, 1, self.config.class_num, self.device)
+
+    def batcher(self, max_images: int = 32) -> "MaskedBatcher":
+        return MaskedBatcher(self)
+
     def __repr__(self) -> str:
         c = self.config
         return (f"{type(self).__name__}(seq_len={c.seq_len}, token_dim={c.token_dim}, encoder="
@@ -110,24 +170,26 @@ class Model:
                 f"{c.num_sampling_steps!r}, backend={self.backend.name!r}, device={self.device})")
 
 
-class MARModel(Model):
-    """Class-conditional MAR. `sample_tokens` has the published signature and results."""
+class MaskedBatcher:
+    """Iteration-level batching of the masked families (engine.sampler.advance): images at the
+    same step shape share a transformer pass; all predicted rows share one head call."""
 
-    family = "mar"
+    def __init__(self, model):
+        self.model = model
 
-    def sample_tokens(self, bsz: int, num_iter: int = 64, cfg=1.0, cfg_schedule="linear",
-                      labels=None, temperature=1.0, progress: bool = False, generator=None):
-        """Sample `[bsz, vae_embed_dim, h, w]` tokens (unpatchified latents, or pixels in [-1, 1]
-        for pixel-token models).
+    def add(self, label=None, texts=None, settings=None, generator=None) -> InFlightImage:
+        s, model = settings, self.model
+        condition = model.condition_of(label, texts)
+        return InFlightImage(model, condition, model.mar.grid(), s["num_iter"], s["cfg"], s["cfg_schedule"],
+                             s["temperature"], generator)
 
-        Without `generator` it draws from numpy's and torch's global RNGs in the published order,
-        so after `torch.manual_seed(s); np.random.seed(s)` it returns the published tokens. With a
-        `torch.Generator`, that generator alone drives orders and noise (no global state read);
-        with a list of one per image, image i depends on generator i alone. `cfg`,
-        `cfg_schedule` and `temperature` may also be given per image. Steps of the published
-        schedule that would predict no token (num_iter > seq_len) are skipped."""
-        bsz = check_count("bsz", bsz, MAX_BATCH)
-        condition = Condition.labels(labels, bsz, self.config.class_num, self.device)
-        return self.sample(bsz, condition, self.mar.grid(), num_iter=num_iter, cfg=cfg,
-                           cfg_schedule=cfg_schedule, temperature=temperature, progress=progress,
-                           generator=generator)
+    def step(self, images: list) -> list:
+        return advance(self.model, images)
+
+    def release(self, image) -> None:
+        pass   # an image holds no shared buffer
+
+    def tokens(self, images: list) -> torch.Tensor:
+        tokens = torch.cat([im.tokens for im in images])
+        check_finite(tokens)
+        return self.model.mar.unpatchify(tokens, images[0].grid)

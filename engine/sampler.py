@@ -177,6 +177,11 @@ class InFlightImage:
     def cfg_scale(self) -> float:
         return self.step.cfg_scales[0]
 
+    @property
+    def predicting(self) -> int:
+        """Tokens the next step predicts (the head rows it adds)."""
+        return self.step.num_predict
+
 
 def _group_context(members, cfg_members):
     """The step context of a group: condition rows of every member, then null rows of the

@@ -31,6 +31,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from .families.causal import FAMILY_NAME as CAUSAL_FAMILY
+from .families.mar import FAMILY_NAME as MAR_FAMILY
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -425,7 +428,7 @@ def _run(args) -> int:
         decoder_depth=args.decoder_depth, encoder_num_heads=args.heads, decoder_num_heads=args.heads,
         buffer_size=args.buffer_size, diffloss_d=args.head_depth, diffloss_w=args.head_width,
         num_sampling_steps=args.sampling_steps).items() if v is not None}
-    if args.family == "causal":   # the continuous causal AR (digits-causal): engine/train_causal.py
+    if args.family == CAUSAL_FAMILY:   # the continuous causal AR (digits-causal): engine/train_causal.py
         from .train_causal import setup as causal_setup
 
         config, task, defaults, training_defaults, data = causal_setup(args, overrides)
@@ -503,7 +506,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--model", default="digits", choices=["digits", "digits-text", *DISCRETE_MODELS, "digits-ctf",
                                                           "digits-elm-mlm"],
                    help="digits: class-conditional MAR; digits-text: text-to-image Fluid (16 x 32 canvases)")
-    p.add_argument("--family", default="mar", choices=["mar", "causal"],
+    p.add_argument("--family", default=MAR_FAMILY, choices=[MAR_FAMILY, CAUSAL_FAMILY],
                    help="with --model digits: mar (the built-in 'digits') or causal (continuous causal AR, "
                         "'digits-causal')")
     p.add_argument("--out", required=True, help="engine model directory to write")

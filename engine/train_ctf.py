@@ -17,6 +17,8 @@ the BAE), then trains both stages jointly in the one loop.
 from __future__ import annotations
 
 import torch
+
+from .families.ctf import FAMILY_NAME as CTF_FAMILY
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -83,7 +85,7 @@ class CTFTask:
     fixed before training (it is a buffer, not trained; train() returns parameters only, so add
     it back to the EMA state when saving: `{**result["ema"], "cluster_of": task.cluster_of}`)."""
 
-    name = "ctf"
+    name = CTF_FAMILY
     stat_names = ("ce_coarse", "ce_fine")
 
     def __init__(self, config, codes: torch.Tensor, labels: torch.Tensor, cluster_of: torch.Tensor):

@@ -9,7 +9,7 @@ from engine import SamplingError
 from engine.backends import available_backends
 from engine.families.fluid import FluidModel
 from engine.graphs import graphed_runner
-from engine.model import MARModel
+from engine.families.mar import MARModel
 from helpers import random_fluid, random_mar, rel_err
 
 CPU_BACKENDS = [b for b in available_backends("cpu") if b in ("native", "reference")]

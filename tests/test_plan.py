@@ -7,7 +7,7 @@ import torch
 from engine.backends import available_backends
 from engine.counting import count_ops
 from engine.graphs import GraphedRunner
-from engine.model import MARModel
+from engine.families.mar import MARModel
 from engine.plan import build_plan
 from engine.conditioning import Condition
 from engine.sampler import draw_step_inputs, run_step, sample_orders

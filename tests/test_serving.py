@@ -17,7 +17,7 @@ import torch
 import engine
 from engine.serving import (DeadlineExceeded, QueueFullError, Request, RequestError, Scheduler,
                             SchedulerClosed, WorkerError)
-from engine.serving import scheduler as scheduler_module
+from engine.model import MaskedBatcher
 from helpers import rel_err
 
 httpx = pytest.importorskip("httpx")
@@ -39,17 +39,17 @@ def settings_of(r: Request) -> dict:
 
 
 class Gate:
-    """Holds the worker inside `advance` until released (patches the scheduler's sampler)."""
+    """Holds the worker inside a step until released (patches the masked families' batcher)."""
 
     def __init__(self, monkeypatch):
         self.entered, self.release = threading.Event(), threading.Event()
-        real = scheduler_module.sampler.advance
+        real = MaskedBatcher.step
 
-        def advance(model, images):
+        def step(batcher, images):
             self.entered.set()
             assert self.release.wait(30)
-            return real(model, images)
-        monkeypatch.setattr(scheduler_module.sampler, "advance", advance)
+            return real(batcher, images)
+        monkeypatch.setattr(MaskedBatcher, "step", step)
 
 
 @pytest.fixture
@@ -57,12 +57,12 @@ def slow_steps(monkeypatch):
     """Every MAR step of the scheduler takes at least 20 ms, so a request of tens of steps
     outlasts a test's sub-second deadline or cancel on any machine (a fast CPU finished 4 x 16
     digits steps inside 0.3 s)."""
-    real = scheduler_module.sampler.advance
+    real = MaskedBatcher.step
 
-    def advance(model, images):
+    def step(batcher, images):
         time.sleep(0.02)
-        return real(model, images)
-    monkeypatch.setattr(scheduler_module.sampler, "advance", advance)
+        return real(batcher, images)
+    monkeypatch.setattr(MaskedBatcher, "step", step)
 
 
 # The scheduler ---------------------------------------------------------------------------------
@@ -200,14 +200,14 @@ def test_queue_full_is_refused_and_nothing_is_lost(model, monkeypatch):
 
 
 def test_worker_error_fails_in_flight_requests_only(model, monkeypatch):
-    real, calls = scheduler_module.sampler.advance, []
+    real, calls = MaskedBatcher.step, []
 
-    def flaky(model_, images):
+    def flaky(batcher, images):
         calls.append(len(images))
         if len(calls) == 2:
             raise RuntimeError("injected failure")
-        return real(model_, images)
-    monkeypatch.setattr(scheduler_module.sampler, "advance", flaky)
+        return real(batcher, images)
+    monkeypatch.setattr(MaskedBatcher, "step", flaky)
     with Scheduler(model, max_batch_images=4, admit_wait=0.05) as sched:
         doomed = [sched.submit(Request(label=i, num_iter=4)) for i in range(3)]
         for f in doomed:

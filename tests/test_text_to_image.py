@@ -12,7 +12,7 @@ import engine
 from engine import CheckpointError, ConfigError, SamplingError
 from engine.families.fluid import FluidModel
 from engine.images import to_uint8
-from engine.model import MARModel
+from engine.families.mar import MARModel
 import fluid_assets as fa
 from helpers import random_fluid, random_mar
 

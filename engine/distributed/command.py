@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..arguments import add_family_argument, add_setting_arguments
 from .job import DEFAULT_GROUP_SIZE, Request
 
 DESCRIPTION = """Generate N images to an ADM/DiT-format .npz (arr_0 uint8 [N, H, W, C], labels [N]),
@@ -42,8 +43,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("generate", help="N images to an ADM-format .npz (torchrun / Ray, resumable)",
                               description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default="digits", help="published .pth, engine model directory, or 'digits'")
-    p.add_argument("--family", default=None, choices=["mar", "fluid"])
+    add_family_argument(p)
     p.add_argument("--vae", default=None, help="kl16.ckpt (MAR) or an AutoencoderKL directory (Fluid)")
+    p.add_argument("--bae", default=None, help="ELM's binaryae_ema.th (binary-token models that ship none)")
     p.add_argument("--text-encoder", default=None, help="local Hugging Face T5 directory (Fluid)")
     p.add_argument("--num-images", type=int, required=True, help="N, a multiple of the classes / prompts")
     p.add_argument("--classes", type=int, nargs="+", default=None,
@@ -58,10 +60,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None,
                    help="images per finished part a process claims and writes (rounded up to whole "
                         "groups; default one group); does not change the images")
-    p.add_argument("--num-iter", type=int, default=None, help="MAR steps (default: the model's, or 64)")
-    p.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the model's, or 1)")
-    p.add_argument("--cfg-schedule", default=None, choices=["linear", "constant"])
-    p.add_argument("--temperature", type=float, default=None)
+    add_setting_arguments(p)
     p.add_argument("--steps", default=None, help="diffusion respacing: '100', 'ddim25', '10,5'")
     p.add_argument("--backend", default="auto", choices=["auto", "reference", "native", "triton"])
     p.add_argument("--device", default="auto",

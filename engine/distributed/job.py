@@ -79,6 +79,7 @@ class Request:
     checkpoint: str = "digits"
     family: str | None = None
     vae: str | None = None
+    bae: str | None = None
     text_encoder: str | None = None
     classes: list | None = None
     prompts_file: str | None = None
@@ -92,6 +93,8 @@ class Request:
     cfg: float | None = None
     cfg_schedule: str | None = None
     temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
     steps: str | None = None
     backend: str = "auto"
     device: str = "auto"
@@ -171,7 +174,7 @@ class Job:
     """A checked request resolved against the loaded model: one condition and seed per image,
     the settings every call uses, and the spec that names the results."""
     request: Request
-    settings: dict                 # num_iter, cfg, cfg_schedule, temperature (resolved)
+    settings: dict                 # the family's settings (model.resolve_settings)
     classes: list | None           # class ids (class-conditional models)
     prompts: list | None           # prompts (text-to-image models)
     conditions: list[int]          # per image: index into classes / prompts
@@ -215,20 +218,13 @@ class Job:
 
 def resolve(request: Request, model) -> Job:
     """The job of a checked request for a loaded model; every sampling argument is validated
-    here, before anything is written."""
-    import engine
+    here, before anything is written (through the model's family protocol)."""
     from ..conditioning import Condition
-    from ..plan import build_plan
-    from ..sampler import validate_temperature
 
-    settings = engine.sampling_settings(model, num_iter=request.num_iter, cfg=request.cfg,
-                                        cfg_schedule=request.cfg_schedule, temperature=request.temperature)
-    build_plan(1, settings["num_iter"], 16, settings["cfg"], settings["cfg_schedule"])
-    settings["temperature"] = validate_temperature(settings["temperature"])
-    settings["cfg"] = float(settings["cfg"])
-    settings["num_iter"] = int(settings["num_iter"])
+    settings = model.resolve_settings(num_iter=request.num_iter, cfg=request.cfg, cfg_schedule=request.cfg_schedule,
+                                      temperature=request.temperature, top_k=request.top_k, top_p=request.top_p)
     prompts = request.read_prompts()
-    if model.family == "fluid":
+    if model.conditioning == "text":
         if request.classes is not None:
             raise EngineError("this is a text-to-image model: pass --prompts-file, not --classes")
         if prompts is None:
@@ -240,26 +236,25 @@ def resolve(request: Request, model) -> Job:
         raise EngineError("this is a class-conditional model: pass --classes, not prompts")
     if request.height or request.width:
         raise EngineError("--height / --width are for text-to-image models")
-    if model.config.tokenizer == "vae" and request.vae is None:
+    if model.decoder == "vae" and request.vae is None:
         raise EngineError("this model generates VAE latents: pass --vae (kl16.ckpt, or an "
                           "AutoencoderKL directory) to decode them into images")
-    classes = list(range(model.config.class_num)) if request.classes is None else list(request.classes)
+    if model.decoder == "bae" and request.bae is None and getattr(model, "bae", None) is None:
+        raise EngineError("this model generates binary tokens: pass --bae (ELM's binaryae_ema.th) to decode "
+                          "them into images")
+    if model.decoder != "vae" and request.vae is not None:
+        raise EngineError("--vae is for models whose tokens are VAE latents")
+    if model.decoder != "bae" and request.bae is not None:
+        raise EngineError("--bae is for models with binary tokens (ELM's, CTF)")
+    classes = list(range(model.num_classes)) if request.classes is None else list(request.classes)
     if not classes:
         raise EngineError("--classes needs at least one class")
-    Condition.labels(classes, len(classes), model.config.class_num, "cpu")   # range check
+    Condition.labels(classes, len(classes), model.num_classes, "cpu")   # range check
     return Job(request, settings, classes, None, protocol_conditions(request.num_images, len(classes), "classes"))
 
 
-def image_shape(model, request: Request) -> tuple[int, int, int]:
-    """(H, W, C) of the images a job writes."""
-    c = model.config
-    if model.family == "fluid":
-        return (request.height or c.img_size, request.width or c.img_size, 3)
-    return (c.img_size, c.img_size, c.vae_embed_dim if c.tokenizer == "pixels" else 3)
-
-
 # The spec ------------------------------------------------------------------------------------
-def make_spec(job: Job, num_sampling_steps: str, weights: dict, env: dict) -> dict:
+def make_spec(job: Job, num_sampling_steps: str | None, weights: dict, env: dict) -> dict:
     """Everything the images depend on: the resolved arguments, the weights, and the execution
     environment (backend, device kind, CPU threads, torch). Not the batch size or world size."""
     import engine
@@ -272,7 +267,8 @@ def make_spec(job: Job, num_sampling_steps: str, weights: dict, env: dict) -> di
         conditions = {"kind": "prompt", "count": len(job.prompts),
                       "sha256": hashlib.sha256(text.encode()).hexdigest()}
     args = {"num_images": r.num_images, "seed": r.seed, "group_size": r.group_size,
-            "conditions": conditions, **job.settings, "num_sampling_steps": str(num_sampling_steps),
+            "conditions": conditions, **{k: list(v) if isinstance(v, tuple) else v for k, v in job.settings.items()},
+            "num_sampling_steps": None if num_sampling_steps is None else str(num_sampling_steps),
             "height": r.height, "width": r.width, "precision": r.precision}
     return {"format": FORMAT, "engine": engine.__version__, "args": args, "weights": weights, "env": env}
 

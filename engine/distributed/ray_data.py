@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import EngineError
-from .job import Request, image_shape, make_spec, work_items
+from .job import Request, make_spec, work_items
 from .store import PartStore, write_pngs
 
 
@@ -40,7 +40,7 @@ def _probe(request: Request):
 
     try:
         sampler, job = prepare(request, resolve_device(request.device), paths=False)
-        return "ok", job, image_shape(sampler.model, request)
+        return "ok", job, sampler.image_shape()
     except EngineError as err:
         return "error", str(err), None
 
@@ -54,7 +54,7 @@ class _Worker:
 
         self.job = job
         self.sampler = GroupSampler(job.request, resolve_device(job.request.device))
-        spec = make_spec(job, self.sampler.model.config.num_sampling_steps, self.sampler.weights(),
+        spec = make_spec(job, getattr(self.sampler.model.config, "num_sampling_steps", None), self.sampler.weights(),
                          self.sampler.env())
         if spec_hash(spec) != spec_hash(job.spec):
             raise EngineError(f"a Ray worker's weights or environment differ from the probe's: {spec['env']} "

@@ -16,7 +16,7 @@ from datetime import timedelta
 import torch
 
 from ..errors import EngineError
-from .job import Job, Request, image_shape, make_spec, resolve, spec_hash, work_items
+from .job import Job, Request, make_spec, resolve, spec_hash, work_items
 from .store import PartStore, write_pngs
 from .worker import GroupSampler, resolve_device
 
@@ -78,7 +78,7 @@ def prepare(request: Request, device: torch.device, paths: bool = True) -> tuple
     request.check(paths)
     sampler = GroupSampler(request, device)
     job = resolve(request, sampler.model)
-    job.spec = make_spec(job, sampler.model.config.num_sampling_steps, sampler.weights(), sampler.env())
+    job.spec = make_spec(job, getattr(sampler.model.config, "num_sampling_steps", None), sampler.weights(), sampler.env())
     return sampler, job
 
 
@@ -100,7 +100,7 @@ def _run_checked(world, request, log, metrics) -> dict:
         if not complete:
             store.check(job.spec)
         if metrics is not None:
-            metrics.check(image_shape(sampler.model, request))
+            metrics.check(sampler.image_shape())
     except EngineError:
         if world.rank != 0:   # every rank found the same error; rank 0 says it once
             raise SystemExit(2)

@@ -68,8 +68,9 @@ class GroupSampler:
         self.model = engine.load(r.checkpoint, device=device, backend=r.backend, num_sampling_steps=r.steps,
                                  precision=r.precision, family=r.family)
         self.vae = engine.load_vae(r.vae, device=device) if r.vae else None
+        self.bae = engine.load_bae(r.bae, device=device) if r.bae else None
         self.encoder = None
-        if r.text_encoder and self.model.family == "fluid":
+        if r.text_encoder and self.model.conditioning == "text":
             self.encoder = engine.load_text_encoder(r.text_encoder, max_length=self.model.config.max_length,
                                                     device=device)
 
@@ -78,6 +79,9 @@ class GroupSampler:
         out = {"family": self.model.family, "model": weights_fingerprint(self.model)}
         if self.vae is not None:
             out["vae"] = weights_fingerprint(self.vae)
+        bae = self.bae if self.bae is not None else getattr(self.model, "bae", None)
+        if bae is not None:
+            out["bae"] = weights_fingerprint(bae)
         if self.encoder is not None:
             vocab = sorted(self.encoder.tokenizer.get_vocab().items())
             out["text_encoder"] = weights_fingerprint(self.encoder, f"{self.encoder.max_length}:{vocab}")
@@ -91,6 +95,11 @@ class GroupSampler:
                 "threads": torch.get_num_threads() if dev.type == "cpu" else None,
                 "torch": torch.__version__}
 
+    def image_shape(self) -> tuple[int, int, int]:
+        """(H, W, C) of the images this job writes."""
+        r = self.request
+        return self.model.image_shape(r.height, r.width, vae=self.vae, bae=self.bae)
+
     def sample(self, job, start: int, stop: int) -> np.ndarray:
         """uint8 images [stop - start, H, W, C] of one canonical group, in index order."""
         import engine
@@ -98,7 +107,7 @@ class GroupSampler:
 
         call = job.group_of(start, stop)
         gens = [torch.Generator().manual_seed(s) for s in call["seeds"]]
-        kw = dict(vae=self.vae, generator=gens, output_type="pt", **job.settings)
+        kw = dict(vae=self.vae, bae=self.bae, generator=gens, output_type="pt", **job.settings)
         if "labels" in call:
             images = engine.generate(self.model, call["labels"], **kw)
         else:

@@ -16,6 +16,8 @@ A family is described by a `Family` record:
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 from dataclasses import dataclass, field
 
 from ..errors import CheckpointError, ConfigError
@@ -34,6 +36,15 @@ class Family:
     ignored_args: frozenset = field(default_factory=frozenset)   # training-only constructor args
     default_ema: bool = True   # which weights of a {'model', 'model_ema'} checkpoint load by default
     check_state: object = None   # (state, config, source) -> None: checks of values, not shapes (CTF's cluster map)
+    formats: tuple = ()          # engine-directory formats whose config.json without "family" is this family
+    # Drop-in use (engine.accelerate / patch) with an instance of the published class:
+    recognises: object = None      # published object -> bool
+    from_published: object = None  # (published, backend=, num_sampling_steps=, **config) -> engine model
+    patch: object = None           # (published, engine_model) -> None: installs the engine's sampler on it
+
+    def with_drop_in(self, build) -> "Family":
+        """This record with `from_published` = build(family, published, ...)."""
+        return dataclasses.replace(self, from_published=functools.partial(build, self))
 
     def owns_preset(self, preset) -> bool:
         return isinstance(preset, str) and preset in self.presets
@@ -76,3 +87,11 @@ def detect_family(state: dict, args: dict, source: str, requested: str | None = 
     markers = {f.name: list(f.marker_keys) for f in known}
     raise CheckpointError(f"{source}: the weights are not of a known family (expected the keys "
                           f"{markers}); pass family=NAME if they are")
+
+
+def family_of_format(fmt) -> Family | None:
+    """The family an engine directory of format `fmt` holds when its config.json names none."""
+    for family in families().values():
+        if fmt in family.formats:
+            return family
+    return None

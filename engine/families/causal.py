@@ -37,10 +37,11 @@ from ..errors import ConfigError, SamplingError
 from ..model import Model
 from ..plan import (MAX_BATCH, PlanStep, SamplingPlan, cfg_scale, check_cfg, check_count,
                     check_schedule, per_image)
-from ..rng import check_generator, draw_step_inputs
+from ..rng import _draw_one, check_generator, draw_step_inputs
 from ..sampler import check_finite, validate_temperature
 from . import Family
 from .mar import depth_of, head_and_mlp_sizes, shape_of
+from .slots import SlotPool
 
 FAMILY_NAME = "causal"
 
@@ -250,6 +251,22 @@ class CausalModel(Model):
         check_finite(tokens)
         return self.mar.unpatchify(tokens)
 
+    # The family protocol (engine/core/protocol.py) --------------------------------------------
+    DEFAULTS = {"num_iter": None, "cfg": 1.0, "cfg_schedule": "linear", "temperature": 1.0}
+
+    def setting_checks(self) -> dict:
+        seq_len = self.config.seq_len
+
+        def image_length(value):
+            if value is not None and (isinstance(value, bool) or value != seq_len):
+                raise SamplingError(f"a causal AR image takes one step per token: num_iter must be None or "
+                                    f"seq_len = {seq_len}, got {value!r}")
+            return value
+        return {**super().setting_checks(), "num_iter": image_length}
+
+    def batcher(self, max_images: int = 32) -> "CausalBatcher":
+        return CausalBatcher(self, max_images)
+
     # The KV-cached loop -----------------------------------------------------------------------
     def cache_for(self, batch: int, dtype) -> object:
         """The static KV cache of this batch (doubled rows with CFG) and dtype: allocated once,
@@ -314,20 +331,109 @@ def parse_order_arg(order) -> tuple:
         raise SamplingError(str(err).replace("config field ", "")) from None
 
 
-def generate_images(model: CausalModel, labels, num_images, num_iter, cfg, cfg_schedule, temperature,
-                    generator, progress, vae=None) -> torch.Tensor:
-    """engine.generate for causal models: float32 [N, C, H, W] in [0, 1]. Unset settings take the
-    model's recorded defaults, else cfg 1, linear schedule, temperature 1 (num_iter: seq_len)."""
-    from .. import labels_and_batch
-    from ..images import tokens_to_images
+class CausalImage:
+    """One image in flight: its per-step cfg scales, temperature, generator, the tokens sampled so
+    far (`k` of them, in generation order) and its KV-cache rows."""
 
-    labels, bsz = labels_and_batch(labels, num_images)
-    defaults = {"cfg": 1.0, "cfg_schedule": "linear", "temperature": 1.0, "num_iter": None,
-                **model.sampling_defaults}
-    given = {"cfg": cfg, "cfg_schedule": cfg_schedule, "temperature": temperature, "num_iter": num_iter}
-    settings = {k: defaults.get(k) if v is None else v for k, v in given.items()}
-    tokens = model.sample_tokens(bsz, labels=labels, generator=generator, progress=progress, **settings)
-    return tokens_to_images(model, tokens, vae)
+    def __init__(self, label, scales, temperature, generator, seq_len: int, dim: int, device):
+        self.label, self.scales, self.temperature, self.generator = label, scales, temperature, generator
+        self.use_cfg = any(v != 1.0 for v in scales)
+        self.out = torch.zeros(1, seq_len, dim, device=device)
+        self.k, self.rows, self.prev = 0, [], None
+
+    @property
+    def done(self) -> bool:
+        return self.k >= self.out.shape[1]
+
+    @property
+    def shape_key(self) -> tuple:
+        return ("prefill",) if self.k == 0 else ("decode",)
+
+
+class CausalBatcher:
+    """Images of a causal continuous model in flight at once (continuous batching): each owns
+    rows of one static KV cache (engine/families/slots.py); a step prefills the new images and
+    decodes every other row at its own position, then runs ONE head call over all images'
+    rows with per-row cfg scales and temperatures (as engine.sampler.advance: an image without
+    CFG repeats its conditional row at scale 1). Noise is drawn per image as `sample_tokens`
+    draws it for a batch of one with a list of one generator."""
+
+    def __init__(self, model: CausalModel, max_images: int):
+        self.model = model
+        dtype = model.autocast_dtype or torch.float32
+        self.pool = SlotPool(lambda rows: model.mar.new_cache(rows, dtype), initial_rows=min(2 * max_images, 64))
+        order = torch.tensor(model.config.generation_order, dtype=torch.int64, device=model.device)
+        with model._autocast():
+            self.seq_pos = model.mar.position_table(order)
+        self.order = order
+
+    def add(self, label=None, texts=None, settings=None, generator=None) -> CausalImage:
+        model, s, c = self.model, settings, self.model.config
+        Condition.labels(None if label is None else [label], 1, c.class_num, model.device)
+        plan = causal_plan(1, c.seq_len, s["cfg"], s["cfg_schedule"])
+        if not isinstance(generator, torch.Generator):
+            raise SamplingError(f"an image in flight needs its own torch.Generator, got {type(generator).__name__}")
+        scales = [step.cfg_scales[0] for step in plan.steps]
+        return CausalImage(label, scales, validate_temperature(s["temperature"]), generator, c.seq_len,
+                           c.token_dim, model.device)
+
+    def release(self, image) -> None:
+        self.pool.release(image)
+
+    @torch.no_grad()
+    def step(self, images: list) -> list:
+        """One token for every image (all images in flight); returns those finished (released)."""
+        if any(im.done for im in images) or sum(len(im.rows) for im in images) != self.pool.used:
+            raise SamplingError("step() must get every image in flight once, none done")
+        model, pool, m, device = self.model, self.pool, self.model.mar, self.model.device
+        held = pool.used
+        with model._autocast():
+            if held:
+                by_row = [owner for owner, _ in pool.owner]
+                prev = torch.cat([owner.prev for owner in by_row])
+                pos = torch.tensor([owner.k for owner in by_row], dtype=torch.int64, device=device)
+                decoded = m.decode(prev, pos, pool.cache.rows(0, held), self.seq_pos).float()
+            new = [im for im in images if im.k == 0]
+            starts = []
+            for im in new:
+                pool.claim(im, 2 if im.use_cfg else 1)
+                labels = None if im.label is None else torch.tensor([im.label], device=device)
+                starts.append(m.class_embedding(labels, 1, im.use_cfg))
+            if new:
+                prefilled = m.prefill(torch.cat(starts), self.seq_pos, pool.cache.rows(held, pool.used)).float()
+        z_of = lambda r: decoded[r:r + 1] if r < held else prefilled[r - held:r - held + 1]  # noqa: E731
+        guided = any(im.use_cfg for im in images)
+        head, dim = model.head, model.config.token_dim
+        xs, conds, nulls, zc, zn, scales, temps = [], [], [], [], [], [], []
+        for im in images:
+            x, noise = _draw_one(head.num_steps, 1, dim, im.use_cfg, im.generator, device)
+            xs.append(x)
+            conds.append(noise[:, :1])
+            zc.append(z_of(im.rows[0]))
+            if guided:
+                nulls.append(noise[:, 1:] if im.use_cfg else torch.zeros_like(noise))
+                zn.append(z_of(im.rows[1]) if im.use_cfg else zc[-1])
+                scales.append(im.scales[im.k])
+            temps.append(im.temperature)
+        scale_rows = torch.tensor(scales, dtype=torch.float32, device=device) if guided else None
+        out = model.backend.head_loop(head, torch.cat(zc + zn), torch.cat(xs), torch.cat(conds + nulls, dim=1),
+                                      scale_rows, torch.tensor(temps, dtype=torch.float32, device=device))
+        finished = []
+        for i, im in enumerate(images):
+            im.prev = out[i:i + 1]
+            im.out[:, im.k] = im.prev
+            im.k += 1
+            if im.done:
+                pool.release(im)
+                finished.append(im)
+        return finished
+
+    def tokens(self, images: list) -> torch.Tensor:
+        out = torch.cat([im.out for im in images])
+        tokens = torch.empty_like(out)
+        tokens[:, self.order] = out          # generation order -> position order
+        check_finite(tokens)
+        return self.model.mar.unpatchify(tokens)
 
 
 def _family() -> Family:

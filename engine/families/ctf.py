@@ -36,9 +36,12 @@ from ..config import MAX_CLASSES, MAX_PARAMS, MAX_SEQ_LEN, ConfigMixin
 from ..config import check_int_range as _check_range
 from ..errors import CheckpointError, ConfigError, SamplingError
 from ..plan import MAX_BATCH, check_count, per_image
+from ..core.protocol import resolve_settings
 from ..rng import check_generator
 from . import Family
-from .elm import CFG_SCHEDULES, ClassGrid, LlamaSizes, _check_number, _check_schedule, cfg_at
+from .discrete import BAETokens
+from .elm import (CFG_SCHEDULES, ARBatcher, ARImage, ClassGrid, LlamaSizes, _check_number, _check_schedule,
+                  cfg_at, check_draws, draw)
 
 FAMILY_NAME = "ctf"
 CTF_FORMAT = "engine-ctf"
@@ -210,7 +213,7 @@ def _per_image_numbers(name, value, bsz, positive=False) -> tuple:
     return per_image(name, value, bsz, lambda v: _check_number(name, v, positive=positive))
 
 
-class CTFModel:
+class CTFModel(BAETokens):
     """A loaded CTF model: both stages, the cluster map and the two-stage sampler."""
 
     family = FAMILY_NAME
@@ -381,6 +384,33 @@ class CTFModel:
         return exponential_noise(bsz, 1, length * c.token_each * c.sub_vocab, generator,
                                  self.device).view(bsz, length * c.token_each, c.sub_vocab)
 
+    # The family protocol (engine/core/protocol.py) ------------------------------------------------
+    def resolve_settings(self, **given) -> dict:
+        """generate's settings: cfg, temperature, top_k, top_p one value or a pair (stage 1,
+        stage 2); num_iter is None or block_size (stage 1 samples the whole grid)."""
+        c = self.config
+
+        def image_length(value):
+            if value is not None and (isinstance(value, bool) or value != c.block_size):
+                raise SamplingError(f"CTF samples block_size = {c.block_size} coarse labels then refines them in "
+                                    f"one pass; num_iter must be {c.block_size} (or None), got {value!r}")
+            return c.block_size
+
+        def pair(value):
+            per_stage(value)
+            return value
+
+        defaults = {"num_iter": None, "cfg_schedule": "constant", **PAPER_SAMPLING}
+        checks = {"num_iter": image_length, "cfg": pair, "temperature": pair, "top_k": pair, "top_p": pair,
+                  "cfg_schedule": _check_schedule}
+        settings = resolve_settings(given, defaults, checks, sampling_from_json(self.sampling_defaults))
+        del settings["num_iter"]   # checked only: stage 1 always samples the whole grid
+        return settings
+
+    def batcher(self, max_images: int = 32) -> "CTFBatcher":
+        return CTFBatcher(self, self.module.stage1, self.module.stage1.new_cache, 1, self.config.num_clusters,
+                          max_images)
+
     def _per_image_tensor(self, values):
         """One shared value as a 0-d tensor, else [B] (float32, as ELM's scale tables)."""
         if len(set(values)) == 1:
@@ -445,44 +475,92 @@ def sampling_from_json(sampling: dict) -> dict:
             for k, v in sampling.items()}
 
 
-def generate_images(model: CTFModel, labels, bae, num_images, num_iter, cfg, cfg_schedule, temperature,
-                    top_k, top_p, generator, progress, vae=None, prompts=None, texts=None, height=None,
-                    width=None) -> torch.Tensor:
-    """engine.generate for CTF: fine codes decoded by the BAE; float32 [N, C, H, W] in [0, 1]."""
-    c = model.config
-    if prompts is not None or texts is not None:
-        raise SamplingError("this is a class-conditional model: pass labels=[...], not prompts")
-    if height is not None or width is not None:
-        raise SamplingError(f"CTF models sample their {c.grid} x {c.grid} token grid; height / width are "
-                            "for text-to-image models")
-    if vae is not None or bae is None or not hasattr(bae, "decode_indices"):
-        raise SamplingError("CTF codes decode with a binary autoencoder: pass bae=engine.load_bae(path)")
-    if bae.bits != c.token_each * c.code_dim:
-        raise SamplingError(f"the BAE has {bae.bits} bits per position but the model's codes carry "
-                            f"token_each * code_dim = {c.token_each} * {c.code_dim} = {c.token_each * c.code_dim}")
-    if num_iter is not None and num_iter != c.block_size:
-        raise SamplingError(f"CTF samples block_size = {c.block_size} coarse labels then refines them in one "
-                            f"pass; num_iter must be {c.block_size} (or None), got {num_iter!r}")
-    from .. import labels_and_batch
-
-    labels, bsz = labels_and_batch(labels, num_images)
-    defaults = {**PAPER_SAMPLING, **sampling_from_json(model.sampling_defaults)}
-    given = {"cfg": cfg, "cfg_schedule": cfg_schedule, "temperature": temperature, "top_k": top_k, "top_p": top_p}
-    settings = {k: defaults.get(k) if v is None else v for k, v in given.items()}
-    tokens = model.sample_tokens(bsz, labels=labels, generator=generator, progress=progress, **settings)
-    with torch.no_grad():
-        images = bae.decode_indices(tokens.to(bae.device))
-    return images.float().clamp(0, 1)
-
-
 def _family() -> Family:
     from ..models.ctf import CTFModule
 
     return Family(name=FAMILY_NAME, config_cls=CTFConfig, presets={}, module_cls=CTFModule, model_cls=CTFModel,
                   marker_keys=("cluster_of", "stage1.norm.weight", "stage2.norm.weight"), infer_sizes=infer_sizes,
-                  head_fields=(), default_ema=False, check_state=check_ctf_state)
+                  head_fields=(), default_ema=False, check_state=check_ctf_state, formats=(CTF_FORMAT,))
 
 
 FAMILY = _family()
 __all__ = ["CTFConfig", "CTFStageConfig", "CTFModel", "save_ctf", "check_cluster_map", "PAPER_SAMPLING",
            "CFG_SCHEDULES", "FAMILY"]
+
+
+# Continuous batching (engine.serving) ------------------------------------------------------------
+class CTFImage(ARImage):
+    """An image in flight: stage 1 as ARImage (k coarse labels so far), then one refinement."""
+
+    fine = None
+
+    @property
+    def done(self) -> bool:
+        return self.fine is not None
+
+    @property
+    def in_stage1(self) -> bool:
+        return self.k < self.num_iter
+
+    @property
+    def shape_key(self) -> tuple:
+        return ("refine",) if not self.in_stage1 else super().shape_key
+
+
+class CTFBatcher(ARBatcher):
+    """Stage 1 of every image in flight as ELM's AR images (KV-cache slots); an image whose
+    coarse labels are complete is refined at the next step, with the other images there (one
+    pass per group of images that share a call's settings: CFG on or off, top-k, top-p)."""
+
+    def add(self, label=None, texts=None, settings=None, generator=None) -> CTFImage:
+        model, s = self.model, settings
+        row = int(model._labels(None if label is None else [label], 1)[0])
+        stages = {name: per_stage(s[name]) for name in ("cfg", "temperature", "top_k", "top_p")}
+        cfg1, cfg2 = (float(_check_number("cfg", v)) for v in stages["cfg"])
+        t1, t2 = (float(_check_number("temperature", v, positive=True)) for v in stages["temperature"])
+        (k1, k2), (p1, p2) = ((check_top_k(v) for v in stages["top_k"]), (check_top_p(v) for v in stages["top_p"]))
+        length = model.config.block_size
+        scales = None
+        if cfg1 != 1.0 or cfg2 != 1.0:
+            model._need_null()
+        if cfg1 != 1.0:
+            per_step = [cfg_at(s["cfg_schedule"], cfg1, step, length) for step in range(length)]
+            scales = torch.tensor(np.asarray(per_step, dtype=np.float64), dtype=torch.float32, device=model.device)
+        if not isinstance(generator, torch.Generator):
+            raise SamplingError(f"an image in flight needs its own torch.Generator, got {type(generator).__name__}")
+        image = CTFImage(row, scales, t1, k1, p1, generator, length)
+        image.stage2 = (cfg2, t2, k2, p2)
+        return image
+
+    @torch.no_grad()
+    def step(self, images: list) -> list:
+        first = [im for im in images if im.in_stage1]
+        second = [im for im in images if not im.in_stage1]
+        if any(im.done for im in images) or sum(len(im.rows) for im in first) != self.pool.used:
+            raise SamplingError("step() must get every image in flight once, none done")
+        if first:
+            draw(first, self.logits(first), 1, self.vocab, self.model.device)
+            for im in first:
+                if not im.in_stage1:
+                    self.pool.release(im)
+        groups: dict = {}
+        for im in second:
+            cfg2, _, k2, p2 = im.stage2
+            groups.setdefault((cfg2 != 1.0, k2, p2), []).append(im)
+        model, device = self.model, self.model.device
+        for (use_cfg, top_k, top_p), members in groups.items():
+            coarse = torch.cat([torch.cat(im.out, dim=1) for im in members])              # [n, L]
+            labels = torch.tensor([im.label for im in members], dtype=torch.int64, device=device)
+            rows = torch.cat([labels, torch.full_like(labels, model.config.num_classes)]) if use_cfg else labels
+            scale = torch.tensor([im.stage2[0] for im in members], dtype=torch.float32, device=device)
+            temps = torch.tensor([im.stage2[1] for im in members], dtype=torch.float32, device=device)
+            noise = torch.cat([model._stage2_noise(1, True, [im.generator]) for im in members])
+            fine, _, probs = model.refine(coarse, rows, scale if use_cfg else None, temps, top_k, top_p, noise)
+            finite = torch.isfinite(probs).flatten(1).all(dim=1)
+            for j, im in enumerate(members):
+                im.fine, im.ok = fine[j:j + 1], im.ok & finite[j]
+        return second
+
+    def tokens(self, images: list) -> torch.Tensor:
+        check_draws(images)
+        return torch.cat([im.fine for im in images])

@@ -41,10 +41,13 @@ from ..categorical import check_top_k, check_top_p, exponential_noise, sample_lo
 from ..config import MAX_CLASSES, MAX_DEPTH, MAX_HEADS, MAX_PARAMS, MAX_SEQ_LEN, MAX_WIDTH, ConfigMixin
 from ..config import check_int_range as _check_range
 from ..errors import ConfigError, SamplingError
+from ..core.protocol import resolve_settings
 from ..plan import FLOAT32_MAX, MAX_BATCH, check_count, per_image
 from ..rng import check_generator
 from . import Family
+from .discrete import BAETokens
 from .mar import depth_of, shape_of
+from .slots import SlotPool
 
 FAMILY_NAME = "elm-ar"
 # The published GPT_models presets (llama/ar_model.py): layers, heads, width.
@@ -284,11 +287,13 @@ def _check_number(name: str, value, positive: bool = False) -> float:
     return value
 
 
-class ELMModel:
+class ELMModel(BAETokens):
     """A loaded ELM AR model. `generate_cfg` has the published signature and results;
     `sample_tokens` is the engine's idiom (per-image settings and generators, top-p)."""
 
     family = FAMILY_NAME
+    DEFAULTS = {"num_iter": None, "cfg": 1.0, "cfg_schedule": "constant", "temperature": 1.0, "top_k": None,
+                "top_p": None}
 
     def __init__(self, module, backend="auto", cuda_graphs: bool = True, precision: str = "fp32"):
         """backend: where the categorical draw runs (the transformer is PyTorch either way):
@@ -500,6 +505,26 @@ class ELMModel:
             tokens = torch.cat([prefix, tokens], dim=1)
         return tokens, filtered
 
+    # The family protocol (engine/core/protocol.py) ------------------------------------------------
+    def resolve_settings(self, **given) -> dict:
+        """generate's settings: an image is block_size tokens, so num_iter is None or block_size."""
+        c = self.config
+
+        def image_length(value):
+            if value is not None and (isinstance(value, bool) or value != c.block_size):
+                raise SamplingError(f"an image is block_size = {c.block_size} tokens; num_iter must be "
+                                    f"{c.block_size} (or None), got {value!r}")
+            return c.block_size
+
+        checks = {"num_iter": image_length, "cfg": lambda v: _check_number("cfg", v),
+                  "cfg_schedule": _check_schedule, "temperature": lambda v: _check_number("temperature", v, True),
+                  "top_k": check_top_k, "top_p": check_top_p}
+        return resolve_settings(given, self.DEFAULTS, checks, self.sampling_defaults)
+
+    def batcher(self, max_images: int = 32) -> "ELMBatcher":
+        return ELMBatcher(self, self.module, self.module.new_cache, self.config.token_each,
+                          self.config.vocab_size, max_images)
+
     # Validation --------------------------------------------------------------------------------
     def _need_null(self) -> None:
         if not self.config.has_null_class:
@@ -561,41 +586,6 @@ class ELMModel:
         return num_iter
 
 
-def generate_images(model: ELMModel, labels, bae, num_images, num_iter, cfg, cfg_schedule, temperature,
-                    top_k, top_p, generator, progress, vae=None, prompts=None, texts=None, height=None,
-                    width=None) -> torch.Tensor:
-    """engine.generate for ELM: one image (block_size tokens) per label, decoded by the BAE;
-    float32 [N, C, H, W] in [0, 1] (clamped, as ELM's sample.py saves them)."""
-    c = model.config
-    if prompts is not None or texts is not None:
-        raise SamplingError("this is a class-conditional model: pass labels=[...], not prompts")
-    if height is not None or width is not None:
-        raise SamplingError(f"ELM models sample their {c.grid} x {c.grid} token grid; height / width are "
-                            "for text-to-image models")
-    if vae is not None:
-        raise SamplingError("ELM tokens decode with a binary autoencoder: pass bae=engine.load_bae(path), not vae=")
-    if bae is None or not hasattr(bae, "decode_indices"):
-        raise SamplingError("ELM tokens need a binary autoencoder to become images: pass "
-                            "bae=engine.load_bae('binaryae_ema.th'), or use model.sample_tokens for the tokens")
-    if bae.bits != c.token_each * c.code_dim:
-        raise SamplingError(f"the BAE has {bae.bits} bits per position but the model's tokens carry "
-                            f"token_each * code_dim = {c.token_each} * {c.code_dim} = {c.token_each * c.code_dim}")
-    if num_iter is not None and num_iter != c.block_size:
-        raise SamplingError(f"an image is block_size = {c.block_size} tokens; num_iter must be {c.block_size} "
-                            f"(or None), got {num_iter!r}")
-    from .. import labels_and_batch
-
-    labels, bsz = labels_and_batch(labels, num_images)
-    defaults = {"cfg": 1.0, "cfg_schedule": "constant", "temperature": 1.0, "top_k": None, "top_p": None,
-                **model.sampling_defaults}
-    given = {"cfg": cfg, "cfg_schedule": cfg_schedule, "temperature": temperature, "top_k": top_k, "top_p": top_p}
-    settings = {k: defaults.get(k) if v is None else v for k, v in given.items()}
-    tokens = model.sample_tokens(bsz, labels=labels, generator=generator, progress=progress, **settings)
-    with torch.no_grad():
-        images = bae.decode_indices(tokens.to(bae.device))
-    return images.float().clamp(0, 1)
-
-
 # Drop-in use with an instance of the published Transformer ------------------------------------
 def is_elm(published) -> bool:
     return all(hasattr(published, name) for name in ("cls_embedding", "tok_embedder", "layers", "config"))
@@ -615,11 +605,14 @@ def config_of(published) -> dict:
     return values
 
 
-def accelerate(published, backend="auto", **config) -> ELMModel:
-    """An engine model with the published Transformer's weights (and device); its
+def accelerate(published, backend="auto", num_sampling_steps=None, **config) -> ELMModel:
+    """An engine model with the published Transformer's weights (and device; no diffusion head,
+    so num_sampling_steps must be None); its
     generate_cfg gives the published tokens for the same seeds."""
     from ..loading import build_module
 
+    if num_sampling_steps is not None:
+        raise ConfigError("num_sampling_steps is for diffusion-head models; this model draws categorical tokens")
     values = {**config_of(published), **config}
     cfg = ELMConfig.from_dict(values)
     state = {k: v.detach() for k, v in published.state_dict().items() if ".kv_cache." not in k}
@@ -628,13 +621,160 @@ def accelerate(published, backend="auto", **config) -> ELMModel:
     return ELMModel(module, backend=backend)
 
 
+def patch_generate_cfg(published, engine_model) -> None:
+    """ELM's models sample with generate_cfg: replaced by the engine's (same signature)."""
+    published.generate_cfg = engine_model.generate_cfg
+
+
 def _family() -> Family:
     from ..models.elm import ELMTransformer
 
     return Family(name=FAMILY_NAME, config_cls=ELMConfig, presets=PRESETS, module_cls=ELMTransformer,
                   model_cls=ELMModel, marker_keys=("cls_embedding.embedding_table.weight", "norm.weight"),
                   infer_sizes=infer_sizes, head_fields=("n_head",), ignored_args=TRAINING_ONLY,
-                  default_ema=False)   # ELM's sample.py reads a bare state dict ('model' of a training dict)
+                  default_ema=False,   # ELM's sample.py reads a bare state dict ('model' of a training dict)
+                  recognises=lambda p: is_elm(p) and not hasattr(p, "mlm_layer"), from_published=accelerate,
+                  patch=patch_generate_cfg)
 
 
 FAMILY = _family()
+
+
+# Continuous batching (engine.serving) ------------------------------------------------------------
+class ARImage:
+    """One image in flight: its settings, generator, the tokens sampled so far (`k` of them) and
+    its KV-cache rows (conditional, then null with CFG)."""
+
+    def __init__(self, label: int, scales, temperature: float, top_k, top_p, generator, num_iter: int):
+        self.label, self.scales, self.generator = label, scales, generator
+        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
+        self.num_iter, self.k, self.out, self.rows = num_iter, 0, [], []
+        self.ok = None
+
+    @property
+    def use_cfg(self) -> bool:
+        return self.scales is not None
+
+    @property
+    def done(self) -> bool:
+        return self.k >= self.num_iter
+
+    @property
+    def shape_key(self) -> tuple:
+        return ("prefill",) if self.k == 0 else ("decode",)
+
+
+class ARBatcher:
+    """Images of one causal discrete transformer (ELM's AR model; CTF's first stage) in flight at
+    once: each owns rows of one static KV cache (engine/families/slots.py); a step prefills the
+    new images' rows and decodes every other row at its own position, in one pass each, then
+    draws each image's next token with its own generator, cfg scale and temperature. The draws
+    are those of `sample_tokens` for a batch of one with a list of one generator (the same
+    exponential noise, guidance `u + (c - u) * s`, temperature, top-k / top-p), so an image's
+    tokens do not depend on what else is in flight."""
+
+    def __init__(self, model, module, new_cache, token_each: int, vocab: int, max_images: int):
+        self.model, self.module = model, module
+        self.token_each, self.vocab = token_each, vocab
+        self.pool = SlotPool(new_cache, initial_rows=min(2 * max_images, 64))
+
+    def start(self, label: int, scales, temperature: float, top_k, top_p, generator, num_iter: int) -> ARImage:
+        """An image of class row `label` (the null row for unconditional ones); `scales`: its
+        float32 cfg scale per step, or None without CFG."""
+        if not isinstance(generator, torch.Generator):
+            raise SamplingError(f"an image in flight needs its own torch.Generator, got {type(generator).__name__}")
+        return ARImage(label, scales, temperature, top_k, top_p, generator, num_iter)
+
+    def release(self, image) -> None:
+        self.pool.release(image)
+
+    @torch.no_grad()
+    def logits(self, images: list) -> list:
+        """Each image's next-token logits (conditional, null or None): [1, T, V] each. Prefills
+        the images at k = 0 into new rows; decodes every row held (all of them in `images`)."""
+        pool, module, device = self.pool, self.module, self.model.device
+        held = pool.used
+        if held:
+            by_row = [owner for owner, _ in pool.owner]
+            prev = torch.cat([owner.out[-1] for owner in by_row])                     # [R, T]
+            pos = torch.tensor([owner.k for owner in by_row], dtype=torch.int64, device=device)
+            if held == 1:
+                pos = pos[:1]
+            decoded = module.decode(prev, pos, pool.cache.rows(0, held))
+        new = [im for im in images if im.k == 0]
+        null = self.model.config.num_classes
+        labels = []
+        for im in new:
+            pool.claim(im, 2 if im.use_cfg else 1)
+            labels += [im.label] + ([null] if im.use_cfg else [])
+        if new:
+            rows = torch.tensor(labels, dtype=torch.int64, device=device)
+            prefilled = module.prefill(rows, None, pool.cache.rows(held, pool.used))
+        out = []
+        for im in images:
+            picks = [decoded[r:r + 1] if r < held else prefilled[r - held:r - held + 1] for r in im.rows]
+            out.append((picks[0], picks[1] if im.use_cfg else None))
+        return out
+
+    @torch.no_grad()
+    def step(self, images: list) -> list:
+        """One token for every image (all images in flight); returns those finished (released)."""
+        if len(images) != len({id(im) for im in images}) or any(im.done for im in images):
+            raise SamplingError("step() takes each image in flight once, none done")
+        if sum(len(im.rows) for im in images) != self.pool.used:
+            raise SamplingError("step() must get every image in flight (release the others)")
+        logits = self.logits(images)
+        draw(images, logits, self.token_each, self.vocab, self.model.device)
+        finished = [im for im in images if im.done]
+        for im in finished:
+            self.pool.release(im)
+        return finished
+
+    def tokens(self, images: list) -> torch.Tensor:
+        check_draws(images)
+        return torch.cat([torch.stack(im.out, dim=1) for im in images])
+
+
+def draw(images: list, logits: list, n_draws: int, vocab: int, device) -> None:
+    """Each image's next tokens from its (conditional, null) logits: guidance, then the
+    categorical draw, grouped by the settings a call shares (top-k, top-p); appends to
+    `image.out` and advances `image.k`."""
+    rows = []
+    for im, (cond, uncond) in zip(images, logits):
+        rows.append(cond if uncond is None else uncond + (cond - uncond) * im.scales[im.k])
+    groups: dict = {}
+    for i, im in enumerate(images):
+        groups.setdefault((im.top_k, im.top_p), []).append(i)
+    for (top_k, top_p), members in groups.items():
+        noise = torch.cat([exponential_noise(1, n_draws, vocab, images[i].generator, device) for i in members])
+        temps = torch.tensor([images[i].temperature for i in members], dtype=torch.float32, device=device)
+        idx, _, probs = sample_logits(torch.cat([rows[i] for i in members]), noise, None, temps, top_k, top_p)
+        finite = torch.isfinite(probs).flatten(1).all(dim=1)
+        for j, i in enumerate(members):
+            im = images[i]
+            im.out.append(idx[j:j + 1])
+            im.ok = finite[j] if im.ok is None else im.ok & finite[j]
+            im.k += 1
+
+
+def check_draws(images: list) -> None:
+    """One host sync for finished images: non-finite probabilities are never returned silently."""
+    if not all(bool(im.ok) for im in images if im.ok is not None):
+        raise SamplingError("sampling produced NaN/Inf probabilities: the logits overflow float32 with "
+                            "these weights and settings (temperature, cfg)")
+
+
+class ELMBatcher(ARBatcher):
+    """ARBatcher of ELM's AR model: `add` takes engine.generate's settings (resolve_settings)."""
+
+    def add(self, label=None, texts=None, settings=None, generator=None) -> ARImage:
+        model, s = self.model, settings
+        row = model._labels(None if label is None else [label], 1, allow_null=False)
+        num_iter, cfg = s["num_iter"], float(s["cfg"])
+        scales = None
+        if cfg != 1.0:
+            model._need_null()
+            per_step = [cfg_at(s["cfg_schedule"], cfg, k, num_iter) for k in range(num_iter)]
+            model._check_scales(per_step)
+            scales = torch.tensor(np.asarray(per_step, dtype=np.float64), dtype=torch.float32, device=model.device)
+        return self.start(int(row[0]), scales, float(s["temperature"]), s["top_k"], s["top_p"], generator, num_iter)

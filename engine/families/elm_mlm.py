@@ -64,9 +64,12 @@ from ..config import check_int_range as _check_range
 from ..errors import ConfigError, SamplingError
 from ..plan import FLOAT32_MAX, MAX_BATCH, MAX_NUM_ITER, check_count, per_image
 from ..models.elm_mlm import refine_step
+from ..core.protocol import resolve_settings
 from ..rng import check_generator
 from . import Family
-from .elm import MAX_CODE_DIM, MAX_TOKEN_EACH, ClassGrid, ELMModel, LlamaSizes, config_of, is_elm
+from .discrete import BAETokens
+from .elm import (MAX_CODE_DIM, MAX_TOKEN_EACH, ClassGrid, ELMModel, LlamaSizes, check_draws, config_of,
+                  is_elm, patch_generate_cfg)
 from .mar import depth_of, shape_of
 
 FAMILY_NAME = "elm-mlm"
@@ -247,7 +250,7 @@ def _check_number(name: str, value, low=None) -> float:
     return value
 
 
-class ELMMLMModel:
+class ELMMLMModel(BAETokens):
     """A loaded ELM masked model. `generate_cfg` has the published signature and results;
     `sample_tokens` is the engine's idiom (per-image settings and generators)."""
 
@@ -409,6 +412,22 @@ class ELMMLMModel:
         g = torch.empty(bsz, c.block_size, c.token_each, device=gen_device).exponential_(1, generator=generator)
         return draw.to(self.device), (-torch.log(g)).to(self.device)
 
+    # The family protocol (engine/core/protocol.py) ------------------------------------------------
+    DEFAULTS = {"num_iter": 10, "cfg": 1.0, "cfg_schedule": "constant", "temperature": 1.0, "top_k": None,
+                "top_p": None}
+
+    def resolve_settings(self, **given) -> dict:
+        """generate's settings (num_iter: refinement steps, generate_cfg's default 10)."""
+        checks = {"num_iter": lambda v: check_count("num_iter", v, MAX_NUM_ITER),
+                  "cfg": lambda v: v if isinstance(v, (list, tuple)) else _check_number("cfg", v),
+                  "cfg_schedule": lambda v: v if isinstance(v, (list, tuple)) else _check_schedule(v),
+                  "temperature": lambda v: v if isinstance(v, (list, tuple)) else _check_number("temperature", v, 0),
+                  "top_k": check_top_k, "top_p": check_top_p}
+        return resolve_settings(given, self.DEFAULTS, checks, self.sampling_defaults)
+
+    def batcher(self, max_images: int = 32) -> "MLMBatcher":
+        return MLMBatcher(self)
+
     # Validation --------------------------------------------------------------------------------
     def _scale_table(self, scales) -> torch.Tensor:
         flat = np.asarray(scales, dtype=np.float64).ravel()
@@ -422,49 +441,19 @@ class ELMMLMModel:
     _labels = ELMModel._labels
 
 
-def generate_images(model: ELMMLMModel, labels, bae, num_images, num_iter, cfg, cfg_schedule, temperature,
-                    top_k, top_p, generator, progress, vae=None, prompts=None, texts=None, height=None,
-                    width=None) -> torch.Tensor:
-    """engine.generate for the masked family: one image per label after num_iter refinement
-    steps (default 10, generate_cfg's), decoded by the BAE; float32 [N, C, H, W] in [0, 1]."""
-    c = model.config
-    if prompts is not None or texts is not None:
-        raise SamplingError("this is a class-conditional model: pass labels=[...], not prompts")
-    if height is not None or width is not None:
-        raise SamplingError(f"ELM models sample their {c.grid} x {c.grid} token grid; height / width are "
-                            "for text-to-image models")
-    if vae is not None:
-        raise SamplingError("ELM tokens decode with a binary autoencoder: pass bae=engine.load_bae(path), not vae=")
-    if bae is None or not hasattr(bae, "decode_indices"):
-        raise SamplingError("ELM tokens need a binary autoencoder to become images: pass "
-                            "bae=engine.load_bae('binaryae_ema.th'), or use model.sample_tokens for the tokens")
-    if bae.bits != c.token_each * c.code_dim:
-        raise SamplingError(f"the BAE has {bae.bits} bits per position but the model's tokens carry "
-                            f"token_each * code_dim = {c.token_each} * {c.code_dim} = {c.token_each * c.code_dim}")
-    from .. import labels_and_batch
-
-    labels, bsz = labels_and_batch(labels, num_images)
-    defaults = {"num_iter": 10, "cfg": 1.0, "cfg_schedule": "constant", "temperature": 1.0, "top_k": None,
-                "top_p": None, **model.sampling_defaults}
-    given = {"num_iter": num_iter, "cfg": cfg, "cfg_schedule": cfg_schedule, "temperature": temperature,
-             "top_k": top_k, "top_p": top_p}
-    settings = {k: defaults.get(k) if v is None else v for k, v in given.items()}
-    tokens = model.sample_tokens(bsz, labels=labels, generator=generator, progress=progress, **settings)
-    with torch.no_grad():
-        images = bae.decode_indices(tokens.to(bae.device))
-    return images.float().clamp(0, 1)
-
-
 # Drop-in use with an instance of the published masked Transformer ---------------------------------
 def is_elm_mlm(published) -> bool:
     return is_elm(published) and hasattr(published, "mlm_layer")
 
 
-def accelerate(published, backend="auto", **config) -> ELMMLMModel:
-    """An engine model with the published masked Transformer's weights (and device); its
+def accelerate(published, backend="auto", num_sampling_steps=None, **config) -> ELMMLMModel:
+    """An engine model with the published masked Transformer's weights (and device; no diffusion
+    head, so num_sampling_steps must be None); its
     generate_cfg gives the published tokens for the same seeds."""
     from ..loading import build_module
 
+    if num_sampling_steps is not None:
+        raise ConfigError("num_sampling_steps is for diffusion-head models; this model draws categorical tokens")
     values = {**config_of(published), **config}
     cfg = ELMMLMConfig.from_dict(values)
     state = {k: v.detach() for k, v in published.state_dict().items() if ".kv_cache." not in k}
@@ -479,7 +468,102 @@ def _family() -> Family:
     return Family(name=FAMILY_NAME, config_cls=ELMMLMConfig, presets=PRESETS, module_cls=ELMMLMTransformer,
                   model_cls=ELMMLMModel, marker_keys=("mlm_layer.fc.weight", "mlm_layer.bias"),
                   infer_sizes=infer_sizes, head_fields=("n_head",), ignored_args=TRAINING_ONLY,
-                  default_ema=False)   # bare state dicts, as ELM's sample.py reads them
+                  default_ema=False,   # bare state dicts, as ELM's sample.py reads them
+                  recognises=is_elm_mlm, from_published=accelerate, patch=patch_generate_cfg)
 
 
 FAMILY = _family()
+
+
+# Continuous batching (engine.serving) ------------------------------------------------------------
+class MLMImage:
+    """One image in flight: its tokens after `k` refinement steps and its per-step tables."""
+
+    def __init__(self, label, tokens, scales, noise_scales, floors, top_k, top_p, generator):
+        self.label, self.tokens, self.scales = label, tokens, scales
+        self.noise_scales, self.floors = noise_scales, floors
+        self.top_k, self.top_p, self.generator = top_k, top_p, generator
+        self.k, self.sampled, self.ok = 0, None, None
+
+    @property
+    def num_iter(self) -> int:
+        return self.floors.shape[0]
+
+    @property
+    def use_cfg(self) -> bool:
+        return self.scales is not None
+
+    @property
+    def done(self) -> bool:
+        return self.k >= self.num_iter
+
+    @property
+    def shape_key(self) -> tuple:
+        return (self.use_cfg,)
+
+
+class MLMBatcher:
+    """Images of ELM's masked model in flight at once, each at its own refinement step: one
+    bidirectional pass per group of images sharing a call's settings (CFG on or off, top-k,
+    top-p), with each image's own mask floor, cfg scale, confidence-noise scale and remask flag
+    as per-row tensors. An image's noise is drawn from its own generator as `sample_tokens`
+    draws it for a batch of one (published per-image counts), so its tokens do not depend on
+    what else is in flight."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def add(self, label=None, texts=None, settings=None, generator=None) -> MLMImage:
+        model, s, c = self.model, settings, self.model.config
+        device = model.device
+        row = model._labels(None if label is None else [label], 1, allow_null=False)
+        num_iter, cfg, temperature = s["num_iter"], float(s["cfg"]), float(s["temperature"])
+        scales = None
+        if cfg != 1.0:
+            model._need_null()
+            scales = model._scale_table([cfg_at(s["cfg_schedule"], cfg, k, num_iter) for k in range(num_iter)])
+        if not isinstance(generator, torch.Generator):
+            raise SamplingError(f"an image in flight needs its own torch.Generator, got {type(generator).__name__}")
+        noise_scales = torch.tensor(np.array([temperature * (1 - (k + 1) / num_iter) for k in range(num_iter)]),
+                                    dtype=torch.float32, device=device)
+        floors = torch.tensor([mask_floor_at(c.mask_schtype, k, num_iter, c.block_size) for k in range(num_iter)],
+                              dtype=torch.int64, device=device)
+        tokens = torch.full((1, c.block_size, c.token_each), c.mask_id, dtype=torch.int64, device=device)
+        return MLMImage(int(row[0]), tokens, scales, noise_scales, floors, s["top_k"], s["top_p"], generator)
+
+    def release(self, image) -> None:
+        pass   # an image holds no shared buffer
+
+    @torch.no_grad()
+    def step(self, images: list) -> list:
+        """One refinement step of every image given; returns those finished."""
+        if any(im.done for im in images):
+            raise SamplingError("step() takes images in flight, none done")
+        model, c = self.model, self.model.config
+        device = model.device
+        groups: dict = {}
+        for im in images:
+            groups.setdefault((im.use_cfg, im.top_k, im.top_p), []).append(im)
+        for (use_cfg, top_k, top_p), members in groups.items():
+            labels = torch.tensor([im.label for im in members], dtype=torch.int64, device=device)
+            rows = torch.cat([labels, torch.full_like(labels, c.num_classes)]) if use_cfg else labels
+            scale = torch.stack([im.scales[im.k] for im in members]) if use_cfg else None
+            draws, confidence = [], []
+            for im in members:
+                draw, g = model._generator_noise(im.generator, 1)
+                draws.append(draw.view(1, c.block_size * c.token_each, c.vocab_size))
+                confidence.append(g * im.noise_scales[im.k])
+            floors = torch.stack([im.floors[im.k] for im in members]).view(-1, 1)
+            sampled, tokens, logits = model.refine_step(
+                torch.cat([im.tokens for im in members]), rows, scale, torch.cat(draws), torch.cat(confidence),
+                floors, None, False, top_k, top_p)
+            finite = torch.isfinite(logits).flatten(1).all(dim=1)
+            for j, im in enumerate(members):
+                im.tokens, im.sampled = tokens[j:j + 1], sampled[j:j + 1]
+                im.ok = finite[j] if im.ok is None else im.ok & finite[j]
+                im.k += 1
+        return [im for im in images if im.done]
+
+    def tokens(self, images: list) -> torch.Tensor:
+        check_draws(images)
+        return torch.cat([im.sampled for im in images])

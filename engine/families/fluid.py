@@ -5,16 +5,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+
 from ..conditioning import Condition
 from ..config import (MAX_DEPTH, MAX_HEADS, MAX_MLP_RATIO, MAX_PARAMS, MAX_SEQ_LEN, MAX_STRIDE,
                       MAX_TOKEN_DIM, MAX_WIDTH, MAX_IMG_SIZE, ConfigMixin, _block_params,
                       _head_params, parse_range, parse_steps)
 from ..config import check_int_range as _check_range
-from ..errors import ConfigError
+from ..errors import ConfigError, SamplingError
 from ..model import Model
 from ..plan import MAX_BATCH, check_count
 from . import Family
-from .mar import depth_of, head_and_mlp_sizes, shape_of
+from .mar import depth_of, from_published, head_and_mlp_sizes, is_fluid, shape_of
 
 # The published preset functions (fluid_base / _large / _huge): transformer sizes only; the head
 # sizes come from the run's args (LightGen's pipeline: diffloss_d=8, diffloss_w=1536).
@@ -26,6 +28,7 @@ PRESETS: dict[str, dict] = {
                             "fluid_huge": (1280, 20, 16)}.items()
 }
 # FLUID constructor arguments that only matter for training: accepted and ignored.
+FAMILY_NAME = "fluid"
 TRAINING_ONLY = frozenset({"mask_ratio_min", "text_drop_prob", "attn_dropout", "proj_dropout",
                            "diffusion_batch_mul", "grad_checkpointing"})
 MAX_TEXT_LENGTH = 4096
@@ -175,7 +178,7 @@ def infer_sizes(state: dict) -> dict:
 class FluidModel(Model):
     """Text-to-image Fluid. `sample_tokens` has LightGen's signature and results."""
 
-    family = "fluid"
+    family = FAMILY_NAME
 
     def sample_tokens(self, bsz: int, num_iter: int = 64, cfg=1.0, cfg_schedule="linear",
                       texts=None, temperature=1.0, height: int | None = None,
@@ -196,16 +199,104 @@ class FluidModel(Model):
         return self.sample(bsz, condition, grid, num_iter=num_iter, cfg=cfg, cfg_schedule=cfg_schedule,
                            temperature=temperature, progress=progress, generator=generator)
 
+    # The family protocol (engine/core/protocol.py) --------------------------------------------
+    conditioning = "text"
+    num_classes = None
+
+    @property
+    def text_shape(self) -> tuple:
+        """(max_length, caption_channels) of the text-encoder outputs it reads."""
+        return (self.config.max_length, self.config.caption_channels)
+
+    def image_shape(self, height=None, width=None, vae=None, bae=None) -> tuple:
+        c = self.config
+        return (height or c.img_size, width or c.img_width or c.img_size,
+                c.vae_embed_dim if self.decoder == "pixels" else 3)
+
+    def generate_images(self, labels=None, num_images=None, generator=None, progress=False, vae=None, bae=None,
+                        prompts=None, texts=None, text_encoder=None, height=None, width=None, **settings):
+        """engine.generate for text-to-image: one image per prompt (or encoder output)."""
+        if labels is not None:
+            raise SamplingError("this is a text-to-image model: pass prompts=[...], not labels")
+        if bae is not None:
+            raise SamplingError("bae= is for models whose tokens a binary autoencoder decodes; this model "
+                                "decodes with vae=")
+        settings = self.resolve_settings(**settings)
+        texts, bsz = self.texts_for(prompts, texts, text_encoder, num_images)
+        tokens = self.sample_tokens(bsz, texts=texts, height=height, width=width, progress=progress,
+                                    generator=generator, **settings)
+        return self.decode(tokens, vae)
+
+    def texts_for(self, prompts=None, texts=None, text_encoder=None, num_images=None):
+        """(text-encoder outputs or None, batch size) of a text-to-image call."""
+        return texts_for(self, prompts, texts, text_encoder, num_images)
+
+    def condition_of(self, label=None, texts=None) -> Condition:
+        if texts is not None:
+            texts = texts.reshape(1, *texts.shape[-2:])
+        return Condition.text(texts, 1, self.config.max_length, self.config.caption_channels, self.device)
+
+
+def texts_for(model, prompts, texts, text_encoder, num_images):
+    """(text-encoder outputs or None, batch size) of a text-to-image call."""
+    c = model.config
+    if texts is not None:
+        if prompts is not None:
+            raise SamplingError("pass prompts or texts, not both")
+        if not isinstance(texts, torch.Tensor) or texts.ndim != 3:
+            raise SamplingError(f"texts must be a tensor [B, {c.max_length}, {c.caption_channels}] of "
+                                "text-encoder outputs; encode prompts with engine.load_text_encoder(DIR), "
+                                "or pass prompts=[...]")
+        if num_images is not None and num_images != len(texts):
+            raise SamplingError(f"num_images={num_images} but {len(texts)} texts")
+        return texts, len(texts)
+    if prompts is None:
+        if num_images is None:
+            raise SamplingError("pass prompts=[...] (or num_images for unconditional samples)")
+        return None, num_images
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if not isinstance(prompts, (list, tuple)) or not prompts \
+            or not all(isinstance(p, str) for p in prompts):
+        raise SamplingError(f"prompts must be a non-empty list of strings, got {prompts!r:.100}")
+    if num_images is not None and num_images != len(prompts):
+        raise SamplingError(f"num_images={num_images} but {len(prompts)} prompts")
+    encoder = text_encoder if text_encoder is not None else getattr(model, "text_encoder", None)
+    if encoder is None:
+        raise SamplingError("prompts need a text encoder: pass text_encoder=engine.load_text_encoder(DIR, "
+                            "max_length=model.config.max_length), or set model.text_encoder")
+    length, channels = getattr(encoder, "max_length", None), getattr(encoder, "channels", None)
+    if length != c.max_length or channels != c.caption_channels:
+        raise SamplingError(f"the text encoder gives [*, {length}, {channels}] but the model reads "
+                            f"[*, {c.max_length}, {c.caption_channels}] (max_length, caption_channels); "
+                            "load the encoder with max_length=model.config.max_length (and the T5 the "
+                            "model was trained with)")
+    return encoder(list(prompts)).to(model.device), len(prompts)
+
 
 def _family() -> Family:
     from ..models.fluid import Fluid
 
-    return Family(name="fluid", config_cls=FluidConfig, presets=PRESETS, module_cls=Fluid,
-                  model_cls=FluidModel, marker_keys=("text_emb.text_proj.linear_1.weight", "fake_latent"),
-                  infer_sizes=infer_sizes,
-                  head_fields=("encoder_num_heads", "decoder_num_heads", "cross_num_heads"),
-                  ignored_args=TRAINING_ONLY,
-                  default_ema=False)   # LightGen's sampling scripts read checkpoint['model']
+    family = Family(name=FAMILY_NAME, config_cls=FluidConfig, presets=PRESETS, module_cls=Fluid,
+                    model_cls=FluidModel, marker_keys=("text_emb.text_proj.linear_1.weight", "fake_latent"),
+                    infer_sizes=infer_sizes,
+                    head_fields=("encoder_num_heads", "decoder_num_heads", "cross_num_heads"),
+                    ignored_args=TRAINING_ONLY,
+                    default_ema=False,   # LightGen's sampling scripts read checkpoint['model']
+                    recognises=is_fluid, patch=patch_published)
+    return family.with_drop_in(from_published)
+
+
+def patch_published(published, engine_model) -> None:
+    """FLUID.sample_tokens with LightGen's signature defaults (height = width = 512)."""
+    sample = engine_model.sample_tokens
+
+    def sample_tokens(bsz, num_iter=64, cfg=1.0, cfg_schedule="linear", texts=None, temperature=1.0,
+                      height=512, width=512, progress=False, generator=None):
+        return sample(bsz, num_iter=num_iter, cfg=cfg, cfg_schedule=cfg_schedule, texts=texts,
+                      temperature=temperature, height=height, width=width, progress=progress,
+                      generator=generator)
+    published.sample_tokens = sample_tokens
 
 
 FAMILY = _family()

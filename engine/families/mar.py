@@ -7,7 +7,14 @@ import re
 
 import torch
 
+from ..diffusion import NUM_TRAIN_TIMESTEPS, space_timesteps
+from ..conditioning import Condition
+from ..errors import ConfigError
+from ..model import Model
+from ..plan import MAX_BATCH, check_count
 from . import Family
+
+FAMILY_NAME = "mar"
 
 
 def shape_of(state: dict, key: str):
@@ -50,14 +57,115 @@ def head_and_mlp_sizes(state: dict, encoder_width: int | None) -> dict:
     return out
 
 
+class MARModel(Model):
+    """Class-conditional MAR. `sample_tokens` has the published signature and results."""
+
+    family = FAMILY_NAME
+
+    def sample_tokens(self, bsz: int, num_iter: int = 64, cfg=1.0, cfg_schedule="linear",
+                      labels=None, temperature=1.0, progress: bool = False, generator=None):
+        """Sample `[bsz, vae_embed_dim, h, w]` tokens (unpatchified latents, or pixels in [-1, 1]
+        for pixel-token models).
+
+        Without `generator` it draws from numpy's and torch's global RNGs in the published order,
+        so after `torch.manual_seed(s); np.random.seed(s)` it returns the published tokens. With a
+        `torch.Generator`, that generator alone drives orders and noise (no global state read);
+        with a list of one per image, image i depends on generator i alone. `cfg`,
+        `cfg_schedule` and `temperature` may also be given per image. Steps of the published
+        schedule that would predict no token (num_iter > seq_len) are skipped."""
+        bsz = check_count("bsz", bsz, MAX_BATCH)
+        condition = Condition.labels(labels, bsz, self.config.class_num, self.device)
+        return self.sample(bsz, condition, self.mar.grid(), num_iter=num_iter, cfg=cfg,
+                           cfg_schedule=cfg_schedule, temperature=temperature, progress=progress,
+                           generator=generator)
+
+
+# Drop-in use with an instance of the published MAR (and LightGen's FLUID, which shares it) ------
+def _respacing_of(published) -> str:
+    """The respacing string that reproduces the published model's kept timesteps."""
+    diffusion = getattr(getattr(published, "diffloss", None), "gen_diffusion", None)
+    kept = sorted(getattr(diffusion, "use_timesteps", None) or getattr(diffusion, "timestep_map", []) or [])
+    if not kept:
+        raise ConfigError("cannot read the sampling respacing (diffloss.gen_diffusion); "
+                          "pass num_sampling_steps=...")
+    for spec in (str(len(kept)), f"ddim{len(kept)}"):
+        try:
+            if space_timesteps(NUM_TRAIN_TIMESTEPS, spec) == kept:
+                return spec
+        except ConfigError:
+            pass
+    raise ConfigError("the published model uses a sectioned respacing; pass num_sampling_steps="
+                      "the string it was built with (e.g. '10,5')")
+
+
+def is_fluid(published) -> bool:
+    return hasattr(published, "cross_attn_blocks") and hasattr(published, "text_emb")
+
+
+def config_of(published) -> dict:
+    """Configuration values read from a published model's attributes and modules."""
+    try:
+        enc, dec = published.encoder_blocks, published.decoder_blocks
+        net = published.diffloss.net
+        values = dict(
+            img_size=published.img_size, vae_stride=published.vae_stride,
+            patch_size=published.patch_size, vae_embed_dim=published.vae_embed_dim,
+            encoder_embed_dim=published.z_proj.weight.shape[0], encoder_depth=len(enc),
+            decoder_embed_dim=published.mask_token.shape[-1], decoder_depth=len(dec),
+            diffloss_d=len(net.res_blocks), diffloss_w=net.input_proj.weight.shape[0])
+        if is_fluid(published):
+            cross, aligner = published.cross_attn_blocks, published.text_emb
+            values.update(cross_embed_dim=published.fake_latent.shape[-1], cross_depth=len(cross),
+                          text_depth=len(aligner.text_aligner),
+                          caption_channels=aligner.text_proj.linear_1.weight.shape[1],
+                          max_length=published.max_length,
+                          interpolate_offset=published.interpolate_offset,
+                          norm_eps=published.encoder_norm.eps)
+            if len(cross):
+                values["cross_num_heads"] = cross[0].attn.num_heads
+        else:
+            values.update(class_num=published.class_emb.weight.shape[0], buffer_size=published.buffer_size)
+        if len(enc):
+            values["encoder_num_heads"] = enc[0].attn.num_heads
+            values["mlp_ratio"] = enc[0].mlp.fc1.weight.shape[0] / values["encoder_embed_dim"]
+        if len(dec):
+            values["decoder_num_heads"] = dec[0].attn.num_heads
+    except AttributeError as err:
+        raise ConfigError(f"not a published MAR or FLUID model: {err}") from None
+    return values
+
+
+def is_mar(published) -> bool:
+    return hasattr(published, "class_emb") and hasattr(published, "diffloss") and not is_fluid(published)
+
+
+def from_published(family: Family, published, backend="auto", num_sampling_steps=None, **config):
+    """An engine model of `family` with the published MAR / FLUID's weights (and device)."""
+    from ..loading import build_module
+
+    values = config_of(published)
+    values["num_sampling_steps"] = num_sampling_steps or _respacing_of(published)
+    values.update(config)
+    cfg = family.config_cls.from_dict(values)
+    state = {k: v.detach() for k, v in published.state_dict().items()}
+    device = next(iter(state.values())).device
+    module = build_module(state, cfg, f"{type(published).__name__} instance").to(device)
+    return family.model_cls(module, backend=backend)
+
+
+def patch_sample_tokens(published, engine_model) -> None:
+    published.sample_tokens = engine_model.sample_tokens
+
+
 def _family() -> Family:
     from ..config import PRESETS, MARConfig
-    from ..model import MARModel
     from ..models.mar import MAR
 
-    return Family(name="mar", config_cls=MARConfig, presets=PRESETS, module_cls=MAR,
-                  model_cls=MARModel, marker_keys=("class_emb.weight", "diffusion_pos_embed_learned"),
-                  infer_sizes=infer_sizes, head_fields=("encoder_num_heads", "decoder_num_heads"))
+    family = Family(name=FAMILY_NAME, config_cls=MARConfig, presets=PRESETS, module_cls=MAR,
+                    model_cls=MARModel, marker_keys=("class_emb.weight", "diffusion_pos_embed_learned"),
+                    infer_sizes=infer_sizes, head_fields=("encoder_num_heads", "decoder_num_heads"),
+                    formats=("engine-mar",), recognises=is_mar, patch=patch_sample_tokens)
+    return family.with_drop_in(from_published)
 
 
 FAMILY = _family()

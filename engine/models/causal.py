@@ -130,9 +130,10 @@ class CausalAR(nn.Module):
 
     def decode(self, tokens: torch.Tensor, input_pos: torch.Tensor, cache: StaticKVCache,
                seq_pos: torch.Tensor) -> torch.Tensor:
-        """tokens [B, C] fed at sequence position input_pos ([1] int64 tensor): its keys and
-        values go into the cache; returns z [B, D] of the token at order[input_pos]. Fixed shapes."""
-        x = self.z_proj(tokens).unsqueeze(1) + seq_pos.index_select(0, input_pos)
+        """tokens [B, C] fed at sequence position input_pos ([1] int64 tensor, or [B]: one per
+        row): its keys and values go into the cache; returns z [B, D] of the token at
+        order[input_pos]. Fixed shapes."""
+        x = self.z_proj(tokens).unsqueeze(1) + seq_pos.index_select(0, input_pos).unsqueeze(-2)
         x = self.z_proj_ln(x)
         for i, block in enumerate(self.blocks):
             x = block.cached(x, cache, i, input_pos)

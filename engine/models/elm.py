@@ -50,9 +50,11 @@ def rope_table_1d(seq: int, head_dim: int, base: float) -> torch.Tensor:
 
 
 def apply_rotary(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
-    """x [B, S, H, D], freqs [S, D // 2, 2]: rotate adjacent channel pairs (in float32)."""
+    """x [B, S, H, D], freqs [S, D // 2, 2] (or [B, S, D // 2, 2]: one table per row): rotate
+    adjacent channel pairs (in float32)."""
     xs = x.float().reshape(*x.shape[:-1], -1, 2)
-    f = freqs.view(1, xs.shape[1], 1, xs.shape[3], 2)
+    rows = freqs.shape[0] if freqs.ndim == 4 else 1
+    f = freqs.view(rows, xs.shape[1], 1, xs.shape[3], 2)
     out = torch.stack([xs[..., 0] * f[..., 0] - xs[..., 1] * f[..., 1],
                        xs[..., 1] * f[..., 0] + xs[..., 0] * f[..., 1]], dim=-1)
     return out.flatten(3).type_as(x)
@@ -224,10 +226,12 @@ class ELMTransformer(nn.Module):
         return self.heads(h[:, -1:])[:, 0]
 
     def decode(self, tokens: torch.Tensor, input_pos: torch.Tensor, cache: StaticKVCache) -> torch.Tensor:
-        """tokens [B, token_each] at sequence position input_pos ([1] int64 tensor): write the
-        position into the cache, return its logits [B, token_each, V]. Fixed shapes."""
+        """tokens [B, token_each] at sequence position input_pos ([1] int64 tensor, or [B]: one
+        per row): write the position into the cache, return its logits [B, token_each, V]."""
         h = self.embed_tokens(tokens.unsqueeze(1))
         freqs = self.freqs_cis.index_select(0, input_pos)
+        if input_pos.shape[0] > 1:
+            freqs = freqs.unsqueeze(1)                           # [B, 1, D // 2, 2]
         for i, layer in enumerate(self.layers):
             h = layer.cached(h, freqs, cache, i, input_pos)
         return self.heads(h)[:, 0]

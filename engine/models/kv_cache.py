@@ -10,6 +10,11 @@ earlier call never leak into a later one.
     cache = StaticKVCache(n_layer, batch, n_kv_head, length, head_dim, torch.float32, device)
     out = prefill_attention(q, k, v, cache, layer)            # positions 0..S-1, causal
     out = decode_attention(q, k, v, cache, layer, input_pos)  # one position, input_pos: [1]
+    out = decode_attention(q, k, v, cache, layer, positions)  # one position per row: [B]
+
+Continuous batching (engine.serving) keeps one `SlotCache` of many rows: every image in flight
+owns rows of it, each at its own position; `rows(n)` is the view of the first n rows a step runs
+over (the slots stay compacted, so the view is a plain slice: no gather).
 
 q is [B, H, S, D]; k, v are [B, Hkv, S, D] (grouped-query attention when Hkv < H: the keys and
 values are repeated per query head, as the published code does). No host synchronisation.
@@ -39,6 +44,18 @@ class StaticKVCache:
     def length(self) -> int:
         return self.k.shape[3]
 
+    def rows(self, start: int, stop: int) -> "StaticKVCache":
+        """A cache over rows [start, stop) that shares this one's storage (writes go through)."""
+        view = StaticKVCache.__new__(StaticKVCache)
+        view.k, view.v = self.k[:, start:stop], self.v[:, start:stop]
+        view.positions = self.positions
+        return view
+
+    def move_row(self, src: int, dst: int) -> None:
+        """Copy row `src` (every layer, every position) onto row `dst`."""
+        self.k[:, dst] = self.k[:, src]
+        self.v[:, dst] = self.v[:, src]
+
 
 def _repeat_kv(x: torch.Tensor, n_head: int) -> torch.Tensor:
     groups = n_head // x.shape[1]
@@ -55,11 +72,18 @@ def prefill_attention(q, k, v, cache: StaticKVCache, layer: int) -> torch.Tensor
 
 
 def decode_attention(q, k, v, cache: StaticKVCache, layer: int, input_pos: torch.Tensor) -> torch.Tensor:
-    """One new position `input_pos` ([1] int64 tensor): write its key / value, attend to every
-    cached position <= input_pos. Fixed shapes whatever the position."""
-    cache.k[layer].index_copy_(2, input_pos, k)
-    cache.v[layer].index_copy_(2, input_pos, v)
-    mask = (cache.positions <= input_pos).view(1, 1, 1, -1)
+    """One new position `input_pos` ([1] int64 tensor, shared by every row; or [B], one per row):
+    write its key / value, attend to every cached position <= input_pos. Fixed shapes whatever
+    the position."""
+    if input_pos.shape[0] == 1:
+        cache.k[layer].index_copy_(2, input_pos, k)
+        cache.v[layer].index_copy_(2, input_pos, v)
+        mask = (cache.positions <= input_pos).view(1, 1, 1, -1)
+    else:
+        rows = torch.arange(q.shape[0], device=q.device)
+        cache.k[layer][rows, :, input_pos] = k[:, :, 0]
+        cache.v[layer][rows, :, input_pos] = v[:, :, 0]
+        mask = (cache.positions[None, :] <= input_pos[:, None]).view(q.shape[0], 1, 1, -1)
     n_head = q.shape[1]
     keys, values = _repeat_kv(cache.k[layer], n_head), _repeat_kv(cache.v[layer], n_head)
     return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)

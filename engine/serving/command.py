@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..arguments import add_family_argument
 from ..errors import EngineError
 from .scheduler import MAX_IMAGES_PER_REQUEST
 
@@ -18,8 +19,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default="digits",
                    help="published .pth, engine model directory, or built-in name (default: digits)")
-    p.add_argument("--family", default=None, choices=["mar", "fluid"])
+    add_family_argument(p)
     p.add_argument("--vae", default=None, help="kl16.ckpt or an AutoencoderKL directory (latent models)")
+    p.add_argument("--bae", default=None, help="ELM's binaryae_ema.th (binary-token models that ship none)")
     p.add_argument("--text-encoder", default=None, help="local T5 directory (text-to-image models)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
@@ -75,6 +77,8 @@ def _serve(args) -> int:
         if args.text_encoder:
             model.text_encoder = engine.load_text_encoder(
                 args.text_encoder, max_length=model.config.max_length, device=args.device)
+        if args.bae:   # the decoder of binary-token models that ship none
+            model.bae = engine.load_bae(args.bae, device=args.device)
         vae = engine.load_vae(args.vae, device=args.device) if args.vae else None
         return model, vae
 

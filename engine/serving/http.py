@@ -340,6 +340,10 @@ def to_request(body: ImageGenerationRequest, sched: Scheduler) -> Request:
     or a prompt that is a class number ("207": the OpenAI client always sends a prompt); when
     class_label is given a prompt is not read."""
     model = sched.model
+    if not sched.decodable:
+        what = "VAE latents and the server has no --vae" if model.decoder == "vae" else \
+            "binary tokens and the server has no --bae"
+        raise RequestError("request", f"this model generates {what} to decode them into images")
     label, prompt = body.class_label, body.prompt
     if sched.text_model:
         if label is not None:
@@ -347,7 +351,7 @@ def to_request(body: ImageGenerationRequest, sched: Scheduler) -> Request:
         if prompt is None:
             raise RequestError("prompt", "required for this text-to-image model")
     else:
-        classes = model.config.class_num
+        classes = model.num_classes
         if label is None:
             if prompt is None:
                 raise RequestError("class_label", f"required for this class-conditional model (0..{classes - 1})")
@@ -359,17 +363,15 @@ def to_request(body: ImageGenerationRequest, sched: Scheduler) -> Request:
                 raise RequestError("prompt", f"class {label} is out of range: this model has {classes} "
                                    f"classes (0..{classes - 1})")
         prompt = None
-    if body.size is not None and body.size != image_size(model):
-        raise RequestError("size", f"this model generates {image_size(model)} images, got {body.size!r}")
+    if body.size is not None and body.size != image_size(sched):
+        raise RequestError("size", f"this model generates {image_size(sched)} images, got {body.size!r}")
     return Request(label=label, prompt=prompt, n=body.n, num_iter=body.num_iter,
                    cfg=body.cfg, cfg_schedule=body.cfg_schedule, temperature=body.temperature,
                    seed=body.seed, timeout=body.timeout)
 
 
-def image_size(model) -> str:
-    c = model.config
-    height = c.img_size
-    width = getattr(c, "img_width", 0) or c.img_size
+def image_size(sched: Scheduler) -> str:
+    height, width, _ = sched.image_shape()
     return f"{width}x{height}"
 
 
@@ -380,21 +382,23 @@ def settings_of(request: Request) -> dict:
 
 def describe(sched: Scheduler, model_name: str) -> dict:
     model = sched.model
-    out = {"model": model_name, "family": model.family, "size": image_size(model),
+    out = {"model": model_name, "family": model.family, "size": image_size(sched),
            "max_images_per_request": sched.max_images_per_request,
            "max_batch_images": sched.max_batch_images, "max_queue": sched.max_queue,
            "queue_depth": sched.queue_depth, "images_in_flight": sched.images_in_flight,
            "backend": model.backend_name}
     if not sched.text_model:
-        out["classes"] = model.config.class_num
+        out["classes"] = model.num_classes
     return out
 
 
 def warm(sched: Scheduler) -> None:
     """One short request through the whole path (native build, transformer, head, decode)."""
-    request = Request(label=None, n=1, num_iter=1, seed=0)
-    if sched.text_model:
-        request = Request(texts=None, n=1, num_iter=1, seed=0)
+    label = None if sched.text_model else 0
+    try:   # one step where the family takes a step count, else its own length
+        request = sched.resolve(Request(label=label, n=1, num_iter=1, seed=0))
+    except RequestError:
+        request = Request(label=label, n=1, seed=0)
     result = sched.submit(request).result()
     result.png()
 

@@ -1,4 +1,5 @@
-"""Iteration-level batching of generation requests (Orca-style selective batching for MAR).
+"""Iteration-level batching of generation requests, for every family (Orca-style selective
+batching; for the causal families continuous batching over KV-cache slots, as vLLM's).
 
     scheduler = engine.serving.Scheduler(engine.load("digits"), max_batch_images=32, max_queue=64)
     future = scheduler.submit(engine.serving.Request(label=3, n=4, seed=7))
@@ -6,15 +7,16 @@
                                                     #    [torch.Generator().manual_seed(7 + i)])
     result = await scheduler.submit_async(Request(label=1))   # from asyncio code
 
-One background worker thread owns the model. Between any two plan steps finished images leave
-and waiting ones join (up to `max_batch_images` images in flight); each iteration runs
-`engine.sampler.advance` over every image in flight: images at the same step shape (seq_len,
-known and predicted counts) share one transformer pass, and the predicted rows of all of them go
-through ONE head call with per-row cfg scales and temperatures. Image i of a request with seed s
-is sampled with its own generator `torch.Generator().manual_seed(s + i)` exactly as a batch of
-one would be, so its tokens do not depend on what else is in flight (CPU float32: equal to
-`engine.generate(model, [label], generator=[torch.Generator().manual_seed(s + i)], ...)` up to
-float rounding, ~1e-6 relative).
+One background worker thread owns the model and its family's `Batcher` (model.batcher(); see
+engine/core/protocol.py). Between any two steps finished images leave and waiting ones join (up
+to `max_batch_images` images in flight); each iteration runs one `batcher.step` over every image
+in flight: images at the same step shape share one transformer pass (masked families: the same
+known / predicted counts; causal families: one decode pass over every KV-cache slot, each at its
+own position, plus one prefill of the images that joined). Image i of a request with seed s is
+sampled with its own generator `torch.Generator().manual_seed(s + i)` exactly as a batch of one
+would be, so its tokens do not depend on what else is in flight: equal to
+`engine.generate(model, [label], generator=[torch.Generator().manual_seed(s + i)], ...)` (CPU
+float32: continuous tokens up to float rounding, ~1e-6 relative; discrete ones token for token).
 
 Every submitted request ends, with its result or an error: `QueueFullError` at submission when
 `max_queue` requests already wait (nothing is queued then), `DeadlineExceeded` past its
@@ -38,14 +40,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .. import sampler
-from ..conditioning import Condition
+from ..core.protocol import SettingError
 from ..errors import EngineError, SamplingError
-from ..plan import MAX_NUM_ITER, build_plan, check_cfg, check_count, check_schedule
+from ..plan import check_count
 
 MAX_SEED = 2 ** 63 - 1
 MAX_IMAGES_PER_REQUEST = 16     # default cap on `n` (Scheduler(max_images_per_request=...))
-FAMILIES = ("mar", "fluid")     # the masked continuous families the scheduler serves
+SETTINGS = ("num_iter", "cfg", "cfg_schedule", "temperature", "top_k", "top_p")   # Request fields
 
 
 class ServingError(EngineError):
@@ -103,6 +104,8 @@ class Request:
     cfg: float | None = None
     cfg_schedule: str | None = None
     temperature: float | None = None
+    top_k: int | None = None        # binary-token families
+    top_p: float | None = None
     seed: int | None = None
     timeout: float | None = None
     request_id: str | None = None
@@ -112,7 +115,7 @@ class Request:
 class GenerationResult:
     """What a request's future resolves to. `request` has every setting and the seed filled in."""
     request: Request
-    tokens: torch.Tensor          # [n, C, H, W], as model.sample_tokens returns them
+    tokens: torch.Tensor          # [n, ...], as model.sample_tokens returns them
     latency: float                # seconds from submission to the last image's last step
     _decode: object = dataclasses.field(default=None, repr=False)
 
@@ -152,10 +155,11 @@ class _Job:
     future: RequestFuture
     submitted: float
     deadline: float | None
-    condition: Condition | None = None
+    condition: tuple | None = None    # (label, texts) of every image
+    settings: dict | None = None
     admitted: int = 0             # images started
     finished: int = 0
-    tokens: list = dataclasses.field(default_factory=list)
+    images: list = dataclasses.field(default_factory=list)   # finished images, by index
     slots: list = dataclasses.field(default_factory=list)   # its images in flight
     settled: bool = False
 
@@ -168,29 +172,28 @@ class Scheduler:
     the largest `n`. default_timeout: seconds a request may take (None: unbounded). vae: the
     decoder of latent-token models (engine.load_vae); text_encoder: for prompts (default: the
     model's). admit_wait: after waking from idle the worker starts once no request arrived for
-    this long (at most 10 x admit_wait), so that requests sent together start together."""
+    this long (at most 10 x admit_wait), so that requests sent together start together. bae: the
+    decoder of binary-token models that ship none (engine.load_bae)."""
 
     def __init__(self, model, max_batch_images: int = 32, max_queue: int = 256,
                  max_images_per_request: int = MAX_IMAGES_PER_REQUEST,
                  default_timeout: float | None = None, vae=None, text_encoder=None,
-                 admit_wait: float = 0.002, start: bool = True):
-        if getattr(model, "family", None) not in FAMILIES:
-            raise ServingError(f"the scheduler serves the masked families {FAMILIES}; this model is "
-                               f"{getattr(model, 'family', type(model).__name__)!r}")
+                 admit_wait: float = 0.002, start: bool = True, bae=None):
+        if not callable(getattr(model, "batcher", None)):
+            raise ServingError(f"the scheduler serves engine models (engine.load); got {type(model).__name__}")
         self.model = model
         self.max_batch_images = check_count("max_batch_images", max_batch_images, 65536)
         self.max_queue = check_count("max_queue", max_queue, 1 << 30)
         self.max_images_per_request = check_count("max_images_per_request", max_images_per_request, 65536)
         self.default_timeout = None if default_timeout is None else _check_timeout(default_timeout)
-        self.vae = vae
+        self.vae, self.bae = vae, bae
         self.text_encoder = text_encoder
         self.admit_wait = float(admit_wait)
-        self.grid = tuple(model.mar.grid())
-        self.text_model = model.family == "fluid"
-        if not self.text_model and model.config.tokenizer != "pixels" and vae is None:
-            self._decodable = False
-        else:
-            self._decodable = True
+        self.text_model = model.conditioning == "text"
+        # Without a decoder the results hold tokens only (GenerationResult.images raises).
+        self.decodable = {"pixels": True, "vae": vae is not None,
+                          "bae": bae is not None or getattr(model, "bae", None) is not None}[model.decoder]
+        self.batcher = model.batcher(self.max_batch_images)
         self._cv = threading.Condition()
         self._waiting: collections.deque[_Job] = collections.deque()
         self._active: list = []           # in-flight slots (worker thread only)
@@ -291,7 +294,7 @@ class Scheduler:
                 self.counts["rejected_full"] += 1
                 raise QueueFullError(f"the queue is full ({self.max_queue} requests waiting); "
                                      "retry later", retry_after=self.retry_after())
-            self._waiting.append(_Job(request, future, now, deadline, tokens=[None] * request.n))
+            self._waiting.append(_Job(request, future, now, deadline, images=[None] * request.n))
             self._last_submit = now
             self.counts["submitted"] += 1
             self._cv.notify_all()
@@ -377,6 +380,8 @@ class Scheduler:
 
     def _drop(self, job: _Job) -> None:
         if job.slots:
+            for slot in job.slots:
+                self.batcher.release(slot.image)
             self._active = [s for s in self._active if s.job is not job]
             job.slots.clear()
             self._in_flight = len(self._active)
@@ -411,14 +416,15 @@ class Scheduler:
                     return
                 job = self._waiting[0]
             try:
-                if job.condition is None:
-                    job.condition = self._condition(job.request)
                 request = job.request
+                if job.condition is None:
+                    job.condition = self._condition(request)
+                    job.settings = self.model.resolve_settings(**{k: getattr(request, k) for k in SETTINGS})
                 while job.admitted < request.n and len(self._active) < self.max_batch_images:
                     seed = (request.seed + job.admitted) % (MAX_SEED + 1)
-                    image = sampler.InFlightImage(
-                        self.model, job.condition, self.grid, request.num_iter, request.cfg,
-                        request.cfg_schedule, request.temperature, torch.Generator().manual_seed(seed))
+                    label, texts = job.condition
+                    image = self.batcher.add(label=label, texts=texts, settings=job.settings,
+                                             generator=torch.Generator().manual_seed(seed))
                     slot = _Slot(job, job.admitted, image)
                     job.slots.append(slot)
                     self._active.append(slot)
@@ -440,26 +446,27 @@ class Scheduler:
                     if self._waiting and self._waiting[0] is job:
                         self._waiting.popleft()
 
-    def _condition(self, request: Request) -> Condition:
-        model, device = self.model, self.model.device
+    def _condition(self, request: Request) -> tuple:
+        """(label, texts) of the request's images (a prompt encoded once, here)."""
         if not self.text_model:
-            labels = None if request.label is None else [request.label]
-            return Condition.labels(labels, 1, model.config.class_num, device)
-        c = model.config
+            return request.label, None
         texts = request.texts
         if texts is None and request.prompt is not None:
-            encoder = self.text_encoder or getattr(model, "text_encoder", None)
+            encoder = self.text_encoder or getattr(self.model, "text_encoder", None)
             texts = encoder([request.prompt])
-        if texts is not None:
-            texts = texts.reshape(1, *texts.shape[-2:])
-        return Condition.text(texts, 1, c.max_length, c.caption_channels, device)
+        return None, texts
+
+    def image_shape(self) -> tuple:
+        """(H, W, C) of the images this scheduler returns."""
+        return self.model.image_shape(vae=self.vae, bae=self.bae)
 
     def _iterate(self) -> None:
         slots = list(self._active)
         groups = len({s.image.shape_key for s in slots})   # transformer passes this iteration
+        rows = sum(getattr(s.image, "predicting", 1) for s in slots)
         start = time.perf_counter()
         try:
-            finished = sampler.advance(self.model, [s.image for s in slots])
+            finished = self.batcher.step([s.image for s in slots])
         except Exception as err:   # noqa: BLE001 - fail the requests in flight, keep serving
             error = WorkerError(f"a sampling step failed: {type(err).__name__}: {err}")
             error.__cause__ = err
@@ -471,7 +478,6 @@ class Scheduler:
                 self._settle(job, error=error, status="error")
             return
         seconds = time.perf_counter() - start
-        rows = sum(s.image.plan.steps[s.image.k - 1].num_predict for s in slots)
         for fn in self._step_listeners:
             _call(fn, seconds, len(slots), rows, groups)
         done = {id(image) for image in finished}
@@ -483,7 +489,7 @@ class Scheduler:
                 keep.append(slot)
                 continue
             job = slot.job
-            job.tokens[slot.index] = slot.image.tokens
+            job.images[slot.index] = slot.image
             job.slots.remove(slot)
             job.finished += 1
             if job.finished == job.request.n:
@@ -493,9 +499,7 @@ class Scheduler:
 
     def _complete(self, job: _Job) -> None:
         try:
-            tokens = torch.cat(job.tokens)
-            sampler.check_finite(tokens)
-            tokens = self.model.mar.unpatchify(tokens, self.grid)
+            tokens = self.batcher.tokens(job.images)
         except Exception as err:   # noqa: BLE001
             self._settle(job, error=err, status="error")
             return
@@ -505,11 +509,11 @@ class Scheduler:
         self._settle(job, result=GenerationResult(job.request, tokens, latency, self._decode))
 
     def _decode(self, tokens: torch.Tensor, output_type: str = "np"):
-        from ..images import OUTPUT_TYPES, convert_output, tokens_to_images
+        from ..images import OUTPUT_TYPES, convert_output
 
         if output_type not in OUTPUT_TYPES:
             raise SamplingError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
-        return convert_output(tokens_to_images(self.model, tokens, self.vae), output_type)
+        return convert_output(self.model.decode(tokens, vae=self.vae, bae=self.bae), output_type)
 
 
 @dataclass(eq=False)
@@ -533,27 +537,14 @@ def _check_timeout(value) -> float:
     return float(value)
 
 
-def _field(name: str, check, value):
-    try:
-        return check(value)
-    except SamplingError as err:
-        raise RequestError(name, str(err)) from None
-
-
 def _is_int(value) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
 def _resolve(scheduler: Scheduler, request: Request) -> Request:
-    from .. import sampling_settings
-    from ..sampler import validate_temperature
-
     if not isinstance(request, Request):
         raise RequestError("request", f"expected an engine.serving.Request, got {type(request).__name__}")
     model = scheduler.model
-    if not scheduler._decodable:
-        raise RequestError("request", "this model generates VAE latents and the scheduler has no vae= "
-                           "to decode them")
     if scheduler.text_model:
         if request.label is not None:
             raise RequestError("class_label", "this is a text-to-image model: pass prompt, not class_label")
@@ -565,16 +556,16 @@ def _resolve(scheduler: Scheduler, request: Request) -> Request:
             if (scheduler.text_encoder or getattr(model, "text_encoder", None)) is None:
                 raise RequestError("prompt", "this server has no text encoder for prompts")
         if request.texts is not None:
-            c = model.config
+            length, channels = model.text_shape
             t = request.texts
-            if not isinstance(t, torch.Tensor) or tuple(t.shape[-2:]) != (c.max_length, c.caption_channels) \
+            if not isinstance(t, torch.Tensor) or tuple(t.shape[-2:]) != (length, channels) \
                     or t.dim() not in (2, 3) or (t.dim() == 3 and t.shape[0] != 1):
-                raise RequestError("texts", f"must be a tensor [{c.max_length}, {c.caption_channels}]")
+                raise RequestError("texts", f"must be a tensor [{length}, {channels}]")
     else:
         if request.prompt is not None or request.texts is not None:
             raise RequestError("prompt", "this is a class-conditional model: pass class_label, not prompt")
         if request.label is not None:
-            num = model.config.class_num
+            num = model.num_classes
             if not _is_int(request.label):
                 raise RequestError("class_label", f"must be an integer, got {request.label!r}")
             if not 0 <= request.label < num:
@@ -583,14 +574,10 @@ def _resolve(scheduler: Scheduler, request: Request) -> Request:
     n = request.n
     if not _is_int(n) or not 1 <= n <= scheduler.max_images_per_request:
         raise RequestError("n", f"must be an integer from 1 to {scheduler.max_images_per_request}, got {n!r}")
-    settings = sampling_settings(model, num_iter=request.num_iter, cfg=request.cfg,
-                                 cfg_schedule=request.cfg_schedule, temperature=request.temperature)
-    num_iter = _field("num_iter", lambda v: check_count("num_iter", v, MAX_NUM_ITER), settings["num_iter"])
-    cfg = _field("cfg", check_cfg, settings["cfg"])
-    schedule = _field("cfg_schedule", check_schedule, settings["cfg_schedule"])
-    temperature = _field("temperature", validate_temperature, settings["temperature"])
-    seq_len = scheduler.grid[0] * scheduler.grid[1]
-    _field("cfg", lambda v: build_plan(1, num_iter, seq_len, v, schedule), cfg)
+    try:
+        settings = model.resolve_settings(**{k: getattr(request, k) for k in SETTINGS})
+    except SettingError as err:
+        raise RequestError(err.setting, str(err)) from None
     seed = request.seed
     if seed is None:
         seed = secrets.randbelow(MAX_SEED + 1)
@@ -599,6 +586,6 @@ def _resolve(scheduler: Scheduler, request: Request) -> Request:
     timeout = request.timeout if request.timeout is not None else scheduler.default_timeout
     if timeout is not None:
         timeout = _check_timeout(timeout)
-    return dataclasses.replace(request, n=int(n), num_iter=num_iter, cfg=cfg, cfg_schedule=schedule,
-                               temperature=temperature, seed=int(seed), timeout=timeout,
+    filled = {k: v for k, v in settings.items() if k in SETTINGS}
+    return dataclasses.replace(request, n=int(n), seed=int(seed), timeout=timeout, **filled,
                                label=None if request.label is None else int(request.label))

@@ -1,0 +1,104 @@
+"""The family protocol: what every loaded model offers the shared code.
+
+`engine.generate`, `accelerate` / `patch`, the CLI, the serving scheduler and the distributed
+jobs reach a family only through these attributes and methods; none of them branches on a
+family's name. A family implements them in its own place (engine/families/<name>) and adds one
+line to the registry (engine/families/__init__.py). See docs/contributing.md, "Adding a family".
+
+Attributes
+  family         the registry name ("mar", ...): data for messages and records, never a branch
+  conditioning   "class" (labels; None = unconditional) or "text" (prompts / encoder outputs)
+  decoder        what turns tokens into images: "vae" (engine.load_vae), "bae" (engine.load_bae;
+                 a model may ship its own as `model.bae`) or "pixels" (the tokens are pixels)
+  sampling_defaults   settings recorded with the model (engine directories), over the family's
+
+Methods
+  resolve_settings(**given) -> dict
+      The family's settings (num_iter, cfg, cfg_schedule, temperature, and whatever else it
+      takes: top_k, top_p, ...), each None replaced by the model's recorded default, else the
+      published one; every value checked. A setting the family does not take, given non-None,
+      is refused. Errors are `SettingError`s naming the setting.
+  generate_images(labels=, prompts=, texts=, text_encoder=, num_images=, height=, width=,
+                  generator=, progress=, vae=, bae=, **settings) -> float [N, C, H, W] in [0, 1]
+      engine.generate's work: conditions -> the family's batch sampler -> decode.
+  image_shape(height=None, width=None) -> (H, W, C) of the images it generates.
+  decode(tokens, vae=None, bae=None) -> float [N, C, H, W] in [0, 1]
+  batcher(max_images) -> Batcher
+      Iteration-level batching (engine.serving): images of different requests in flight at
+      once, each at its own step, joining and leaving between any two steps.
+
+A `Batcher` (one per scheduler; it owns per-image state such as KV-cache slots):
+  add(label=None, texts=None, settings=dict, generator=torch.Generator) -> image
+      one image in flight; `image.done` tells when its last step ran. Raises SamplingError
+      (this request cannot run: e.g. no null class for CFG) before anything is allocated.
+  step(images) -> list of the images that finished
+      one step of every image given (none done): images at the same step shape share the
+      transformer pass. Image i's tokens equal what the family's batch sampler gives it alone
+      with the same settings and generator, whatever else is in flight.
+  release(image)   frees what the image holds (done, cancelled or failed)
+  tokens(images) -> the tokens of finished images, as the family's sample_tokens returns them
+"""
+from __future__ import annotations
+
+from ..errors import SamplingError
+
+CONDITIONINGS = ("class", "text")
+DECODERS = ("vae", "bae", "pixels")
+
+
+class SettingError(SamplingError):
+    """A sampling setting that cannot be honoured; `setting` names it (the message starts with it)."""
+
+    def __init__(self, setting: str, message: str):
+        super().__init__(message if message.startswith(setting) else f"{setting}: {message}")
+        self.setting = setting
+
+    def __reduce__(self):   # picklable (Ray, LitServe workers)
+        return type(self), (self.setting, str(self))
+
+
+def each(check):
+    """A check for a setting given once or once per image (a list / tuple / array: each entry
+    checked, the sequence kept as given for the sampler that takes it per image)."""
+    def checked(value):
+        if isinstance(value, (list, tuple)) or (hasattr(value, "ndim") and getattr(value, "ndim", 0) > 0):
+            for v in (value.tolist() if hasattr(value, "tolist") else value):
+                check(v)
+            return value
+        return check(value)
+    return checked
+
+
+def resolve_settings(given: dict, defaults: dict, checks: dict, recorded: dict | None = None) -> dict:
+    """Each setting of `defaults`: the caller's value, else the model's `recorded` default, else
+    the family's; then `checks[name](value)` (errors become SettingErrors naming it). A setting
+    the family does not take is refused when given (None means not given)."""
+    for name, value in given.items():
+        if name not in defaults and value is not None:
+            raise SettingError(name, f"{name} is not a setting of this model; it takes "
+                                     f"{', '.join(sorted(defaults))}")
+    recorded = {k: v for k, v in (recorded or {}).items() if k in defaults}
+    out = {}
+    for name, default in {**defaults, **recorded}.items():
+        value = given.get(name)
+        value = default if value is None else value
+        check = checks.get(name)
+        if check is not None:
+            try:
+                value = check(value)
+            except SamplingError as err:
+                raise SettingError(name, str(err)) from None
+        out[name] = value
+    return out
+
+
+def labels_and_batch(labels, num_images) -> tuple:
+    """(labels as a list or None, batch size) of a class-conditional call."""
+    if labels is None:
+        if num_images is None:
+            raise SamplingError("pass labels, or num_images for unconditional samples")
+        return None, num_images
+    labels = list(labels.tolist() if hasattr(labels, "tolist") else labels)
+    if num_images is not None and num_images != len(labels):
+        raise SamplingError(f"num_images={num_images} but {len(labels)} labels")
+    return labels, len(labels)
