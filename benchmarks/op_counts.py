@@ -29,7 +29,7 @@ import torch  # noqa: E402
 
 import engine  # noqa: E402
 from engine.backends import available_backends  # noqa: E402
-from engine.counting import count_ops  # noqa: E402
+from engine.core.counting import count_ops  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))

@@ -54,11 +54,11 @@ sys.path.insert(0, str(HERE))
 from gemm import BF16_METHODS, bandwidth_gbs, median_time, methods  # noqa: E402
 from stamp import machine_stamp  # noqa: E402
 
-from engine.attention import attention  # noqa: E402
-from engine.config import PRESETS, MARConfig  # noqa: E402
+from engine.ops.attention import attention  # noqa: E402
+from engine.core.config import PRESETS, MARConfig  # noqa: E402
 from engine.model import MARModel  # noqa: E402
 from engine.models.mar import MAR, gather_rows  # noqa: E402
-from engine.plan import mask_schedule  # noqa: E402
+from engine.core.plan import mask_schedule  # noqa: E402
 
 F32 = 4
 
@@ -284,7 +284,7 @@ def head_part(model: MARModel, rows: int, min_seconds: float) -> tuple:
 
 
 def ddpm_part(rows: int, token_dim: int, steps: int, min_seconds: float) -> tuple:
-    from engine.models.head import ddpm_update
+    from engine.ops.head import ddpm_update
 
     x = torch.randn(rows, token_dim)
     eps, v, noise = torch.randn_like(x), torch.randn_like(x), torch.randn_like(x)

@@ -11,7 +11,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .errors import EngineError
+from .core.errors import EngineError
 
 OUTPUT_SUFFIXES = (".png", ".jpg", ".jpeg", ".npz")
 MAX_SEED = 2 ** 63 - 1
@@ -211,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-ema", action="store_true", help="take 'model' instead of 'model_ema'")
     c.set_defaults(func=_convert)
 
-    for name in ("evaluate", "geneval", "train", "distributed", "serving"):
+    for name in ("builtin.evaluate", "builtin.geneval", "builtin.train", "distributed", "serving"):
         try:
             module = __import__(f"engine.{name}", fromlist=["add_parser"])
         except ImportError:

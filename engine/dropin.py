@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import functools
 
-from .diffusion import space_timesteps, NUM_TRAIN_TIMESTEPS
-from .errors import ConfigError
+from .ops.diffusion import space_timesteps, NUM_TRAIN_TIMESTEPS
+from .core.errors import ConfigError
 from .loading import build_module
 
 

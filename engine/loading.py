@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from .config import config_from_args
-from .errors import CheckpointError, ConfigError
+from .core.config import config_from_args
+from .core.errors import CheckpointError, ConfigError
 from .families import detect_family, family_of_config, get_family
 from .families.mar import infer_sizes  # noqa: F401  (MAR's, re-exported for callers)
 
@@ -25,7 +25,7 @@ ENGINE_FORMAT_VERSION = 1
 ENGINE_FORMATS = {ENGINE_FORMAT: "mar", "engine-ctf": "ctf"}   # config.json "format" -> its default family
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
-BUILTIN_DIR = Path(__file__).parent / "assets"
+BUILTIN_DIR = Path(__file__).parent / "builtin" / "assets"
 BUILTIN_MODELS = {"digits": BUILTIN_DIR / "digits", "digits-text": BUILTIN_DIR / "digits-text",
                   "digits-elm-ar": BUILTIN_DIR / "digits-elm-ar", "digits-causal": BUILTIN_DIR / "digits-causal",
                   "digits-elm-mlm": BUILTIN_DIR / "digits-elm-mlm", "digits-ctf": BUILTIN_DIR / "digits-ctf"}

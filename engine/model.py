@@ -5,11 +5,11 @@ from __future__ import annotations
 import torch
 
 from .backends import get_backend
-from .conditioning import Condition
-from .errors import ConfigError
-from .diffusion import make_tables
-from .models.head import PackedHead
-from .plan import MAX_BATCH, check_count
+from .core.conditioning import Condition
+from .core.errors import ConfigError
+from .ops.diffusion import make_tables
+from .ops.head import PackedHead
+from .core.plan import MAX_BATCH, check_count
 from .sampler import sample
 
 
@@ -93,7 +93,7 @@ class Model:
         """How plan steps run: CUDA graphs (captured once per plan shape, replayed after) when on
         CUDA with a graph-safe backend and `cuda_graphs` on; eager otherwise."""
         if self.device.type == "cuda" and self.cuda_graphs and getattr(self.backend, "graph_safe", False):
-            from .graphs import graphed_runner
+            from .core.runners import graphed_runner
             return graphed_runner(self, plan, grid)
         from .sampler import EagerRunner
         return EagerRunner(self, plan, grid)

@@ -11,10 +11,10 @@ import math
 import numpy as np
 import torch
 
-from .conditioning import Condition
-from .errors import SamplingError
-from .plan import FLOAT32_MAX, build_plan, per_image
-from .rng import _draw_one, check_generator, draw_step_inputs, draw_step_noise, randn, sample_orders  # noqa: F401
+from .core.conditioning import Condition
+from .core.errors import SamplingError
+from .core.plan import FLOAT32_MAX, build_plan, per_image
+from .core.rng import _draw_one, check_generator, draw_step_inputs, draw_step_noise, randn, sample_orders  # noqa: F401
 
 
 def validate_labels(labels, bsz: int, class_num: int, device) -> torch.Tensor | None:

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from conftest import GOLDEN_DIR, rel_err  # noqa: F401  (rel_err: re-exported for the tests)
-from engine.config import MARConfig
-from engine.diffusion import space_timesteps
+from engine.core.config import MARConfig
+from engine.ops.diffusion import space_timesteps
 from engine.models.mar import MAR
 
 CHECKPOINT = GOLDEN_DIR / "checkpoint-last.pth"

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 import engine
-from engine.counting import count_ops
+from engine.core.counting import count_ops
 from helpers import CHECKPOINT, spec_sample_tokens
 
 PUBLISHED = json.loads((Path(__file__).parent / "data" / "published" / "pub_counts.json").read_text())

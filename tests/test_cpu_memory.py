@@ -44,7 +44,7 @@ def test_large_op_outputs_stop_faulting_in_fresh_pages():
 
 def test_the_native_backend_applies_it(native_ext, monkeypatch):
     import engine
-    from engine import cpu_memory
+    from engine.core import cpu_memory
     from helpers import CHECKPOINT
 
     calls = []

@@ -10,9 +10,9 @@ import torch
 from safetensors.torch import load_file
 
 import engine
-from engine.counting import count_ops
+from engine.core.counting import count_ops
 from engine.families.elm import ELMModel
-from engine.graphs import DecodeGraphRunner, decode_graph_runner
+from engine.core.runners import DecodeGraphRunner, decode_graph_runner
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),
               pytest.mark.filterwarnings("ignore:(invalid value|divide by zero) encountered:RuntimeWarning")]

@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from engine.categorical import sample_logits
+from engine.ops.categorical import sample_logits
 from engine.kernels.categorical_sample import categorical_sample, categorical_sample_ref, launch_categorical
 from engine.kernels.utils import LAUNCHES
 

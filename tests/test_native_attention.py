@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 import engine
-from engine import attention as attention_mod
-from engine.counting import count_ops
+from engine.ops import attention as attention_mod
+from engine.core.counting import count_ops
 from helpers import CHECKPOINT
 
 OP = "engine.cpu_attention.default"

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine import packed_linear
+from engine.ops import packed_linear
 from engine.models.mar import Linear
 
 

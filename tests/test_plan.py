@@ -5,11 +5,11 @@ import pytest
 import torch
 
 from engine.backends import available_backends
-from engine.counting import count_ops
-from engine.graphs import GraphedRunner
+from engine.core.counting import count_ops
+from engine.core.runners import GraphedRunner
 from engine.model import MARModel
-from engine.plan import build_plan
-from engine.conditioning import Condition
+from engine.core.plan import build_plan
+from engine.core.conditioning import Condition
 from engine.sampler import draw_step_inputs, run_step, sample_orders
 from helpers import random_mar
 

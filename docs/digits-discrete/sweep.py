@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 import engine
-from engine.evaluate import evaluate_samples, make_reference
+from engine.builtin.evaluate import evaluate_samples, make_reference
 
 
 def main() -> None:

@@ -47,7 +47,7 @@ def main() -> int:
     import torch
 
     import engine
-    from engine.evaluate import run_sweep
+    from engine.builtin.evaluate import run_sweep
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from stamp import machine_stamp

@@ -23,7 +23,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import EngineError
+from ..core.errors import EngineError
 
 FORMAT = 1
 MAX_SEED = 2 ** 63 - 1
@@ -217,8 +217,8 @@ def resolve(request: Request, model) -> Job:
     """The job of a checked request for a loaded model; every sampling argument is validated
     here, before anything is written."""
     import engine
-    from ..conditioning import Condition
-    from ..plan import build_plan
+    from ..core.conditioning import Condition
+    from ..core.plan import build_plan
     from ..sampler import validate_temperature
 
     settings = engine.sampling_settings(model, num_iter=request.num_iter, cfg=request.cfg,

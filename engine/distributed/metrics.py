@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import EngineError
+from ..core.errors import EngineError
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 
@@ -135,8 +135,8 @@ def _to_model_range(images: np.ndarray) -> torch.Tensor:
 def digits_metrics(images: np.ndarray, labels=None, ref: np.ndarray | None = None) -> dict:
     """engine.evaluate's classifier on uint8 digit images: accuracy (labels 0-9 given) and the
     Fréchet distance of its features to the held-out real digits, or to `ref`'s images."""
-    from ..digits import NUM_CLASSES
-    from ..evaluate import classify, frechet_distance, load_classifier, make_reference
+    from ..builtin.digits import NUM_CLASSES
+    from ..builtin.evaluate import classify, frechet_distance, load_classifier, make_reference
 
     size = images.shape[1]
     x = _to_model_range(images)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import EngineError
+from ..core.errors import EngineError
 from .job import FORMAT, spec_diff, spec_hash
 
 PART_RE = re.compile(r"^part-(\d{9})-(\d{9})\.npz$")

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..errors import CheckpointError, ConfigError
+from ..core.errors import CheckpointError, ConfigError
 
 
 @dataclass(frozen=True)

@@ -31,12 +31,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..categorical import check_top_k, check_top_p, exponential_noise, guide, sample_logits
-from ..config import MAX_CLASSES, MAX_PARAMS, MAX_SEQ_LEN, ConfigMixin
-from ..config import check_int_range as _check_range
-from ..errors import CheckpointError, ConfigError, SamplingError
-from ..plan import MAX_BATCH, check_count, per_image
-from ..rng import check_generator
+from ..ops.categorical import check_top_k, check_top_p, exponential_noise, guide, sample_logits
+from ..core.config import MAX_CLASSES, MAX_PARAMS, MAX_SEQ_LEN, ConfigMixin
+from ..core.config import check_int_range as _check_range
+from ..core.errors import CheckpointError, ConfigError, SamplingError
+from ..core.plan import MAX_BATCH, check_count, per_image
+from ..core.rng import check_generator
 from . import Family
 from .elm import CFG_SCHEDULES, ClassGrid, LlamaSizes, _check_number, _check_schedule, cfg_at
 

@@ -37,12 +37,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..categorical import check_top_k, check_top_p, exponential_noise, sample_logits
-from ..config import MAX_CLASSES, MAX_DEPTH, MAX_HEADS, MAX_PARAMS, MAX_SEQ_LEN, MAX_WIDTH, ConfigMixin
-from ..config import check_int_range as _check_range
-from ..errors import ConfigError, SamplingError
-from ..plan import FLOAT32_MAX, MAX_BATCH, check_count, per_image
-from ..rng import check_generator
+from ..ops.categorical import check_top_k, check_top_p, exponential_noise, sample_logits
+from ..core.config import MAX_CLASSES, MAX_DEPTH, MAX_HEADS, MAX_PARAMS, MAX_SEQ_LEN, MAX_WIDTH, ConfigMixin
+from ..core.config import check_int_range as _check_range
+from ..core.errors import ConfigError, SamplingError
+from ..core.plan import FLOAT32_MAX, MAX_BATCH, check_count, per_image
+from ..core.rng import check_generator
 from . import Family
 from .mar import depth_of, shape_of
 
@@ -334,7 +334,7 @@ class ELMModel:
         request = self._backend_request
         fused = request == "triton" or (request == "auto" and device.type == "cuda")
         if fused:   # (on CPU "auto" never imports triton: the interpreter is a test tool)
-            from ..categorical import fused_unavailable_reason
+            from ..backends.categorical import fused_unavailable_reason
 
             why = fused_unavailable_reason(device)
             fused = why is None
@@ -435,7 +435,7 @@ class ELMModel:
     def sample_step(self, logits, noise, scale, temperature, top_k, top_p, want_logits=True):
         """The categorical draw of one step on the chosen path (see __init__'s backend)."""
         if self.fused_sampling:
-            from ..categorical import sample_logits_fused
+            from ..backends.categorical import sample_logits_fused
             idx, filtered, ok = sample_logits_fused(logits, noise, scale, temperature, top_k, top_p, want_logits)
             return idx, (filtered if want_logits else None), ok.all()
         idx, filtered, probs = sample_logits(logits, noise, scale, temperature, top_k, top_p)
@@ -445,7 +445,7 @@ class ELMModel:
         """CUDA graphs for the decode steps on CUDA with cuda_graphs on (engine/graphs.py:
         captured once per shapes and settings, replayed for every position); None: eager."""
         if self.device.type == "cuda" and self.cuda_graphs:
-            from ..graphs import decode_graph_runner
+            from ..core.runners import decode_graph_runner
             return decode_graph_runner(self, cache, bsz, scale, temperature, top_k, top_p, want_logits)
         return None
 

@@ -58,13 +58,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..categorical import check_top_k, check_top_p
-from ..config import MAX_CLASSES, MAX_PARAMS, MAX_SEQ_LEN, ConfigMixin
-from ..config import check_int_range as _check_range
-from ..errors import ConfigError, SamplingError
-from ..plan import FLOAT32_MAX, MAX_BATCH, MAX_NUM_ITER, check_count, per_image
+from ..ops.categorical import check_top_k, check_top_p
+from ..core.config import MAX_CLASSES, MAX_PARAMS, MAX_SEQ_LEN, ConfigMixin
+from ..core.config import check_int_range as _check_range
+from ..core.errors import ConfigError, SamplingError
+from ..core.plan import FLOAT32_MAX, MAX_BATCH, MAX_NUM_ITER, check_count, per_image
 from ..models.elm_mlm import refine_step
-from ..rng import check_generator
+from ..core.rng import check_generator
 from . import Family
 from .elm import MAX_CODE_DIM, MAX_TOKEN_EACH, ClassGrid, ELMModel, LlamaSizes, config_of, is_elm
 from .mar import depth_of, shape_of

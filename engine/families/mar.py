@@ -51,7 +51,7 @@ def head_and_mlp_sizes(state: dict, encoder_width: int | None) -> dict:
 
 
 def _family() -> Family:
-    from ..config import PRESETS, MARConfig
+    from ..core.config import PRESETS, MARConfig
     from ..model import MARModel
     from ..models.mar import MAR
 

@@ -338,7 +338,7 @@ def _(logits, noise, cfg_scale, temperature, top_k=None, top_p=None, write_logit
 def categorical_sample_ref(logits, noise, cfg_scale, temperature, top_k=None, top_p=None):
     """Plain torch: engine.categorical.sample_logits on the fp32 logits; (indices, filtered
     logits, ok per row)."""
-    from engine.categorical import sample_logits
+    from engine.ops.categorical import sample_logits
 
     idx, filtered, probs = sample_logits(logits.float(), noise, cfg_scale, temperature, top_k, top_p)
     return idx, filtered, torch.isfinite(probs).all(-1)

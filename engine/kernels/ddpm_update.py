@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.backends.base import row_param
+from engine.ops.head import row_param
 
 from .utils import check_rows, interpret, launch, pow2
 
@@ -125,7 +125,7 @@ def _(x, out, noise, coeffs, cfg_scale, temperature, clip_lo=None, clip_hi=None)
 def ddpm_update_ref(x, out, noise, coeffs, cfg_scale, temperature, clip_lo=None, clip_hi=None):
     """Plain torch: the CFG combination of engine.models.head.DiffusionHead.forward_with_cfg,
     then engine.models.head.ddpm_update."""
-    from engine.models.head import ddpm_update as head_ddpm_update
+    from engine.ops.head import ddpm_update as head_ddpm_update
 
     n, C = x.shape
     cfg_scale, temperature = row_args(cfg_scale, temperature, n, x.device)

@@ -6,11 +6,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .. import packed_linear
-from ..attention import attention, native_available as native_attention_available
-from ..config import MARConfig
-from ..errors import SamplingError
-from .head import DiffLoss
+from ..ops import packed_linear
+from ..ops.attention import attention, native_available as native_attention_available
+from ..core.config import MARConfig
+from ..core.errors import SamplingError
+from ..ops.head import DiffLoss
 
 LN_EPS = 1e-6
 

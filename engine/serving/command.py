@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..errors import EngineError
+from ..core.errors import EngineError
 from .scheduler import MAX_IMAGES_PER_REQUEST
 
 

@@ -39,9 +39,9 @@ import numpy as np
 import torch
 
 from .. import sampler
-from ..conditioning import Condition
-from ..errors import EngineError, SamplingError
-from ..plan import MAX_NUM_ITER, build_plan, check_cfg, check_count, check_schedule
+from ..core.conditioning import Condition
+from ..core.errors import EngineError, SamplingError
+from ..core.plan import MAX_NUM_ITER, build_plan, check_cfg, check_count, check_schedule
 
 MAX_SEED = 2 ** 63 - 1
 MAX_IMAGES_PER_REQUEST = 16     # default cap on `n` (Scheduler(max_images_per_request=...))

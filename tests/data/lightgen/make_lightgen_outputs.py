@@ -289,7 +289,7 @@ def main():
 
     # operation counts
     sys.path.insert(0, os.path.abspath(os.path.join(HERE, "..", "..", "..")))
-    from engine.counting import count_ops
+    from engine.core.counting import count_ops
     m = load(ckpts["p1"], E)
     t = torch.randn(1, 6, 24, generator=torch.Generator().manual_seed(5))
     torch.manual_seed(0)

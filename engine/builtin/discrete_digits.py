@@ -29,10 +29,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import ConfigMixin
-from .config import check_int_range
-from .errors import CheckpointError, ConfigError, EngineError
-from .models.bae import GROUPS, AttnBlock, BAEDecoder, ResBlock, Upsample, _norm, build_decoder
+from ..core.config import ConfigMixin
+from ..core.config import check_int_range
+from ..core.errors import CheckpointError, ConfigError, EngineError
+from ..decoders.bae import GROUPS, AttnBlock, BAEDecoder, ResBlock, Upsample, _norm, build_decoder
 
 BAE_ASSET = Path(__file__).parent / "assets" / "digits-bae"
 BAE_FILE = "bae.safetensors"        # the weights (encoder + quantizer + generator)
@@ -191,7 +191,7 @@ def _read_bae_dir(path: Path) -> tuple[dict, BAEConfig, dict]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from .loading import check_finite
+    from ..loading import check_finite
 
     weights, cfg_file = path / BAE_FILE, path / BAE_CONFIG_FILE
     if not weights.exists() or not cfg_file.exists():

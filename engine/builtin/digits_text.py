@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import SamplingError
+from ..core.errors import SamplingError
 
 HEIGHT, WIDTH, SLOT = 16, 32, 16
 CATEGORIES = ("single object", "two objects", "counting", "position")
@@ -129,7 +129,7 @@ def words_of(prompt: str) -> list[str]:
 
 
 def check_vocabulary(prompt: str) -> None:
-    from .text import unknown_words_error
+    from ..decoders.text import unknown_words_error
 
     unknown = [w for w in words_of(prompt) if w not in VOCABULARY]
     if unknown:
@@ -242,7 +242,7 @@ class CanvasSampler:
 # The text encoder ----------------------------------------------------------------------------
 def write_text_encoder(out_dir, seed: int = T5_SEED) -> Path:
     """OUT/config.json, model.safetensors, tokenizer.json (+ tokenizer_config.json ...)."""
-    from .text import random_t5_encoder, word_tokenizer
+    from ..decoders.text import random_t5_encoder, word_tokenizer
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

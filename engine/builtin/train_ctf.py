@@ -20,8 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .errors import ConfigError
-from .models.ctf import subtokens_to_codes
+from ..core.errors import ConfigError
+from ..models.ctf import subtokens_to_codes
 
 
 def _drop(labels: torch.Tensor, null_class: int, prob: float, generator) -> torch.Tensor:
@@ -87,7 +87,7 @@ class CTFTask:
     stat_names = ("ce_coarse", "ce_fine")
 
     def __init__(self, config, codes: torch.Tensor, labels: torch.Tensor, cluster_of: torch.Tensor):
-        from .families.ctf import check_cluster_map
+        from ..families.ctf import check_cluster_map
 
         check_codes(codes, labels, config)
         check_cluster_map(cluster_of, config, "CTFTask")
@@ -98,7 +98,7 @@ class CTFTask:
         self.perm, self.cursor = None, 0
 
     def build(self):
-        from .models.ctf import CTFModule
+        from ..models.ctf import CTFModule
 
         module = CTFModule(self.config)
         module.cluster_of.copy_(self.cluster_of)
@@ -138,14 +138,14 @@ KMEANS_SEED = 0
 
 
 def digits_ctf_config(**overrides):
-    from .families.ctf import CTFConfig
+    from ..families.ctf import CTFConfig
 
     return CTFConfig.from_dict({**DIGITS_CTF, **overrides})
 
 
 def digits_cluster_map(config, bae) -> torch.Tensor:
     """k-means (seed KMEANS_SEED) on the codewords of every code of the digits BAE."""
-    from .models.ctf import bae_codewords, kmeans_cluster_map
+    from ..models.ctf import bae_codewords, kmeans_cluster_map
 
     words = bae_codewords(bae.quantize.embed.weight, config.token_each, config.code_dim)
     return kmeans_cluster_map(words, config.num_clusters, seed=KMEANS_SEED)
@@ -160,8 +160,8 @@ def run(args) -> int:
     from pathlib import Path
 
     from .discrete_digits import digits_codes, load_digits_bae, save_digits_bae
-    from .families.ctf import CTFModel, save_ctf
-    from .train import _command_line
+    from ..families.ctf import CTFModel, save_ctf
+    from .training import _command_line
     from .train_discrete import sampling_with, train_task
 
     out, bae_path = Path(args.out), getattr(args, "bae", None)

@@ -19,7 +19,7 @@ import threading
 
 import torch
 
-from .sampler import run_step
+from ..sampler import run_step
 
 
 def capture_graphs(steps) -> list:

@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .errors import ConfigError
+from ..core.errors import ConfigError
 from .train_discrete import BatchedTask, CodeBatches, drop_labels, sampling_with, train_task
 
 # The built-in model's settings -------------------------------------------------------------------
@@ -45,7 +45,7 @@ DIGITS_ELM_MLM_SAMPLING = dict(cfg=1.0, cfg_schedule="constant", temperature=4.5
 
 
 def digits_elm_mlm_config(**overrides):
-    from .families.elm_mlm import ELMMLMConfig
+    from ..families.elm_mlm import ELMMLMConfig
 
     return ELMMLMConfig.from_dict({**DIGITS_ELM_MLM, **overrides})
 
@@ -104,7 +104,7 @@ class ELMMLMTask(BatchedTask):
         self.config, self.batches = config, CodeBatches(codes, labels.to(torch.int64))
 
     def build(self):
-        from .models.elm_mlm import ELMMLMTransformer
+        from ..models.elm_mlm import ELMMLMTransformer
         return ELMMLMTransformer(self.config)
 
     @torch.no_grad()
@@ -135,8 +135,8 @@ def run(args) -> int:
     """`python -m engine train --model digits-elm-mlm --out DIR [--bae BAE_DIR]`: train, write DIR
     as an engine directory (family elm-mlm) with the BAE it decodes with in DIR/bae."""
     from .discrete_digits import load_digits_bae, save_digits_bae
-    from .loading import save_engine_dir
-    from .train import _command_line
+    from ..loading import save_engine_dir
+    from .training import _command_line
 
     out, bae_path = Path(args.out), getattr(args, "bae", None)
     config = digits_elm_mlm_config()

@@ -26,8 +26,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .discrete_digits import BAEConfig, DigitsBAE, digits_codes
-from .errors import ConfigError
-from .families.elm import ELMConfig
+from ..core.errors import ConfigError
+from ..families.elm import ELMConfig
 
 # The built-in models' settings ---------------------------------------------------------------
 DIGITS_BAE_TRAINING = dict(steps=2000, batch_size=32, threads=1, warmup_steps=100)
@@ -132,7 +132,7 @@ class ELMARTask(BatchedTask):
         self.config, self.batches = config, CodeBatches(codes, labels)
 
     def build(self):
-        from .models.elm import ELMTransformer
+        from ..models.elm import ELMTransformer
         return ELMTransformer(self.config)
 
     @torch.no_grad()
@@ -187,7 +187,7 @@ def train_task(name: str, config, task, defaults: dict, args) -> tuple:
     """The shared part of the built-in code models' training commands: a TrainConfig from the
     model's `defaults` and the command's options, the parameter count line, and engine.train's
     loop with OUT/resume.pt when --resume-every is given. Returns (TrainConfig, train's result)."""
-    from .train import TrainConfig, train
+    from .training import TrainConfig, train
 
     tc = TrainConfig(**{**dataclasses.asdict(TrainConfig()), **defaults,
                         **{k: getattr(args, k) for k in ("steps", "batch_size", "threads", "warmup_steps",
@@ -210,8 +210,8 @@ def sampling_with(defaults: dict, args, names=("cfg", "temperature")) -> dict:
 
 
 def run(args) -> int:
-    from .loading import save_engine_dir
-    from .train import _command_line
+    from ..loading import save_engine_dir
+    from .training import _command_line
     from .discrete_digits import load_digits_bae, save_digits_bae
 
     out = Path(args.out)

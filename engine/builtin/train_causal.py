@@ -16,11 +16,11 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .errors import ConfigError
-from .families.causal import PRESETS, CausalConfig
-from .models.causal import CausalAR
-from .models.mar import patchify
-from .train import DigitsTask, diffusion_loss
+from ..core.errors import ConfigError
+from ..families.causal import PRESETS, CausalConfig
+from ..models.causal import CausalAR
+from ..models.mar import patchify
+from .training import DigitsTask, diffusion_loss
 
 DIGITS_CAUSAL_MODEL = PRESETS["causal_digits"]
 DIGITS_CAUSAL_SAMPLING = dict(cfg=3.0, num_iter=16, temperature=1.0)

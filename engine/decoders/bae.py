@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..errors import CheckpointError, SamplingError
+from ..core.errors import CheckpointError, SamplingError
 
 GROUPS = 32          # ELM's `normalize`: GroupNorm(num_groups=32, eps=1e-6, affine=True)
 NORM_EPS = 1e-6

@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .digits import NUM_CLASSES, load_split, per_class_subset
-from .errors import EngineError
+from ..core.errors import EngineError
 
 CLASSIFIER_VERSION = 2  # 2: always trained on one thread (v1 depended on the thread count)
 FEATURE_DIM = 64
@@ -109,7 +109,7 @@ def _train_classifier(images, labels, size: int, epochs: int, seed: int, log) ->
 
 
 def cache_dir() -> Path:
-    from .native_build import cache_root
+    from ..native.build import cache_root
 
     return cache_root()  # one cache for the package ($ENGINE_CACHE_DIR, else the user cache)
 
@@ -261,7 +261,7 @@ def _load_model(checkpoint, backend: str, device: str, precision: str = "fp32"):
 
 def _family(checkpoint) -> str:
     """The family an engine directory's config.json names ("mar" otherwise)."""
-    from .loading import BUILTIN_MODELS, CONFIG_FILE
+    from ..loading import BUILTIN_MODELS, CONFIG_FILE
 
     path = BUILTIN_MODELS.get(checkpoint, checkpoint) if isinstance(checkpoint, str) else checkpoint
     try:
@@ -275,7 +275,7 @@ def run_sweep(checkpoint="digits", samples_per_class: int = 20, cfgs=(1.0, 2.0, 
               precision: str = "fp32") -> dict:
     """Every (backend, cfg, num_iter); returns the report dict (also what --json writes).
     With a reduced `precision` the backends are labelled e.g. "native-bf16"."""
-    from .backends import available_backends
+    from ..backends import available_backends
 
     if not backends:   # the head backends are MAR's; the other families sample in PyTorch
         backends = available_backends(device) if _family(checkpoint) == "mar" else ["reference"]

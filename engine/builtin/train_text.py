@@ -34,9 +34,9 @@ import random
 import torch
 
 from . import digits_text as dt
-from .families.fluid import FluidConfig
-from .models.fluid import BASE_GRID, Fluid, interpolate_positions
-from .models.mar import gather_rows, patchify
+from ..families.fluid import FluidConfig
+from ..models.fluid import BASE_GRID, Fluid, interpolate_positions
+from ..models.mar import gather_rows, patchify
 
 DIGITS_TEXT_MODEL = dict(
     img_size=dt.HEIGHT, img_width=dt.WIDTH, vae_stride=1, patch_size=4, vae_embed_dim=1,
@@ -86,12 +86,12 @@ class TextCanvasTask:
     name = "digits-text"
 
     def __init__(self, config: FluidConfig, seed: int, text_encoder=None):
-        from .text import TextEncoder
+        from ..decoders.text import TextEncoder
 
         self.config, self.seed = config, seed
         self.canvases = dt.CanvasSampler("train", mention_order=True)
         if text_encoder is None:
-            from .text import random_t5_encoder, word_tokenizer
+            from ..decoders.text import random_t5_encoder, word_tokenizer
 
             tokenizer = word_tokenizer(dt.VOCABULARY)
             text_encoder = TextEncoder(random_t5_encoder(len(tokenizer), dt.T5_SEED, **dt.T5_SIZES),
@@ -104,7 +104,7 @@ class TextCanvasTask:
 
     def init_weights(self, module: Fluid) -> Fluid:
         """engine.train's initialisation, then sine-cosine position tables (module docstring)."""
-        from .train import init_weights
+        from .training import init_weights
 
         init_weights(module)
         with torch.no_grad():
@@ -134,7 +134,7 @@ def fluid_loss(model: Fluid, tables, images, texts, generator=None, text_drop_pr
                diffusion_batch_mul: int = 4, mask_ratio_min: float = 0.7):
     """The MAR training loss of a Fluid on `images [B, C, H, W]` (token range) captioned by
     `texts [B, max_length, caption_channels]` (text-encoder outputs). Returns (loss, stats)."""
-    from .train import diffusion_loss, sample_mask_ratio
+    from .training import diffusion_loss, sample_mask_ratio
 
     c = model.config
     grid = (images.shape[-2] // c.patch_size, images.shape[-1] // c.patch_size)

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from .digits_text import CATEGORIES, SLOT, Scene, parse_prompt, random_scene
-from .errors import EngineError
+from ..core.errors import EngineError
 
 EMPTY_FRACTION = 0.3
 
@@ -138,7 +138,7 @@ def _load(checkpoint, backend, device, precision):
 def run_report(checkpoint="digits-text", per_category: int = 50, cfgs=None, num_iters=None,
                backends=None, seed: int = 0, device="cpu", precision="fp32", prompts=None,
                log=print) -> dict:
-    from .backends import available_backends
+    from ..backends import available_backends
 
     backends = list(backends) if backends else available_backends(device)
     first = _load(checkpoint, backends[0], device, precision)
