@@ -1,4 +1,4 @@
-"""Device operations and host syncs per `sample_tokens` call (engine.counting), the published
+"""Device operations and host syncs per `sample_tokens` call (engine.core.counting), the published
 samplers (counted by running them: tests/data/published/pub_counts.json,
 tests/data/lightgen/pub_counts.json) against the engine's backends on the same checkpoints.
 

@@ -19,7 +19,7 @@ sum of theirs; fraction = bound / measured (1.0 = at the roof).
 
 Parts, for a call of `num_iter` MAR steps x `T` diffusion steps (CFG doubles the rows):
   * per transformer block (encoder over buffer + known rows, decoder over buffer + all rows):
-    norm1, qkv, attention (engine.attention: the native kernel, SDPA for few queries), proj,
+    norm1, qkv, attention (engine.ops.attention: the native kernel, SDPA for few queries), proj,
     residual adds, norm2, fc1 with its GELU post-op, fc2 — each run on the
     model's own modules (packed oneDNN linears, as the native backend binds them) at the shapes of
     `--sampled-steps` steps spread over the schedule, interpolated over the others;
@@ -29,7 +29,7 @@ Parts, for a call of `num_iter` MAR steps x `T` diffusion steps (CFG doubles the
     (bytes: the fc weights once per diffusion step, the adaLN weights once per MAR step, which is
     what the native loop reads; FLOPs: every head product for every row and step; bound: the
     adaLN products compute-bound plus the fc products at max(compute, weights / bandwidth));
-  * the DDPM update (engine.models.head.ddpm_update, the torch statement; inside the native loop
+  * the DDPM update (engine.ops.head.ddpm_update, the torch statement; inside the native loop
     it is fused, so it is reported, not added);
   * Python and dispatch per MAR step: a model of the same depth, sequence and head depth at
     width 64 (compute negligible) timed end to end per MAR step, minus its parts.

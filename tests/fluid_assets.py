@@ -24,7 +24,7 @@ SHIFT_FACTOR = 0.0609
 
 
 def build_tokenizer():
-    """A WordLevel tokenizer over WORDS (engine.text.word_tokenizer: the built-in text model's kind)."""
+    """A WordLevel tokenizer over WORDS (engine.decoders.text.word_tokenizer: the built-in text model's kind)."""
     from engine.decoders.text import word_tokenizer
 
     return word_tokenizer(WORDS)

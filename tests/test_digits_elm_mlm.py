@@ -1,4 +1,4 @@
-"""The built-in masked model `digits-elm-mlm` (engine/train_mlm.py): its MaskGIT objective against
+"""The built-in masked model `digits-elm-mlm` (engine/builtin/train_mlm.py): its MaskGIT objective against
 a plain re-statement, a few training steps, and the shipped model (loading, shapes, accuracy)."""
 import json
 import math

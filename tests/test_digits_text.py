@@ -355,7 +355,7 @@ def test_encoder_text_option_matches_a_plain_restatement():
 
 # Training initialisation ------------------------------------------------------------------------
 def test_position_tables_start_as_sine_cosine_tables():
-    """TextCanvasTask.init_weights: engine.train's initialisation, then the three position tables
+    """TextCanvasTask.init_weights: engine.builtin.training's initialisation, then the three position tables
     as MAE's 2-D sine-cosine table of the stored 16 x 16 grid (re-stated here with numpy), so
     the left and right slots of the 4 x 8 token grid start far apart (with N(0, 0.02) tables the
     model never learnt to bind "left" / "right" to a slot: docs/digits-text/experiments.md)."""
@@ -384,7 +384,7 @@ def test_position_tables_start_as_sine_cosine_tables():
         left, right = grid.reshape(4, 8, -1)[:, :4], grid.reshape(4, 8, -1)[:, 4:]
         # a token and the one at the same place in the other slot differ as much as neighbours do
         assert (left - right).norm(dim=-1).min() > 0.5 * (grid[0] - grid[1]).norm()
-    # everything else is engine.train's published initialisation, in its RNG order
+    # everything else is engine.builtin.training's published initialisation, in its RNG order
     from engine.builtin.training import init_weights
 
     torch.manual_seed(0)

@@ -1,5 +1,5 @@
-"""The built-in discrete digit pieces: the digits BAE (engine/assets/digits-bae), its codes, the
-shipped digits-elm-ar model, and the training tasks of engine/train_discrete.py."""
+"""The built-in discrete digit pieces: the digits BAE (engine/builtin/assets/digits-bae), its codes, the
+shipped digits-elm-ar model, and the training tasks of engine/builtin/train_discrete.py."""
 import json
 
 import numpy as np

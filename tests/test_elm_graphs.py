@@ -1,5 +1,5 @@
 """ELM's decode on the device: the fused sampling kernel in decode_step (backend "triton": CUDA,
-or CPU in Triton's interpreter) and the CUDA-graph decode runner (engine/graphs.py), checked
+or CPU in Triton's interpreter) and the CUDA-graph decode runner (engine/core/runners.py), checked
 against the published tokens (tests/data/elm goldens) and the eager engine path."""
 import json
 import os

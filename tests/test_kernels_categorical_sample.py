@@ -1,5 +1,5 @@
 """categorical_sample kernel (CFG + temperature + top-k + top-p + exponential-race draw in one
-launch) vs its torch reference engine.categorical.sample_logits: identical indices, identical
+launch) vs its torch reference engine.ops.categorical.sample_logits: identical indices, identical
 filtered logits (-inf where filtered), the same non-finite rows."""
 import os
 

@@ -43,7 +43,7 @@ def test_matches_reference(rows, channels, cfg, clip):
 
 
 def test_engine_update_equivalence():
-    """The reference helper is engine.models.head.ddpm_update on the CFG-combined eps."""
+    """The reference helper is engine.ops.head.ddpm_update on the CFG-combined eps."""
     from engine.ops.head import ddpm_update as head_update
 
     n, C = 5, 16

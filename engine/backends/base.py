@@ -27,7 +27,7 @@ class HeadBackend:
     # size depends on data, no host-to-device copies of fresh host memory.
     graph_safe = False
     # Whether the model should also run its transformer blocks' products on weights packed once
-    # (engine.packed_linear: CPU float32 on MKL's packed sgemm, F.linear's sums; bf16 on oneDNN).
+    # (engine.ops.packed_linear: CPU float32 on MKL's packed sgemm, F.linear's sums; bf16 on oneDNN).
     # The reference backend must not:
     # it is the operation-for-operation baseline.
     packs_transformer = False

@@ -1,6 +1,6 @@
 """Native CPU backend: one C++ call (csrc/head_loop.cpp) runs a MAR step's whole diffusion loop.
 
-The extension is compiled lazily on first use (`engine.native_build`), never at import. When it
+The extension is compiled lazily on first use (`engine.native.build`), never at import. When it
 cannot be built, `available()` is False and `unavailable_reason()` names the cause; "auto" then
 falls back to the reference backend with one RuntimeWarning, and asking for "native" by name
 raises ConfigError (see engine.backends.get_backend).

@@ -37,12 +37,12 @@ def _run(args) -> int:
     from ..loading import save_engine_dir
     from .train_discrete import DISCRETE_MODELS, run as run_discrete
 
-    if args.model in DISCRETE_MODELS:   # the BAE-token digit models: engine/train_discrete.py
+    if args.model in DISCRETE_MODELS:   # the BAE-token digit models: engine/builtin/train_discrete.py
         return run_discrete(args)
-    if args.model == "digits-ctf":      # coarse-to-fine on the same codes: engine/train_ctf.py
+    if args.model == "digits-ctf":      # coarse-to-fine on the same codes: engine/builtin/train_ctf.py
         from .train_ctf import run as run_ctf
         return run_ctf(args)
-    if args.model == "digits-elm-mlm":  # ELM's masked model on the same codes: engine/train_mlm.py
+    if args.model == "digits-elm-mlm":  # ELM's masked model on the same codes: engine/builtin/train_mlm.py
         from .train_mlm import run as run_mlm
         return run_mlm(args)
 
@@ -52,7 +52,7 @@ def _run(args) -> int:
         decoder_depth=args.decoder_depth, encoder_num_heads=args.heads, decoder_num_heads=args.heads,
         buffer_size=args.buffer_size, diffloss_d=args.head_depth, diffloss_w=args.head_width,
         num_sampling_steps=args.sampling_steps).items() if v is not None}
-    if args.family == "causal":   # the continuous causal AR (digits-causal): engine/train_causal.py
+    if args.family == "causal":   # the continuous causal AR (digits-causal): engine/builtin/train_causal.py
         from .train_causal import setup as causal_setup
 
         config, task, defaults, training_defaults, data = causal_setup(args, overrides)

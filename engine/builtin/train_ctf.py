@@ -10,7 +10,7 @@
 Each stage replaces the class by the null class with probability `label_drop_prob`, drawn
 independently per stage (what CFG reads at sampling time). The total is the sum.
 
-`CTFTask` is engine.train's task protocol (build, init_weights, loss, start / state / load_state):
+`CTFTask` is engine.builtin.training's task protocol (build, init_weights, loss, start / state / load_state):
 it clusters the codebook once (k-means on the codewords, e.g. engine.models.ctf.bae_codewords of
 the BAE), then trains both stages jointly in the one loop.
 """
@@ -79,7 +79,7 @@ def init_ctf_weights(module: nn.Module) -> nn.Module:
 
 
 class CTFTask:
-    """engine.train task: both CTF stages on (codes, labels), with the cluster map `cluster_of`
+    """engine.builtin.training task: both CTF stages on (codes, labels), with the cluster map `cluster_of`
     fixed before training (it is a buffer, not trained; train() returns parameters only, so add
     it back to the EMA state when saving: `{**result["ema"], "cluster_of": task.cluster_of}`)."""
 
@@ -126,7 +126,7 @@ class CTFTask:
 
 
 # The built-in digits-ctf ------------------------------------------------------------------------------
-# Trained on the digits BAE codes (engine.discrete_digits: 16 positions of 2 sub-tokens of 8 bits,
+# Trained on the digits BAE codes (engine.builtin.discrete_digits: 16 positions of 2 sub-tokens of 8 bits,
 # codebook 2 ** 16); the clusters are k-means on all 65536 codewords.
 DIGITS_CTF = dict(num_classes=10, class_dropout_prob=0.1, block_size=16, token_each=2, code_dim=8,
                   num_clusters=64,

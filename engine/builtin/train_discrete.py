@@ -1,10 +1,10 @@
-"""Training the built-in discrete digit models with engine.train's loop (AdamW, warmup + cosine,
+"""Training the built-in discrete digit models with engine.builtin.training's loop (AdamW, warmup + cosine,
 gradient clipping, EMA, resumable): one task object per model.
 
     python -m engine train --model digits-bae    --out runs/digits-bae    --seed 0   # the tokenizer
     python -m engine train --model digits-elm-ar --out runs/digits-elm-ar --seed 0   # ELM AR on its codes
 
-  BAETask     the binary autoencoder of engine.discrete_digits on the train-split images:
+  BAETask     the binary autoencoder of engine.builtin.discrete_digits on the train-split images:
               MSE between its [0, 1] reconstruction (Bernoulli bits, straight-through) and the
               image, plus a small penalty on p (1 - p) that pushes bit probabilities to 0 / 1,
               so that thresholding at encode time loses little.
@@ -36,7 +36,7 @@ BIT_PENALTY = 0.02          # weight of mean p (1 - p) in the BAE loss
 DIGITS_ELM_AR = dict(dim=128, n_layer=4, n_head=4, multiple_of=64, token_each=2, code_dim=8,
                      num_classes=10, class_dropout_prob=0.1, block_size=16, cls_token_num=1)
 DIGITS_ELM_AR_TRAINING = dict(steps=2000, batch_size=64, threads=1, warmup_steps=100)
-# Chosen by the sweep in docs/digits-discrete (engine.evaluate classifier accuracy vs FD, seeds 1-2).
+# Chosen by the sweep in docs/digits-discrete (engine.builtin.evaluate classifier accuracy vs FD, seeds 1-2).
 DIGITS_ELM_AR_SAMPLING = dict(cfg=1.5, cfg_schedule="constant", temperature=0.3, top_k=None, num_iter=16)
 
 
@@ -77,7 +77,7 @@ def drop_labels(labels: torch.Tensor, null_class: int, prob: float, generator) -
 
 
 class BatchedTask:
-    """start / state / load_state of engine.train's task protocol, from `self.batches`."""
+    """start / state / load_state of engine.builtin.training's task protocol, from `self.batches`."""
 
     def start(self, generator) -> None:
         self.batches.start(generator)
@@ -160,7 +160,7 @@ class ELMARTask(BatchedTask):
 # Reconstruction quality of a BAE -----------------------------------------------------------------
 @torch.no_grad()
 def reconstruction_report(bae: DigitsBAE, split: str = "heldout") -> dict:
-    """Classifier accuracy and Fréchet distance (engine.evaluate) of the BAE's reconstructions
+    """Classifier accuracy and Fréchet distance (engine.builtin.evaluate) of the BAE's reconstructions
     of a split's digits (encode -> threshold -> decode, through the engine's BAE decoder)."""
     from .discrete_digits import decoder_of, encode_digits
     from .digits import load_split
@@ -179,13 +179,13 @@ def reconstruction_report(bae: DigitsBAE, split: str = "heldout") -> dict:
                                                                          dim=0).shape[0])}
 
 
-# Command line (dispatched from engine.train) ------------------------------------------------------
+# Command line (dispatched from engine.builtin.train) ----------------------------------------------
 DISCRETE_MODELS = ("digits-bae", "digits-elm-ar")
 
 
 def train_task(name: str, config, task, defaults: dict, args) -> tuple:
     """The shared part of the built-in code models' training commands: a TrainConfig from the
-    model's `defaults` and the command's options, the parameter count line, and engine.train's
+    model's `defaults` and the command's options, the parameter count line, and engine.builtin.training's
     loop with OUT/resume.pt when --resume-every is given. Returns (TrainConfig, train's result)."""
     from .training import TrainConfig, train
 

@@ -287,7 +287,7 @@ def train(model_config, tc: TrainConfig, images=None, labels=None, log=print,
           task=None):
     """Train a model from scratch on `task` (default: a MAR on the digits; `images [N, C, H, W]`
     in the token range and `labels [N]` default to the digits train split). The task builds
-    the module and gives each step's loss (DigitsTask; engine.train_text.TextCanvasTask for
+    the module and gives each step's loss (DigitsTask; engine.builtin.train_text.TextCanvasTask for
     the text-to-image model). Returns a dict with the EMA state dict ("ema"), the raw weights
     ("model") and the loss history. With `snapshot_every`, `on_snapshot(step, ema_state)` is
     called every that many steps. With `resume_path`, the whole training state is saved there

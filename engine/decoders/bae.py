@@ -217,7 +217,7 @@ def _read_safetensors(path) -> dict:
 
 def load_bae(path, device="cpu") -> BAEDecoder:
     """ELM's BAE decoder from `binaryae_ema.th` (weights-only load), a `.safetensors` file of the
-    same keys, or an engine BAE directory holding `bae.safetensors` (engine/assets/digits-bae);
+    same keys, or an engine BAE directory holding `bae.safetensors` (engine/builtin/assets/digits-bae);
     clear CheckpointError on a missing, unreadable or foreign file."""
     import os
     from pathlib import Path
