@@ -6,13 +6,14 @@ setup(
     version="0.1.0",
     description="Fast, exact sampler for autoregressive image generators (MAR, Fluid text-to-image)",
     python_requires=">=3.10",
-    packages=["engine", "engine.models", "engine.backends", "engine.families", "engine.kernels",
-              "engine.csrc", "engine.distributed", "engine.serving"],
+    packages=["engine", "engine.core", "engine.ops", "engine.native", "engine.kernels", "engine.backends",
+              "engine.models", "engine.families", "engine.decoders", "engine.builtin", "engine.csrc",
+              "engine.distributed", "engine.serving"],
     # The native sources live in csrc/ at the top of the repo and install as engine.csrc (the C++
     # builds lazily on first use). The Triton kernels are engine/kernels: a top-level kernels/
     # would shadow Hugging Face's `kernels` package, which transformers imports when it finds one.
     package_dir={"engine.csrc": "csrc"},
-    package_data={"engine": ["assets/*/*", "assets/*/*/*"], "engine.csrc": ["*.cpp", "*.h", "*.cu"]},
+    package_data={"engine.builtin": ["assets/*/*", "assets/*/*/*"], "engine.csrc": ["*.cpp", "*.h", "*.cu"]},
     install_requires=[
         "torch>=2.4",
         "triton>=3.0",
@@ -39,7 +40,7 @@ setup(
         "test": ["pytest", "pytest-benchmark", "scikit-learn", "matplotlib",
                  "transformers>=4.56", "diffusers>=0.30", "ray[data]>=2.10",
                  "fastapi>=0.110", "uvicorn>=0.29", "prometheus-client>=0.20", "httpx",
-                 "litserve>=0.2.19", "ray[serve]>=2.10"],
+                 "litserve>=0.2.19", "ray[serve]>=2.10", "import-linter>=2.0"],
     },
     entry_points={"console_scripts": ["engine=engine.cli:main"]},
 )

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from stamp import machine_stamp  # noqa: E402
 
-from engine.counting import count_ops  # noqa: E402
+from engine.core.counting import count_ops  # noqa: E402
 from engine.families.elm import ELMConfig, ELMModel, cfg_at  # noqa: E402
 from engine.models.elm import ELMTransformer  # noqa: E402
 

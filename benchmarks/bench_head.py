@@ -27,8 +27,8 @@ import sys
 from pathlib import Path
 
 from engine.backends.reference import ReferenceBackend
-from engine.diffusion import make_tables
-from engine.models.head import DiffusionHead, PackedHead
+from engine.ops.diffusion import make_tables
+from engine.ops.head import DiffusionHead, PackedHead
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from stamp import machine_stamp  # noqa: E402

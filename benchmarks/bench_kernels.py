@@ -16,10 +16,10 @@ if os.environ.get("TRITON_INTERPRET") == "1" or not torch.cuda.is_available():
 
 from engine.backends.reference import ReferenceBackend  # noqa: E402
 from engine.backends.triton import TritonBackend  # noqa: E402
-from engine.diffusion import make_tables  # noqa: E402
+from engine.ops.diffusion import make_tables  # noqa: E402
 from engine.kernels.head_block import final_ddpm, resblock  # noqa: E402
 from engine.kernels.linear_epilogue import PRO_SILU, linear_epilogue  # noqa: E402
-from engine.models.head import DiffusionHead, PackedHead  # noqa: E402
+from engine.ops.head import DiffusionHead, PackedHead  # noqa: E402
 
 HEADS = {"B": (6, 1024), "L": (8, 1280), "H": (12, 1536)}
 C, D = 16, 1024

@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine.config import PRESETS, MARConfig
+from engine.core.config import PRESETS, MARConfig
 from engine.families.mar import MARModel
 from engine.models.mar import MAR
 

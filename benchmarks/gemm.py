@@ -27,7 +27,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from stamp import machine_stamp  # noqa: E402
 
-from engine import packed_linear  # noqa: E402
+from engine.ops import packed_linear  # noqa: E402
 
 SHAPES = [(8, 1024, 1024), (8, 3072, 1024), (64, 1024, 1024), (512, 1024, 1024),
           (200, 20480, 1024), (512, 20480, 1024),

@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from engine.config import MARConfig, PRESETS
+from engine.core.config import MARConfig, PRESETS
 from engine.families.mar import MARModel
 from engine.models.mar import MAR
 

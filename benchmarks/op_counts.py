@@ -1,4 +1,4 @@
-"""Device operations and host syncs per `sample_tokens` call (engine.counting), the published
+"""Device operations and host syncs per `sample_tokens` call (engine.core.counting), the published
 samplers (counted by running them: tests/data/published/pub_counts.json,
 tests/data/lightgen/pub_counts.json) against the engine's backends on the same checkpoints.
 
@@ -29,7 +29,7 @@ import torch  # noqa: E402
 
 import engine  # noqa: E402
 from engine.backends import available_backends  # noqa: E402
-from engine.counting import count_ops  # noqa: E402
+from engine.core.counting import count_ops  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))

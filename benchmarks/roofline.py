@@ -19,7 +19,7 @@ sum of theirs; fraction = bound / measured (1.0 = at the roof).
 
 Parts, for a call of `num_iter` MAR steps x `T` diffusion steps (CFG doubles the rows):
   * per transformer block (encoder over buffer + known rows, decoder over buffer + all rows):
-    norm1, qkv, attention (engine.attention: the native kernel, SDPA for few queries), proj,
+    norm1, qkv, attention (engine.ops.attention: the native kernel, SDPA for few queries), proj,
     residual adds, norm2, fc1 with its GELU post-op, fc2 — each run on the
     model's own modules (packed oneDNN linears, as the native backend binds them) at the shapes of
     `--sampled-steps` steps spread over the schedule, interpolated over the others;
@@ -29,7 +29,7 @@ Parts, for a call of `num_iter` MAR steps x `T` diffusion steps (CFG doubles the
     (bytes: the fc weights once per diffusion step, the adaLN weights once per MAR step, which is
     what the native loop reads; FLOPs: every head product for every row and step; bound: the
     adaLN products compute-bound plus the fc products at max(compute, weights / bandwidth));
-  * the DDPM update (engine.models.head.ddpm_update, the torch statement; inside the native loop
+  * the DDPM update (engine.ops.head.ddpm_update, the torch statement; inside the native loop
     it is fused, so it is reported, not added);
   * Python and dispatch per MAR step: a model of the same depth, sequence and head depth at
     width 64 (compute negligible) timed end to end per MAR step, minus its parts.
@@ -54,11 +54,11 @@ sys.path.insert(0, str(HERE))
 from gemm import BF16_METHODS, bandwidth_gbs, median_time, methods  # noqa: E402
 from stamp import machine_stamp  # noqa: E402
 
-from engine.attention import attention  # noqa: E402
-from engine.config import PRESETS, MARConfig  # noqa: E402
+from engine.ops.attention import attention  # noqa: E402
+from engine.core.config import PRESETS, MARConfig  # noqa: E402
 from engine.families.mar import MARModel  # noqa: E402
 from engine.models.mar import MAR, gather_rows  # noqa: E402
-from engine.plan import mask_schedule  # noqa: E402
+from engine.core.plan import mask_schedule  # noqa: E402
 
 F32 = 4
 
@@ -284,7 +284,7 @@ def head_part(model: MARModel, rows: int, min_seconds: float) -> tuple:
 
 
 def ddpm_part(rows: int, token_dim: int, steps: int, min_seconds: float) -> tuple:
-    from engine.models.head import ddpm_update
+    from engine.ops.head import ddpm_update
 
     x = torch.randn(rows, token_dim)
     eps, v, noise = torch.randn_like(x), torch.randn_like(x), torch.randn_like(x)

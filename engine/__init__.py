@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from .config import MARConfig, PRESETS
-from .errors import CheckpointError, ConfigError, EngineError, SamplingError
+from .core.config import MARConfig, PRESETS
+from .core.errors import CheckpointError, ConfigError, EngineError, SamplingError
 from .images import labelled_grid, make_grid, save_grid
 from .core.protocol import labels_and_batch  # noqa: F401  (re-exported: the CLI and tests use it)
 from .families.mar import MARModel
@@ -82,16 +82,16 @@ def load_vae(path, device="cpu", dtype=torch.float32):
 
     check_device(device)
     if isinstance(path, (str, os.PathLike)) and Path(path).is_dir():
-        from .models.sd_vae import load_sd_vae
+        from .decoders.sd_vae import load_sd_vae
         return load_sd_vae(path, device=device, dtype=dtype)
-    from .models.vae import load_vae as _load_vae
+    from .decoders.vae import load_vae as _load_vae
     return _load_vae(path, device=device, dtype=dtype)
 
 
 def load_bae(path, device="cpu"):
     """ELM's binary-autoencoder decoder from `binaryae_ema.th` (keys with or without the `ae.`
     prefix; layout read from the weights): `engine.generate(elm_model, labels, bae=...)`."""
-    from .models.bae import load_bae as _load_bae
+    from .decoders.bae import load_bae as _load_bae
 
     check_device(device)
     return _load_bae(path, device=device)
@@ -100,7 +100,7 @@ def load_bae(path, device="cpu"):
 def load_text_encoder(path, max_length: int = 128, device="cpu", dtype=torch.float32):
     """A local Hugging Face T5 encoder directory as LightGen uses it: prompts -> [B, max_length,
     d_model] (`last_hidden_state`, padded to max_length). Never downloads."""
-    from .text import load_text_encoder as _load
+    from .decoders.text import load_text_encoder as _load
 
     check_device(device)
     return _load(path, max_length=max_length, device=device, dtype=dtype)

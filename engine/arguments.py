@@ -1,6 +1,49 @@
-"""Command-line arguments every command shares (sample, generate, serve, evaluate): the family
-and the sampling settings. Each family checks and fills its own settings (resolve_settings)."""
+"""What every command shares (sample, generate, serve, evaluate): the family and sampling-setting
+arguments (each family checks and fills its own settings: resolve_settings), and the checked,
+atomically written output files."""
 from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from .core.errors import EngineError
+
+OUTPUT_SUFFIXES = (".png", ".jpg", ".jpeg", ".npz")
+
+
+def check_output(path: str) -> Path:
+    """An output file whose directory exists and is writable, with a known extension."""
+    out = Path(path)
+    if out.suffix.lower() not in OUTPUT_SUFFIXES:
+        raise EngineError(f"--out {path}: unknown extension {out.suffix or '(none)'!r}; use one of "
+                          f"{', '.join(OUTPUT_SUFFIXES)}")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise EngineError(f"--out {path}: directory {parent} does not exist (create it first)")
+    try:   # a real write, not os.access: root passes access checks on read-only file systems
+        fd, probe = tempfile.mkstemp(dir=parent, prefix=".engine-write-test.")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise EngineError(f"--out {path}: cannot write in directory {parent} ({err.strerror})") from None
+    if out.is_dir():
+        raise EngineError(f"--out {path} is a directory; give a file name")
+    return out
+
+
+def write_atomically(out: Path, write) -> None:
+    """`write(tmp_path)` to a temporary file beside `out`, then rename it into place."""
+    fd, tmp = tempfile.mkstemp(dir=out.parent if str(out.parent) else ".", prefix=f".{out.name}.",
+                               suffix=out.suffix)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
 
 
 def add_family_argument(parser) -> None:

@@ -6,49 +6,13 @@ traceback. Outputs are written to a temporary file and renamed, so no partial fi
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 from pathlib import Path
 
-from .arguments import add_family_argument, add_setting_arguments
-from .errors import EngineError
+from .arguments import add_family_argument, add_setting_arguments, check_output, write_atomically  # noqa: F401
+from .core.errors import EngineError
 
-OUTPUT_SUFFIXES = (".png", ".jpg", ".jpeg", ".npz")
 MAX_SEED = 2 ** 63 - 1
-
-
-def check_output(path: str) -> Path:
-    """An output file whose directory exists and is writable, with a known extension."""
-    out = Path(path)
-    if out.suffix.lower() not in OUTPUT_SUFFIXES:
-        raise EngineError(f"--out {path}: unknown extension {out.suffix or '(none)'!r}; use one of "
-                          f"{', '.join(OUTPUT_SUFFIXES)}")
-    parent = out.parent if str(out.parent) else Path(".")
-    if not parent.is_dir():
-        raise EngineError(f"--out {path}: directory {parent} does not exist (create it first)")
-    try:   # a real write, not os.access: root passes access checks on read-only file systems
-        fd, probe = tempfile.mkstemp(dir=parent, prefix=".engine-write-test.")
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as err:
-        raise EngineError(f"--out {path}: cannot write in directory {parent} ({err.strerror})") from None
-    if out.is_dir():
-        raise EngineError(f"--out {path} is a directory; give a file name")
-    return out
-
-
-def write_atomically(out: Path, write) -> None:
-    """`write(tmp_path)` to a temporary file beside `out`, then rename it into place."""
-    fd, tmp = tempfile.mkstemp(dir=out.parent if str(out.parent) else ".", prefix=f".{out.name}.",
-                               suffix=out.suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def positive(name: str, value: int) -> int:
@@ -179,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-ema", action="store_true", help="take 'model' instead of 'model_ema'")
     c.set_defaults(func=_convert)
 
-    for name in ("evaluate", "geneval", "train", "distributed", "serving"):
+    for name in ("builtin.evaluate", "builtin.geneval", "builtin.train", "distributed", "serving"):
         try:
             module = __import__(f"engine.{name}", fromlist=["add_parser"])
         except ImportError:

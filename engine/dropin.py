@@ -4,7 +4,7 @@ recognises an object (`Family.recognises`), how to build an engine model from it
 (`Family.from_published`) and what `patch` replaces on it (`Family.patch`)."""
 from __future__ import annotations
 
-from .errors import ConfigError
+from .core.errors import ConfigError
 
 
 def family_of_published(published):

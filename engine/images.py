@@ -7,7 +7,7 @@ import math
 import numpy as np
 import torch
 
-from .errors import SamplingError
+from .core.errors import SamplingError
 
 OUTPUT_TYPES = ("pil", "np", "pt")
 

@@ -9,22 +9,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
-import threading
 from pathlib import Path
 
 import torch
 
-from .config import config_from_args
-from .errors import CheckpointError, ConfigError
+from .core.config import config_from_args
+from .core.errors import CheckpointError, ConfigError
+from .core.io import CONFIG_FILE, WEIGHTS_FILE, check_finite, read_torch_file, torch_load_weights  # noqa: F401
+from .families import checkpoints
+from .families.checkpoints import ENGINE_FORMAT, ENGINE_FORMAT_VERSION, describe  # noqa: F401
 from .families import detect_family, families, family_of_config, family_of_format, get_family
 from .families.mar import infer_sizes  # noqa: F401  (MAR's, re-exported for callers)
 
-ENGINE_FORMAT = "engine-mar"
-ENGINE_FORMAT_VERSION = 1
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
-BUILTIN_DIR = Path(__file__).parent / "assets"
+BUILTIN_DIR = Path(__file__).parent / "builtin" / "assets"
 BUILTIN_MODELS = {"digits": BUILTIN_DIR / "digits", "digits-text": BUILTIN_DIR / "digits-text",
                   "digits-elm-ar": BUILTIN_DIR / "digits-elm-ar", "digits-causal": BUILTIN_DIR / "digits-causal",
                   "digits-elm-mlm": BUILTIN_DIR / "digits-elm-mlm", "digits-ctf": BUILTIN_DIR / "digits-ctf"}
@@ -32,124 +29,19 @@ TEXT_ENCODER_DIR = "text_encoder"   # an engine directory's own T5 (text-to-imag
 BAE_DIR = "bae"                     # an engine directory's own binary autoencoder (BAE-token models)
 
 
-_SAFE_GLOBALS_LOCK = threading.Lock()
-
-
-def _allow_namespace() -> None:
-    """Allow `argparse.Namespace` in every weights-only load of this process. Registered, never
-    withdrawn: torch's `safe_globals` context manager is process-global, so one thread leaving it
-    would withdraw the allowance from another thread's load in progress. Re-added (cheaply) on
-    every load in case other code's `safe_globals([argparse.Namespace])` block removed it."""
-    if argparse.Namespace not in torch.serialization.get_safe_globals():
-        with _SAFE_GLOBALS_LOCK:
-            if argparse.Namespace not in torch.serialization.get_safe_globals():
-                torch.serialization.add_safe_globals([argparse.Namespace])
-
-
-def torch_load_weights(path) -> object:
-    """`torch.load(path, weights_only=True)` onto the CPU with `argparse.Namespace` allowed;
-    thread-safe. Errors are torch's own (callers word them)."""
-    for attempt in range(3):
-        _allow_namespace()
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:
-            # Only if someone withdrew the allowance between our registration and the load.
-            if attempt == 2 or "argparse.Namespace" not in str(err):
-                raise
-
-
-def read_torch_file(path: Path) -> object:
-    if not path.exists():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    if path.is_dir():
-        raise CheckpointError(f"{path} is a directory without {CONFIG_FILE}; expected a .pth file "
-                              "or an engine model directory")
-    try:
-        return torch_load_weights(path)
-    except Exception as err:  # torch raises many types here (zip, pickle, EOF, runtime)
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        if "weights_only" in str(err) or "Unsupported global" in str(err):
-            raise CheckpointError(f"{path} holds Python objects other than tensors and the run's "
-                                  f"args; refusing to unpickle them ({first})") from None
-        raise CheckpointError(f"{path} is not a readable torch checkpoint (truncated or "
-                              f"corrupt?): {first}") from None
-
-
-def _count_nonfinite(t: torch.Tensor) -> int:
-    """0 when every value of the floating tensor `t` is finite, else how many are not
-    (one fused min/max pass in the common, all-finite case)."""
-    if t.numel() == 0 or t.is_meta:
-        return 0
-    try:
-        low, high = torch.aminmax(t.detach())
-        if bool(torch.isfinite(low) & torch.isfinite(high)):
-            return 0
-    except (RuntimeError, NotImplementedError):  # dtypes without aminmax (float8...)
-        pass
-    return int((~torch.isfinite(t.detach())).sum())
-
-
-def check_finite(state: dict, source: str) -> None:
-    """CheckpointError naming the first floating tensor of `state` holding NaN or Inf."""
-    for key, value in state.items():
-        if isinstance(value, torch.Tensor) and (value.is_floating_point() or value.is_complex()):
-            bad = _count_nonfinite(value)
-            if bad:
-                others = [k for k, v in state.items() if k != key and isinstance(v, torch.Tensor)
-                          and (v.is_floating_point() or v.is_complex()) and _count_nonfinite(v)]
-                more = f"; {len(others)} other tensors too, e.g. {others[:3]}" if others else ""
-                raise CheckpointError(
-                    f"{source}: tensor {key!r} holds {bad} non-finite values (NaN or Inf) of "
-                    f"{value.numel()}{more}; refusing weights that cannot sample")
-
-
 def check_state_dict(state: dict, config, source: str) -> None:
-    """Keys and shapes must be exactly those of the family's module built from `config` (whose
-    sizes the config has checked against its limits), and every value finite."""
-    bad_types = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
-    if bad_types:
-        raise CheckpointError(f"{source}: entries that are not tensors: {bad_types[:5]}")
-    with torch.device("meta"):
-        module = family_of_config(config).module_cls(config)
-    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    if missing:
-        raise CheckpointError(f"{source}: {len(missing)} missing keys, e.g. {missing[:5]}")
-    if unexpected:
-        raise CheckpointError(f"{source}: {len(unexpected)} unexpected keys, e.g. {unexpected[:5]}")
-    for key, want in expected.items():
-        got = tuple(state[key].shape)
-        if got != want:
-            raise CheckpointError(f"{source}: {key} has shape {list(got)} but the configuration "
-                                  f"({describe(config)}) needs {list(want)}")
-    check = family_of_config(config).check_state
-    if check is not None:   # values the shapes cannot vouch for (CTF's cluster map)
-        check(state, config, source)
-    check_finite(state, source)
-
-
-def describe(config) -> str:
-    c = config
-    if hasattr(c, "describe"):   # families whose sizes are not MAR's (ELM)
-        return c.describe()
-    text = (f"img_size={c.img_size}, vae_stride={c.vae_stride}, patch_size={c.patch_size}, "
-            f"vae_embed_dim={c.vae_embed_dim}, encoder={c.encoder_depth}x{c.encoder_embed_dim}, "
-            f"decoder={c.decoder_depth}x{c.decoder_embed_dim}, head={c.diffloss_d}x{c.diffloss_w}")
-    for name in ("buffer_size", "class_num", "cross_depth", "caption_channels", "text_depth"):
-        if hasattr(c, name):
-            text += f", {name}={getattr(c, name)}"
-    return text
+    """Keys, shapes and values of `state` against the module its family builds from `config`."""
+    checkpoints.check_state_dict(state, config, source, family_of_config(config))
 
 
 def build_module(state: dict, config, source: str, dtype=torch.float32):
-    """The family's module for `config` with the weights of `state` (checked first)."""
-    check_state_dict(state, config, source)
-    with torch.device("meta"):
-        module = family_of_config(config).module_cls(config)
-    module.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}, assign=True)
-    return module
+    """The module of `config`'s family with the weights of `state` (checked first)."""
+    return checkpoints.build_module(state, config, source, family_of_config(config), dtype)
+
+
+def save_engine_dir(state: dict, config, out_dir, extra: dict | None = None):
+    """An engine directory (config.json + model.safetensors) of `config`'s family."""
+    return checkpoints.save_engine_dir(state, config, out_dir, family_of_config(config), extra)
 
 
 def read_published(path: Path, ema: bool | None, overrides: dict, family: str | None = None):
@@ -266,19 +158,6 @@ def companion_dir(path, name: str) -> Path | None:
     root = path.parent if path.suffix == ".safetensors" else path
     candidate = root / name
     return candidate if (root / CONFIG_FILE).exists() and candidate.is_dir() else None
-
-
-def save_engine_dir(state: dict, config, out_dir, extra: dict | None = None) -> Path:
-    from safetensors.torch import save_file
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(out / WEIGHTS_FILE))
-    meta = {"format": ENGINE_FORMAT, "version": ENGINE_FORMAT_VERSION,
-            "family": family_of_config(config).name, "config": config.to_dict()}
-    meta.update(extra or {})
-    (out / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-    return out
 
 
 def convert(src, out_dir, ema: bool | None = None, family: str | None = None, **overrides) -> Path:

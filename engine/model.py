@@ -5,13 +5,13 @@ from __future__ import annotations
 import torch
 
 from .backends import get_backend
-from .conditioning import Condition
+from .core.conditioning import Condition
 from .core.protocol import each, labels_and_batch, resolve_settings
-from .errors import ConfigError, SamplingError
-from .diffusion import make_tables
-from .models.head import PackedHead
-from .plan import MAX_BATCH, MAX_NUM_ITER, check_cfg, check_count, check_schedule
-from .sampler import InFlightImage, advance, check_finite, sample, validate_temperature
+from .core.errors import ConfigError, SamplingError
+from .ops.diffusion import make_tables
+from .ops.head import PackedHead
+from .core.plan import MAX_BATCH, MAX_NUM_ITER, check_cfg, check_count, check_schedule
+from .core.loop import InFlightImage, advance, check_finite, sample, validate_temperature
 
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -94,13 +94,13 @@ class Model:
         """How plan steps run: CUDA graphs (captured once per plan shape, replayed after) when on
         CUDA with a graph-safe backend and `cuda_graphs` on; eager otherwise."""
         if self.device.type == "cuda" and self.cuda_graphs and getattr(self.backend, "graph_safe", False):
-            from .graphs import graphed_runner
+            from .core.runners import graphed_runner
             return graphed_runner(self, plan, grid)
-        from .sampler import EagerRunner
+        from .core.loop import EagerRunner
         return EagerRunner(self, plan, grid)
 
     def sample(self, bsz: int, condition: Condition, grid, **settings) -> torch.Tensor:
-        """Unpatchified tokens [B, C, H, W] of the one masked loop (engine.sampler.sample)."""
+        """Unpatchified tokens [B, C, H, W] of the one masked loop (engine.core.loop.sample)."""
         return self.mar.unpatchify(sample(self, bsz, condition, grid, **settings), grid)
 
     # The family protocol (engine/core/protocol.py) --------------------------------------------
@@ -171,7 +171,7 @@ class Model:
 
 
 class MaskedBatcher:
-    """Iteration-level batching of the masked families (engine.sampler.advance): images at the
+    """Iteration-level batching of the masked families (engine.core.loop.advance): images at the
     same step shape share a transformer pass; all predicted rows share one head call."""
 
     def __init__(self, model):

@@ -44,7 +44,7 @@ def golden_dir() -> Path:
 @pytest.fixture(scope="session")
 def native_ext():
     """The native extension (built once per machine); a failure where CI requires it."""
-    from engine import native_build
+    from engine.native import build as native_build
 
     cause = native_build.build_error()
     if cause is not None:

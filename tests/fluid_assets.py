@@ -24,15 +24,15 @@ SHIFT_FACTOR = 0.0609
 
 
 def build_tokenizer():
-    """A WordLevel tokenizer over WORDS (engine.text.word_tokenizer: the built-in text model's kind)."""
-    from engine.text import word_tokenizer
+    """A WordLevel tokenizer over WORDS (engine.decoders.text.word_tokenizer: the built-in text model's kind)."""
+    from engine.decoders.text import word_tokenizer
 
     return word_tokenizer(WORDS)
 
 
 def build_t5_encoder(seed: int = 0):
     """A random T5EncoderModel (1 layer, 2 heads); weights drawn from one seeded generator."""
-    from engine.text import random_t5_encoder
+    from engine.decoders.text import random_t5_encoder
 
     return random_t5_encoder(len(VOCAB), seed, d_model=T5_D_MODEL, d_kv=6, d_ff=24, num_layers=1, num_heads=2)
 

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from conftest import GOLDEN_DIR, rel_err  # noqa: F401  (rel_err: re-exported for the tests)
-from engine.config import MARConfig
-from engine.diffusion import space_timesteps
+from engine.core.config import MARConfig
+from engine.ops.diffusion import space_timesteps
 from engine.models.mar import MAR
 
 CHECKPOINT = GOLDEN_DIR / "checkpoint-last.pth"
@@ -224,7 +224,7 @@ def published_standin(mar: MAR) -> torch.nn.Module:
 def run_golden_head_case(model, case) -> tuple[torch.Tensor, torch.Tensor]:
     """(model's head loop output, the published tokens) for a golden "diffloss_sample" case,
     with its start noise drawn as the published code does."""
-    from engine.sampler import draw_step_noise
+    from engine.core.loop import draw_step_noise
 
     g, p = golden_tensors(), case["params"]
     z, want = g[f"{case['name']}.z"], g[f"{case['name']}.tokens"]

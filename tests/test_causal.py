@@ -12,8 +12,8 @@ import torch.nn.functional as F
 
 import engine
 from engine.backends.reference import ReferenceBackend
-from engine.counting import count_ops
-from engine.errors import ConfigError, SamplingError
+from engine.core.counting import count_ops
+from engine.core.errors import ConfigError, SamplingError
 from engine.families.causal import CausalConfig, CausalModel
 from engine.loading import BUILTIN_MODELS, save_engine_dir
 from engine.models.causal import CausalAR
@@ -249,7 +249,7 @@ MIN_ACCURACY = 0.85
 
 
 def test_shipped_model_is_classified_as_requested():
-    from engine.evaluate import evaluate_samples, generate_digits, make_reference
+    from engine.builtin.evaluate import evaluate_samples, generate_digits, make_reference
 
     model = engine.load("digits-causal")
     d = model.sampling_defaults
@@ -261,9 +261,9 @@ def test_shipped_model_is_classified_as_requested():
 
 # Training ----------------------------------------------------------------------------------------
 def test_training_steps_lower_the_loss_and_the_result_loads(tmp_path):
-    from engine.digits import load_split
-    from engine.train import TrainConfig, TrainTables, train
-    from engine.train_causal import CausalDigitsTask, causal_loss
+    from engine.builtin.digits import load_split
+    from engine.builtin.training import TrainConfig, TrainTables, train
+    from engine.builtin.train_causal import CausalDigitsTask, causal_loss
 
     config = CausalConfig.from_dict({**TINY, "img_size": 8, "class_num": 10})    # digits at 8 x 8
     images, labels = load_split("train", 8)

@@ -8,7 +8,7 @@ import engine
 from engine import SamplingError
 from engine.backends import available_backends
 from engine.families.fluid import FluidModel
-from engine.graphs import graphed_runner
+from engine.core.runners import graphed_runner
 from engine.families.mar import MARModel
 from helpers import random_fluid, random_mar, rel_err
 

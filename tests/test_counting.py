@@ -1,7 +1,7 @@
 """Device operations per sample_tokens call: the engine's Triton path (run in Triton's
 interpreter) against the published sampler, counted on the same golden configuration.
 
-The published counts were measured with engine.counting on the published code itself
+The published counts were measured with engine.core.counting on the published code itself
 (tests/data/published/pub_counts.json); the re-statement of the published loop in helpers.py is
 counted live as a cross-check that the two counts are of the same kind."""
 import json
@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 import engine
-from engine.counting import count_ops
+from engine.core.counting import count_ops
 from helpers import CHECKPOINT, spec_sample_tokens
 
 PUBLISHED = json.loads((Path(__file__).parent / "data" / "published" / "pub_counts.json").read_text())

@@ -1,4 +1,4 @@
-"""engine.cpu_memory: after keep_large_allocations, a loop of large op outputs reuses freed heap
+"""engine.core.cpu_memory: after keep_large_allocations, a loop of large op outputs reuses freed heap
 memory (no fresh pages to fault in); ENGINE_MALLOC_TUNE=0 leaves glibc's defaults, under which
 every output is a fresh mmap. Each case runs in a fresh process: malloc settings are per process."""
 import os
@@ -10,7 +10,7 @@ import pytest
 
 PROBE = textwrap.dedent("""
     import resource, torch
-    from engine.cpu_memory import keep_large_allocations
+    from engine.core.cpu_memory import keep_large_allocations
     applied = keep_large_allocations()
     x = torch.ones(16 << 20)                 # 64 MB: above glibc's largest default mmap threshold
     for _ in range(8):   # glibc settles within a few (64-byte aligned blocks coalesce)
@@ -44,7 +44,7 @@ def test_large_op_outputs_stop_faulting_in_fresh_pages():
 
 def test_the_native_backend_applies_it(native_ext, monkeypatch):
     import engine
-    from engine import cpu_memory
+    from engine.core import cpu_memory
     from helpers import CHECKPOINT
 
     calls = []

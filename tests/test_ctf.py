@@ -12,11 +12,11 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 import engine
-from engine.counting import count_ops
-from engine.errors import CheckpointError, ConfigError, SamplingError
+from engine.core.counting import count_ops
+from engine.core.errors import CheckpointError, ConfigError, SamplingError
 from engine.families.ctf import CTFConfig, CTFModel, save_ctf
 from engine.models.ctf import CTFModule, bae_codewords, kmeans_cluster_map, subtokens_to_codes
-from engine.train_ctf import CTFTask, ctf_losses, init_ctf_weights
+from engine.builtin.train_ctf import CTFTask, ctf_losses, init_ctf_weights
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -1,4 +1,4 @@
-"""The built-in masked model `digits-elm-mlm` (engine/train_mlm.py): its MaskGIT objective against
+"""The built-in masked model `digits-elm-mlm` (engine/builtin/train_mlm.py): its MaskGIT objective against
 a plain re-statement, a few training steps, and the shipped model (loading, shapes, accuracy)."""
 import json
 import math
@@ -12,8 +12,8 @@ import engine
 from engine.families.elm_mlm import ELMMLMConfig
 from engine.loading import BUILTIN_MODELS
 from engine.models.elm_mlm import ELMMLMTransformer
-from engine.train import TrainConfig, train
-from engine.train_mlm import DIGITS_ELM_MLM, ELMMLMTask, masked_counts, mlm_loss, position_mask
+from engine.builtin.training import TrainConfig, train
+from engine.builtin.train_mlm import DIGITS_ELM_MLM, ELMMLMTask, masked_counts, mlm_loss, position_mask
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -97,7 +97,7 @@ def test_a_few_training_steps_reduce_the_loss():
 
 
 def test_task_refuses_codes_that_do_not_fit():
-    from engine.errors import ConfigError
+    from engine.core.errors import ConfigError
 
     config, codes, labels = tiny_task(6)
     with pytest.raises(ConfigError, match="block_size"):
@@ -140,7 +140,7 @@ MIN_ACCURACY = 0.85
 
 
 def test_shipped_model_accuracy_at_its_defaults(shipped):
-    from engine.evaluate import evaluate_samples, generate_digits, make_reference
+    from engine.builtin.evaluate import evaluate_samples, generate_digits, make_reference
 
     d = shipped.sampling_defaults
     ref = make_reference(16, 10)

@@ -5,7 +5,7 @@ import numpy as np
 import torch
 
 import engine
-from engine.digits import load_split, split_indices
+from engine.builtin.digits import load_split, split_indices
 from engine.loading import BUILTIN_MODELS
 
 # Measured at the shipped defaults with 5 per class at seed 0 (and 98% over 100 per class, docs/digits/quality.md);
@@ -54,7 +54,7 @@ def test_load_and_generate_grid():
 
 
 def test_samples_are_classified_as_requested():
-    from engine.evaluate import evaluate_samples, generate_digits, make_reference
+    from engine.builtin.evaluate import evaluate_samples, generate_digits, make_reference
 
     model = engine.load("digits")
     d = model.sampling_defaults

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 import engine
-from engine import digits_text as dt
+from engine.builtin import digits_text as dt
 from engine.backends import available_backends
-from engine.errors import SamplingError
-from engine.geneval import Judge, default_prompts, generate_canvases, matches, score
+from engine.core.errors import SamplingError
+from engine.builtin.geneval import Judge, default_prompts, generate_canvases, matches, score
 
 SEED = 0
 PER_CATEGORY = 10     # 40 prompts per backend
@@ -252,7 +252,7 @@ def _plain_block(block, x):
 def test_text_options_default_off_and_match_a_plain_restatement():
     from engine.families.fluid import FluidConfig
     from engine.models.fluid import Fluid
-    from engine.train import init_weights
+    from engine.builtin.training import init_weights
 
     small = dict(img_size=8, img_width=16, vae_stride=1, patch_size=4, vae_embed_dim=1, tokenizer="pixels",
                  text_depth=1, caption_channels=8, max_length=5, encoder_embed_dim=16, encoder_depth=1,
@@ -291,7 +291,7 @@ def test_text_options_default_off_and_match_a_plain_restatement():
         got = m.decode(encoded, known, predict, dec_pos, m.decoder_text_rows(text))
         assert torch.allclose(got, want, atol=1e-5)
         # The step context carries the prefix (with CFG, the null text's after the text's).
-        from engine.conditioning import Condition
+        from engine.core.conditioning import Condition
 
         context = m.step_context(Condition.text(texts, 2, 5, 8, "cpu"), 2, True, grid)
         null = m.decoder_text_embed(m.fake_latent.expand(2, 5, 16))
@@ -304,10 +304,10 @@ def test_text_options_default_off_and_match_a_plain_restatement():
 def test_encoder_text_option_matches_a_plain_restatement():
     """FluidConfig.encoder_text: the aligned text, through a Linear, prefixes the encoder's
     sequence (as MAR's class buffer); the encoder's rows of it prefix the decoder's."""
-    from engine.conditioning import Condition
+    from engine.core.conditioning import Condition
     from engine.families.fluid import FluidConfig
     from engine.models.fluid import Fluid
-    from engine.train import init_weights
+    from engine.builtin.training import init_weights
 
     small = dict(img_size=8, img_width=16, vae_stride=1, patch_size=4, vae_embed_dim=1, tokenizer="pixels",
                  text_depth=1, caption_channels=8, max_length=5, encoder_embed_dim=16, encoder_depth=2,
@@ -355,14 +355,14 @@ def test_encoder_text_option_matches_a_plain_restatement():
 
 # Training initialisation ------------------------------------------------------------------------
 def test_position_tables_start_as_sine_cosine_tables():
-    """TextCanvasTask.init_weights: engine.train's initialisation, then the three position tables
+    """TextCanvasTask.init_weights: engine.builtin.training's initialisation, then the three position tables
     as MAE's 2-D sine-cosine table of the stored 16 x 16 grid (re-stated here with numpy), so
     the left and right slots of the 4 x 8 token grid start far apart (with N(0, 0.02) tables the
     model never learnt to bind "left" / "right" to a slot: docs/digits-text/experiments.md)."""
     import numpy as np
 
     from engine.models.fluid import Fluid, interpolate_positions
-    from engine.train_text import POSITION_TABLES, TextCanvasTask, digits_text_config
+    from engine.builtin.train_text import POSITION_TABLES, TextCanvasTask, digits_text_config
 
     def restated(dim, grid=16):
         def axis(d, pos):
@@ -384,8 +384,8 @@ def test_position_tables_start_as_sine_cosine_tables():
         left, right = grid.reshape(4, 8, -1)[:, :4], grid.reshape(4, 8, -1)[:, 4:]
         # a token and the one at the same place in the other slot differ as much as neighbours do
         assert (left - right).norm(dim=-1).min() > 0.5 * (grid[0] - grid[1]).norm()
-    # everything else is engine.train's published initialisation, in its RNG order
-    from engine.train import init_weights
+    # everything else is engine.builtin.training's published initialisation, in its RNG order
+    from engine.builtin.training import init_weights
 
     torch.manual_seed(0)
     plain = init_weights(Fluid(config))

@@ -1,5 +1,5 @@
-"""The built-in discrete digit pieces: the digits BAE (engine/assets/digits-bae), its codes, the
-shipped digits-elm-ar model, and the training tasks of engine/train_discrete.py."""
+"""The built-in discrete digit pieces: the digits BAE (engine/builtin/assets/digits-bae), its codes, the
+shipped digits-elm-ar model, and the training tasks of engine/builtin/train_discrete.py."""
 import json
 
 import numpy as np
@@ -7,13 +7,13 @@ import pytest
 import torch
 
 import engine
-from engine.digits import load_split, per_class_subset
-from engine.discrete_digits import (BAE_ASSET, BAEConfig, DigitsBAE, digits_codes, encode_digits,
+from engine.builtin.digits import load_split, per_class_subset
+from engine.builtin.discrete_digits import (BAE_ASSET, BAEConfig, DigitsBAE, digits_codes, encode_digits,
                                     load_digits_bae, save_digits_bae)
-from engine.errors import CheckpointError, ConfigError, EngineError, SamplingError
-from engine.evaluate import classify, load_classifier
-from engine.train import TrainConfig, train
-from engine.train_discrete import BAETask, ELMARTask, digits_elm_ar_config
+from engine.core.errors import CheckpointError, ConfigError, EngineError, SamplingError
+from engine.builtin.evaluate import classify, load_classifier
+from engine.builtin.training import TrainConfig, train
+from engine.builtin.train_discrete import BAETask, ELMARTask, digits_elm_ar_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -100,7 +100,7 @@ def test_shipped_elm_ar_accuracy_at_its_defaults(elm_ar, classifier):
 
 def test_cli_sample_and_evaluate(tmp_path):
     from engine.cli import main
-    from engine.evaluate import run_sweep
+    from engine.builtin.evaluate import run_sweep
 
     out = tmp_path / "s.npz"
     assert main(["sample", "--checkpoint", "digits-elm-ar", "--per-class", "2", "--classes", "3", "7",

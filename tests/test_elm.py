@@ -13,9 +13,9 @@ import torch
 from safetensors.torch import load_file
 
 import engine
-from engine.categorical import sample_logits, top_k_mask, top_p_mask
-from engine.counting import count_ops
-from engine.errors import CheckpointError, ConfigError, EngineError, SamplingError
+from engine.ops.categorical import sample_logits, top_k_mask, top_p_mask
+from engine.core.counting import count_ops
+from engine.core.errors import CheckpointError, ConfigError, EngineError, SamplingError
 from engine.families.elm import ELMConfig, ELMModel, infer_sizes
 from engine.models.elm import ELMTransformer
 

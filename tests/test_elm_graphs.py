@@ -1,5 +1,5 @@
 """ELM's decode on the device: the fused sampling kernel in decode_step (backend "triton": CUDA,
-or CPU in Triton's interpreter) and the CUDA-graph decode runner (engine/graphs.py), checked
+or CPU in Triton's interpreter) and the CUDA-graph decode runner (engine/core/runners.py), checked
 against the published tokens (tests/data/elm goldens) and the eager engine path."""
 import json
 import os
@@ -10,9 +10,9 @@ import torch
 from safetensors.torch import load_file
 
 import engine
-from engine.counting import count_ops
+from engine.core.counting import count_ops
 from engine.families.elm import ELMModel
-from engine.graphs import DecodeGraphRunner, decode_graph_runner
+from engine.core.runners import DecodeGraphRunner, decode_graph_runner
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),
               pytest.mark.filterwarnings("ignore:(invalid value|divide by zero) encountered:RuntimeWarning")]

@@ -14,8 +14,8 @@ import torch
 from safetensors.torch import load_file
 
 import engine
-from engine.counting import count_ops
-from engine.errors import CheckpointError, ConfigError, SamplingError
+from engine.core.counting import count_ops
+from engine.core.errors import CheckpointError, ConfigError, SamplingError
 from engine.families.elm_mlm import ELMMLMConfig, ELMMLMModel, infer_sizes, refine_step
 from engine.models.elm_mlm import ELMMLMTransformer
 

@@ -8,8 +8,8 @@ import torch
 
 import engine
 from engine.backends import available_backends
-from engine.digits import load_split
-from engine.evaluate import (classify, evaluate_samples, frechet_distance, generate_digits,
+from engine.builtin.digits import load_split
+from engine.builtin.evaluate import (classify, evaluate_samples, frechet_distance, generate_digits,
                              load_classifier, make_reference)
 
 PER_CLASS = 5      # 50 samples per backend: a few seconds each on CPU
@@ -49,7 +49,7 @@ def test_classifier_is_accurate_on_held_out_real_digits(model):
 
 
 def test_classifier_does_not_depend_on_the_callers_threads():
-    from engine.evaluate import train_classifier
+    from engine.builtin.evaluate import train_classifier
 
     before = torch.get_num_threads()
     try:

@@ -45,6 +45,24 @@ def test_builtin_models_cover_every_family(models):
 
 
 @pytest.mark.parametrize("name", BUILTIN)
+def test_every_model_implements_the_protocol(models, name):
+    from engine.core.protocol import CONDITIONINGS, DECODERS
+
+    model = load(models, name)
+    assert model.conditioning in CONDITIONINGS and model.decoder in DECODERS
+    for method in ("resolve_settings", "generate_images", "sample_tokens", "decode", "image_shape", "batcher"):
+        assert callable(getattr(model, method)), method
+    if model.conditioning == "class":
+        assert model.num_classes >= 1
+    else:
+        assert len(model.text_shape) == 2 and callable(model.texts_for)
+    settings = model.resolve_settings()
+    assert settings == model.resolve_settings(**settings)      # resolving is idempotent
+    with pytest.raises(engine.SamplingError, match="no_such_setting"):
+        model.resolve_settings(no_such_setting=1)
+
+
+@pytest.mark.parametrize("name", BUILTIN)
 def test_generate_every_family(models, name):
     model = load(models, name)
     kw = dict(prompts=["a 3 to the left of a 7", "two fives"]) if model.conditioning == "text" else dict(labels=[3, 7])

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 import engine
-from engine.diffusion import make_tables
-from engine.plan import build_plan, mask_schedule
-from engine.sampler import draw_step_noise
+from engine.ops.diffusion import make_tables
+from engine.core.plan import build_plan, mask_schedule
+from engine.core.loop import draw_step_noise
 from helpers import (CHECKPOINT, golden_cases, golden_json, golden_tensors, published_standin, rel_err,
                      run_golden_head_case)
 

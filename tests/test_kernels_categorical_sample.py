@@ -1,12 +1,12 @@
 """categorical_sample kernel (CFG + temperature + top-k + top-p + exponential-race draw in one
-launch) vs its torch reference engine.categorical.sample_logits: identical indices, identical
+launch) vs its torch reference engine.ops.categorical.sample_logits: identical indices, identical
 filtered logits (-inf where filtered), the same non-finite rows."""
 import os
 
 import pytest
 import torch
 
-from engine.categorical import sample_logits
+from engine.ops.categorical import sample_logits
 from engine.kernels.categorical_sample import categorical_sample, categorical_sample_ref, launch_categorical
 from engine.kernels.utils import LAUNCHES
 

@@ -4,7 +4,7 @@ import os
 import pytest
 import torch
 
-from engine.diffusion import make_tables
+from engine.ops.diffusion import make_tables
 from engine.kernels.ddpm_update import ddpm_update, ddpm_update_ref, launch_ddpm
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -43,8 +43,8 @@ def test_matches_reference(rows, channels, cfg, clip):
 
 
 def test_engine_update_equivalence():
-    """The reference helper is engine.models.head.ddpm_update on the CFG-combined eps."""
-    from engine.models.head import ddpm_update as head_update
+    """The reference helper is engine.ops.head.ddpm_update on the CFG-combined eps."""
+    from engine.ops.head import ddpm_update as head_update
 
     n, C = 5, 16
     x, eps, v, noise = torch.randn(4, n, C).unbind(0)

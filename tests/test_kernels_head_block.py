@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from engine.diffusion import make_tables
+from engine.ops.diffusion import make_tables
 from engine.kernels.head_block import (final_ddpm, final_ddpm_ref, launch_final, launch_resblock,
                                        resblock, resblock_ref)
 

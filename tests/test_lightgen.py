@@ -80,7 +80,7 @@ def fluid_standin(model):
         obj.register_parameter(name, p)
     for key in ("img_size", "vae_stride", "patch_size", "vae_embed_dim", "max_length", "interpolate_offset"):
         setattr(obj, key, getattr(c, key))
-    from engine.diffusion import NUM_TRAIN_TIMESTEPS, space_timesteps
+    from engine.ops.diffusion import NUM_TRAIN_TIMESTEPS, space_timesteps
     obj.diffloss.gen_diffusion = type("D", (), {"use_timesteps": set(
         space_timesteps(NUM_TRAIN_TIMESTEPS, c.num_sampling_steps))})()
     return obj
@@ -159,7 +159,7 @@ def test_fluid_bad_inputs_have_clear_messages(models):
         with pytest.raises(SamplingError, match=message):
             model.sample_tokens(1, num_iter=2, **{"texts": good, **kwargs})
     with pytest.raises(SamplingError, match="Fluid is text-conditioned"):
-        from engine.conditioning import Condition
+        from engine.core.conditioning import Condition
         model.sample(1, Condition("class", torch.tensor([0])), (16, 16))
     uneq = models("uneq", "model_ema", "reference")
     texts = torch.zeros(1, uneq.config.max_length, uneq.config.caption_channels)

@@ -1,4 +1,4 @@
-"""The native CPU attention kernel (csrc/attention.cpp, engine.attention.cpu_attention) against a
+"""The native CPU attention kernel (csrc/attention.cpp, engine.ops.attention.cpu_attention) against a
 float64 restatement of softmax(q k^T / sqrt(D)) v over shapes (head widths and key counts not
 multiples of 16, one key, tail query blocks), dtypes, strided inputs and threads; its errors; the
 custom op under torch.compile; and which layers route to it (the native backend's transformer,
@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 import engine
-from engine import attention as attention_mod
-from engine.counting import count_ops
+from engine.ops import attention as attention_mod
+from engine.core.counting import count_ops
 from helpers import CHECKPOINT
 
 OP = "engine.cpu_attention.default"

@@ -13,13 +13,13 @@ import pytest
 import torch
 
 import engine
-from engine import native_build
+from engine.native import build as native_build
 from engine.backends import native as native_mod
 from engine.backends.native import NativeBackend
 from engine.backends.reference import ReferenceBackend
-from engine.diffusion import make_tables
-from engine.errors import ConfigError
-from engine.models.head import DiffusionHead, PackedHead
+from engine.ops.diffusion import make_tables
+from engine.core.errors import ConfigError
+from engine.ops.head import DiffusionHead, PackedHead
 from helpers import CHECKPOINT, golden_cases, golden_tensors, rel_err, run_golden_head_case
 
 TOL = 1e-4
@@ -178,7 +178,7 @@ def test_bf16_weights_are_close(golden_model, gemm, n):
     """bf16 head weights through oneDNN's bf16 kernels, or "widened" (oneDNN's float32 product of
     the bf16 values, rounded to bf16): what a CPU without bf16 kernels runs, and any CPU when
     asked."""
-    from engine.packed_linear import onednn_bf16_available
+    from engine.ops.packed_linear import onednn_bf16_available
 
     backend = NativeBackend(weight_dtype=torch.bfloat16, gemm=gemm)
     built = "onednn" if gemm == "onednn" and onednn_bf16_available() else "onednn_widened"
@@ -454,7 +454,7 @@ def test_transformer_products_on_reordered_weights(native_ext, monkeypatch, inte
     (MKL's packed sgemm through the extension on Intel CPUs, oneDNN's reordered weights on
     others): the step's transformer pass matches plain F.linear to float32 rounding, the
     reference backend leaves the blocks unpacked."""
-    from engine import packed_linear
+    from engine.ops import packed_linear
     from engine.models.mar import Linear
 
     if not packed_linear.onednn_available():
@@ -481,7 +481,7 @@ def test_transformer_products_on_reordered_weights(native_ext, monkeypatch, inte
     order = torch.argsort(torch.rand(2, c.seq_len, generator=gen), dim=1)
     known, predict = order[:, :5].sort(dim=1).values, order[:, 5:].sort(dim=1).values
     class_emb = model.mar.class_embedding(torch.tensor([1, 2]), 2, False)
-    from engine.counting import count_ops
+    from engine.core.counting import count_ops
 
     packed, counter = count_ops(model.mar.forward_step, tokens, known, predict, (class_emb,))
     model.mar.pack_linears(None)
@@ -498,13 +498,13 @@ def test_transformer_products_on_reordered_weights(native_ext, monkeypatch, inte
 def test_bf16_transformer_products_on_reordered_weights(native_ext):
     """precision="bf16" on the native backend: the blocks' products run on bfloat16 weights
     reordered once, and give what autocast's F.linear gives (the same oneDNN bf16 product)."""
-    from engine.counting import count_ops
+    from engine.core.counting import count_ops
     from engine.models.mar import Linear
-    from engine.packed_linear import onednn_available
+    from engine.ops.packed_linear import onednn_available
 
     if not onednn_available():
         pytest.skip("this torch build has no oneDNN")  # environment guard; CI's torch has it
-    from engine.packed_linear import onednn_bf16_available
+    from engine.ops.packed_linear import onednn_bf16_available
 
     model = engine.load(CHECKPOINT, backend="native", precision="bf16")
     layers = [m for m in model.mar.modules() if isinstance(m, Linear)]

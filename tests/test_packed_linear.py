@@ -1,4 +1,4 @@
-"""engine.packed_linear: the transformer's float32 products on MKL packed weights (native
+"""engine.ops.packed_linear: the transformer's float32 products on MKL packed weights (native
 extension) against F.linear, over row counts, input ranks, with and without bias; its custom op
 under torch.compile; the packing each CPU gets (MKL on Intel, oneDNN elsewhere or without the
 extension's MKL path; bf16 widened to oneDNN float32 where oneDNN has no bf16 kernels)."""
@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine import packed_linear
+from engine.ops import packed_linear
 from engine.models.mar import Linear
 
 

@@ -5,12 +5,12 @@ import pytest
 import torch
 
 from engine.backends import available_backends
-from engine.counting import count_ops
-from engine.graphs import GraphedRunner
+from engine.core.counting import count_ops
+from engine.core.runners import GraphedRunner
 from engine.families.mar import MARModel
-from engine.plan import build_plan
-from engine.conditioning import Condition
-from engine.sampler import draw_step_inputs, run_step, sample_orders
+from engine.core.plan import build_plan
+from engine.core.conditioning import Condition
+from engine.core.loop import draw_step_inputs, run_step, sample_orders
 from helpers import random_mar
 
 TINY = dict(img_size=48, encoder_depth=1, decoder_depth=2, diffloss_d=1, diffloss_w=32,

@@ -8,7 +8,7 @@ import sys
 
 CHECK = r"""
 import torch
-from engine import native_build
+from engine.native import build as native_build
 ext = native_build.load_extension()
 assert ext.small_gemm_isa() == "portable", ext.small_gemm_isa()
 gen = torch.Generator().manual_seed(0)

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 import engine
 from conftest import rel_err as conftest_rel_err
 from engine import CheckpointError, ConfigError, MARConfig
-from engine.config import (MAX_DEPTH, MAX_PARAMS, MAX_WIDTH, PRESETS, coerce_fields,
+from engine.core.config import (MAX_DEPTH, MAX_PARAMS, MAX_WIDTH, PRESETS, coerce_fields,
                            estimate_params)
 from engine.models.mar import MAR
 from helpers import CHECKPOINT, save
@@ -100,7 +100,7 @@ def test_nonfinite_weights_in_engine_directory(tmp_path):
 
 
 def test_nonfinite_vae_weights(tmp_path):
-    from engine.models.vae import KLDecoder
+    from engine.decoders.vae import KLDecoder
 
     with torch.device("meta"):
         shapes = {k: v.shape for k, v in KLDecoder().state_dict().items()}

@@ -6,7 +6,7 @@ import torch
 import engine
 from engine import SamplingError
 from engine.families.mar import MARModel
-from engine.plan import build_plan
+from engine.core.plan import build_plan
 from helpers import published_standin, random_mar, rel_err, spec_sample_tokens, spec_transformer
 
 CONFIGS = {

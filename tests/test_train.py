@@ -8,10 +8,10 @@ import pytest
 import torch
 
 import engine
-from engine.digits import load_split
+from engine.builtin.digits import load_split
 from engine.loading import save_engine_dir
 from engine.models.mar import MAR
-from engine.train import (TrainConfig, TrainTables, digits_config, init_weights, mar_loss,
+from engine.builtin.training import (TrainConfig, TrainTables, digits_config, init_weights, mar_loss,
                           sample_mask_ratio, train)
 
 TINY = dict(img_size=8, patch_size=2, encoder_embed_dim=32, decoder_embed_dim=32, encoder_depth=1,
@@ -124,7 +124,7 @@ def test_label_dropout_replaces_class_embedding(data):
 
 def test_variance_output_gets_gradient_only_from_vb(data):
     """The VLB term trains v with eps frozen; eps is trained by the MSE alone."""
-    from engine.train import diffusion_loss
+    from engine.builtin.training import diffusion_loss
 
     config = digits_config(**TINY)
     torch.manual_seed(0)

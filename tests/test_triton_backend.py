@@ -12,8 +12,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import engine
 from engine.backends.reference import ReferenceBackend
 from engine.backends.triton import TritonBackend
-from engine.diffusion import make_tables
-from engine.models.head import DiffusionHead, PackedHead
+from engine.ops.diffusion import make_tables
+from engine.ops.head import DiffusionHead, PackedHead
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cpu" if INTERPRET else "cuda"

@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from engine.errors import CheckpointError
-from engine.models.vae import MAR_LATENT_SCALE, KLDecoder, load_vae
+from engine.core.errors import CheckpointError
+from engine.decoders.vae import MAR_LATENT_SCALE, KLDecoder, load_vae
 
 
 def golden_dir() -> Path:

@@ -47,7 +47,7 @@ def time_per_image(name: str, batch: int, repeats: int) -> dict:
 
 
 def main() -> int:
-    from engine.evaluate import run_sweep
+    from engine.builtin.evaluate import run_sweep
 
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--samples-per-class", type=int, default=100)
@@ -74,7 +74,7 @@ def main() -> int:
 
 
 def write_docs(report: dict, samples_per_class: int, repeats: int, threads: int) -> None:
-    from engine.evaluate import format_per_class, format_table
+    from engine.builtin.evaluate import format_per_class, format_table
 
     cfgs = sorted({r["cfg"] for r in report["results"]})
     (HERE / "quality.json").write_text(json.dumps(report, indent=1) + "\n")

@@ -1,5 +1,5 @@
 """The sampling-default sweep of a BAE-token digits model (digits-elm-ar): classifier accuracy and
-Fréchet distance (engine.evaluate) for every (cfg, temperature, top_k), with generator seed 1 (the
+Fréchet distance (engine.builtin.evaluate) for every (cfg, temperature, top_k), with generator seed 1 (the
 reported evaluation, `python -m engine evaluate`, uses seed 0: the defaults are not chosen on it).
 
     python docs/digits-discrete/sweep.py --checkpoint digits-elm-ar --json docs/digits-discrete/elm_ar_sweep.json
@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 import engine
-from engine.evaluate import evaluate_samples, make_reference
+from engine.builtin.evaluate import evaluate_samples, make_reference
 
 
 def main() -> None:

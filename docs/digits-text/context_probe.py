@@ -17,11 +17,11 @@ import sys
 import torch
 
 import engine
-from engine import digits_text as dt
-from engine.digits import load_split
+from engine.builtin import digits_text as dt
+from engine.builtin.digits import load_split
 from engine.models.fluid import interpolate_positions
 from engine.models.mar import gather_rows, patchify
-from engine.train import TrainTables, diffusion_loss
+from engine.builtin.training import TrainTables, diffusion_loss
 
 SAMPLES, KNOWN_FRACTION = 256, 0.5
 

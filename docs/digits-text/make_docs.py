@@ -37,7 +37,7 @@ def make_samples(per_prompt: int) -> None:
 def make_real(per_prompt: int) -> None:
     import torch
 
-    from engine import digits_text as dt
+    from engine.builtin import digits_text as dt
     from engine.images import captioned_grid
 
     sampler, rng = dt.CanvasSampler("heldout"), random.Random(0)
@@ -65,7 +65,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     make_samples(args.per_prompt)
     make_real(args.per_prompt)
-    from engine.geneval import format_table, plot_report, run_report
+    from engine.builtin.geneval import format_table, plot_report, run_report
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from stamp import machine_stamp

@@ -3,7 +3,7 @@
     python docs/digits/compare.py [--samples-per-class 100] [--threads 2]
 
 For each model: classifier accuracy and Fréchet distance against the real-vs-real floor
-(engine.evaluate, the same classifier, seed and sample count for all), the sampling steps, and
+(engine.builtin.evaluate, the same classifier, seed and sample count for all), the sampling steps, and
 the time per image on this CPU (one process, models run one after another; backend "native"
 where the family has a CPU head backend). Writes compare.json (with the machine stamp of
 benchmarks/stamp.py) and compare.md next to this file.
@@ -47,7 +47,7 @@ def main() -> int:
     import torch
 
     import engine
-    from engine.evaluate import run_sweep
+    from engine.builtin.evaluate import run_sweep
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from stamp import machine_stamp

@@ -41,7 +41,7 @@ def make_samples(per_class: int) -> None:
 def make_real(per_class: int) -> None:
     """The first held-out real digits of each class at the model's resolution, for comparison."""
     import engine
-    from engine.digits import load_split
+    from engine.builtin.digits import load_split
     from engine.images import labelled_grid
 
     images, labels = load_split("heldout", engine.load("digits", backend="reference").config.img_size)
@@ -52,7 +52,7 @@ def make_real(per_class: int) -> None:
 
 
 def markdown(report: dict, command: str) -> str:
-    from engine.evaluate import format_per_class, format_table
+    from engine.builtin.evaluate import format_per_class, format_table
 
     d = report["sampling_defaults"]
     clf = report["classifier"]
@@ -104,7 +104,7 @@ def main() -> int:
 
     import torch
 
-    from engine.evaluate import plot_report, run_sweep
+    from engine.builtin.evaluate import plot_report, run_sweep
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import ConfigError
+from ..core.errors import ConfigError
 from .base import HeadBackend
 
 BACKENDS = ("reference", "native", "triton")

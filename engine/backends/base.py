@@ -3,32 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ..models.head import PackedHead
-
-
-def row_param(value, name: str, n: int, device, optional: bool = False, as_tensor: bool = False):
-    """Check one per-row head_loop argument (cfg_scale / temperature) for n result rows.
-
-    Returns None (only when `optional`), a float, or a float32 tensor [n] on `device`; with
-    `as_tensor` a number comes back as that tensor too (torch.full: the same float32 rounding).
-    A 0-dim tensor counts as a number for every row."""
-    if value is None:
-        if optional:
-            return None
-        raise ValueError(f"{name} must be a number or a float32 tensor of shape [{n}], got None")
-    if isinstance(value, torch.Tensor):
-        if value.dim() == 0:
-            value = value.reshape(1).expand(n)
-        if value.dim() != 1 or value.shape[0] != n:
-            raise ValueError(f"{name} must be a number or a float32 tensor of shape [{n}] (one per "
-                             f"result row), got a tensor of shape {list(value.shape)}")
-        return value.to(device=device, dtype=torch.float32).contiguous()
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number or a float32 tensor of shape [{n}], "
-                         f"got {type(value).__name__}") from None
-    return torch.full((n,), value, dtype=torch.float32, device=device) if as_tensor else value
+from ..ops.head import PackedHead
 
 
 class HeadBackend:
@@ -52,7 +27,7 @@ class HeadBackend:
     # size depends on data, no host-to-device copies of fresh host memory.
     graph_safe = False
     # Whether the model should also run its transformer blocks' products on weights packed once
-    # (engine.packed_linear: CPU float32 on MKL's packed sgemm, F.linear's sums; bf16 on oneDNN).
+    # (engine.ops.packed_linear: CPU float32 on MKL's packed sgemm, F.linear's sums; bf16 on oneDNN).
     # The reference backend must not:
     # it is the operation-for-operation baseline.
     packs_transformer = False

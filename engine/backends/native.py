@@ -1,6 +1,6 @@
 """Native CPU backend: one C++ call (csrc/head_loop.cpp) runs a MAR step's whole diffusion loop.
 
-The extension is compiled lazily on first use (`engine.native_build`), never at import. When it
+The extension is compiled lazily on first use (`engine.native.build`), never at import. When it
 cannot be built, `available()` is False and `unavailable_reason()` names the cause; "auto" then
 falls back to the reference backend with one RuntimeWarning, and asking for "native" by name
 raises ConfigError (see engine.backends.get_backend).
@@ -35,9 +35,10 @@ import weakref
 
 import torch
 
-from .. import packed_linear
-from ..errors import ConfigError
-from .base import HeadBackend, row_param
+from ..ops import packed_linear
+from ..core.errors import ConfigError
+from .base import HeadBackend
+from ..ops.head import row_param
 
 # "onednn_widened": bf16 weights as oneDNN float32 products of their values, rounded to bf16 —
 # what "onednn" becomes on a CPU whose oneDNN has no bf16 kernels; asked for, on any CPU.
@@ -134,7 +135,7 @@ class NativeBackend(HeadBackend):
 
     # Availability ----------------------------------------------------------------------------
     def _build_error(self) -> str | None:
-        from .. import native_build
+        from ..native import build as native_build
 
         return native_build.build_error()
 
@@ -152,7 +153,7 @@ class NativeBackend(HeadBackend):
 
     # Plan --------------------------------------------------------------------------------------
     def _module(self):
-        from .. import native_build
+        from ..native import build as native_build
 
         try:
             return native_build.load_extension()
@@ -175,7 +176,7 @@ class NativeBackend(HeadBackend):
                                    self.mod_budget_bytes, self.pack_rows, self.stream_rows)
 
     def prepare(self, head) -> None:
-        from .. import cpu_memory
+        from ..core import cpu_memory
 
         cpu_memory.keep_large_allocations()  # large op outputs reuse the heap, not fresh mmaps
         self.plan_for(head)

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import torch
 
-from .base import HeadBackend, row_param
+from .base import HeadBackend
+from ..ops.head import row_param
 
 
 class ReferenceBackend(HeadBackend):

@@ -16,8 +16,9 @@ from types import SimpleNamespace
 
 import torch
 
-from ..errors import ConfigError
-from .base import HeadBackend, row_param
+from ..core.errors import ConfigError
+from .base import HeadBackend
+from ..ops.head import row_param
 
 _WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 

@@ -11,6 +11,9 @@ Attributes
   decoder        what turns tokens into images: "vae" (engine.load_vae), "bae" (engine.load_bae;
                  a model may ship its own as `model.bae`) or "pixels" (the tokens are pixels)
   sampling_defaults   settings recorded with the model (engine directories), over the family's
+  num_classes    class models: the number of classes; text models: `text_shape` (max_length,
+                 channels) of the encoder outputs they read, and `texts_for(prompts, texts,
+                 text_encoder, num_images)` -> (encoder outputs, batch size)
 
 Methods
   resolve_settings(**given) -> dict
@@ -21,7 +24,10 @@ Methods
   generate_images(labels=, prompts=, texts=, text_encoder=, num_images=, height=, width=,
                   generator=, progress=, vae=, bae=, **settings) -> float [N, C, H, W] in [0, 1]
       engine.generate's work: conditions -> the family's batch sampler -> decode.
-  image_shape(height=None, width=None) -> (H, W, C) of the images it generates.
+  sample_tokens(bsz, labels= | texts=, generator=, progress=, **settings) -> tokens
+      the family's batch sampler (the published signature and results, plus the engine's
+      per-image settings and generators); `settings` as resolve_settings returns them.
+  image_shape(height=None, width=None, vae=None, bae=None) -> (H, W, C) of its images.
   decode(tokens, vae=None, bae=None) -> float [N, C, H, W] in [0, 1]
   batcher(max_images) -> Batcher
       Iteration-level batching (engine.serving): images of different requests in flight at
@@ -40,7 +46,7 @@ A `Batcher` (one per scheduler; it owns per-image state such as KV-cache slots):
 """
 from __future__ import annotations
 
-from ..errors import SamplingError
+from .errors import SamplingError
 
 CONDITIONINGS = ("class", "text")
 DECODERS = ("vae", "bae", "pixels")

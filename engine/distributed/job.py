@@ -23,7 +23,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import EngineError
+from ..core.errors import EngineError
 
 FORMAT = 1
 MAX_SEED = 2 ** 63 - 1
@@ -111,7 +111,7 @@ class Request:
     def check(self, paths: bool = True) -> None:
         """Everything checkable without the model: counts, seed and (with `paths`) the output
         paths; nothing is created."""
-        from ..cli import check_output
+        from ..arguments import check_output
 
         for name, value, limit in (("--num-images", self.num_images, MAX_IMAGES),
                                    ("--group-size", self.group_size, 65536),
@@ -142,7 +142,7 @@ class Request:
             parent = png if png.is_dir() else (png.parent if str(png.parent) else Path("."))
             if not parent.is_dir():
                 raise EngineError(f"--png-dir {png}: directory {parent} does not exist (create it first)")
-            try:   # a real write, as engine.cli.check_output does
+            try:   # a real write, as engine.arguments.check_output does
                 fd, probe = tempfile.mkstemp(dir=parent, prefix=".engine-write-test.")
                 os.close(fd)
                 os.unlink(probe)
@@ -219,7 +219,7 @@ class Job:
 def resolve(request: Request, model) -> Job:
     """The job of a checked request for a loaded model; every sampling argument is validated
     here, before anything is written (through the model's family protocol)."""
-    from ..conditioning import Condition
+    from ..core.conditioning import Condition
 
     settings = model.resolve_settings(num_iter=request.num_iter, cfg=request.cfg, cfg_schedule=request.cfg_schedule,
                                       temperature=request.temperature, top_k=request.top_k, top_p=request.top_p)

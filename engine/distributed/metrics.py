@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import EngineError
+from ..core.errors import EngineError
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 
@@ -120,7 +120,7 @@ class Metrics:
             log("metrics: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                         for k, v in result.items()))
         if self.json_out is not None:
-            from ..cli import write_atomically
+            from ..arguments import write_atomically
 
             text = json.dumps(result, indent=1) + "\n"
             write_atomically(Path(self.json_out), lambda tmp: Path(tmp).write_text(text))
@@ -135,8 +135,8 @@ def _to_model_range(images: np.ndarray) -> torch.Tensor:
 def digits_metrics(images: np.ndarray, labels=None, ref: np.ndarray | None = None) -> dict:
     """engine.evaluate's classifier on uint8 digit images: accuracy (labels 0-9 given) and the
     Fréchet distance of its features to the held-out real digits, or to `ref`'s images."""
-    from ..digits import NUM_CLASSES
-    from ..evaluate import classify, frechet_distance, load_classifier, make_reference
+    from ..builtin.digits import NUM_CLASSES
+    from ..builtin.evaluate import classify, frechet_distance, load_classifier, make_reference
 
     size = images.shape[1]
     x = _to_model_range(images)

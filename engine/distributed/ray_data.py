@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import EngineError
+from ..core.errors import EngineError
 from .job import Request, make_spec, work_items
 from .store import PartStore, write_pngs
 

@@ -15,7 +15,7 @@ from datetime import timedelta
 
 import torch
 
-from ..errors import EngineError
+from ..core.errors import EngineError
 from .job import Job, Request, make_spec, resolve, spec_hash, work_items
 from .store import PartStore, write_pngs
 from .worker import GroupSampler, resolve_device

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import EngineError
+from ..core.errors import EngineError
 from .job import FORMAT, spec_diff, spec_hash
 
 PART_RE = re.compile(r"^part-(\d{9})-(\d{9})\.npz$")
@@ -37,8 +37,8 @@ def _finish(tmp) -> None:
 
 
 def _write_synced(out: Path, arrays: dict) -> None:
-    """np.savez into a temporary file beside `out`, fsync, rename (engine.cli.write_atomically)."""
-    from ..cli import write_atomically
+    """np.savez into a temporary file beside `out`, fsync, rename (engine.arguments.write_atomically)."""
+    from ..arguments import write_atomically
 
     def write(tmp):
         with open(tmp, "wb") as f:
@@ -88,7 +88,7 @@ class PartStore:
         self.dir.mkdir(exist_ok=True)
         if self.read_manifest() == spec:
             return
-        from ..cli import write_atomically
+        from ..arguments import write_atomically
 
         text = json.dumps(spec, indent=1, sort_keys=True) + "\n"
         write_atomically(self.manifest_path, lambda tmp: Path(tmp).write_text(text))
@@ -195,7 +195,7 @@ class PartStore:
         png = Path(png_dir) if png_dir is not None else None
         if png is not None:
             png.mkdir(exist_ok=True)
-        from ..cli import write_atomically
+        from ..arguments import write_atomically
 
         def write(tmp):
             with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf, \
@@ -242,7 +242,7 @@ class PartStore:
 def _write_png(png_dir: Path, index: int, image: np.ndarray) -> None:
     from PIL import Image
 
-    from ..cli import write_atomically
+    from ..arguments import write_atomically
 
     pil = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
     write_atomically(png_dir / f"{index:05d}.png", lambda tmp: pil.save(tmp, format="PNG"))

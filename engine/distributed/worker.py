@@ -9,7 +9,7 @@ import os
 import numpy as np
 import torch
 
-from ..errors import EngineError
+from ..core.errors import EngineError
 from .job import Request
 
 

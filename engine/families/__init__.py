@@ -1,53 +1,14 @@
-"""Model families: what `engine.load` recognises and builds. A family adds its configuration,
-its modules (state-dict compatible with the published code) and its step; the plan, the loop,
-the runners, the head backends and the CLI are shared (engine/sampler.py, engine/model.py).
+"""The registry of model families: what `engine.load` recognises and builds, one line each.
 
-A family is described by a `Family` record:
-  config_cls     dataclass of its configuration (typed fields, `validate()`, derived sizes)
-  presets        published preset name -> sizes (`args.model` of a checkpoint names one)
-  module_cls     the transformer + head `nn.Module`, built from a config on the meta device;
-                 it implements grid(), step_context(condition, bsz, use_cfg, grid),
-                 forward_step(tokens, known, predict, context), unpatchify(tokens, grid),
-                 pack_linears(dtype) and has `diffloss.net` (the diffusion head)
-  model_cls      the engine Model subclass whose `sample_tokens` has the published signature
-  marker_keys    state-dict keys only this family's checkpoints have
-  infer_sizes    state dict -> the configuration fields its shapes determine
-  head_fields    configuration fields that the weights cannot tell (head counts)
-"""
+A family is one place here (its module, e.g. engine/families/elm.py, and its modules under
+engine/models/) described by a `Family` record (engine/families/record.py: configuration class,
+presets, module class, model class, checkpoint marker keys, drop-in hooks). The loaded model
+implements the family protocol (engine/core/protocol.py) that every shared path calls; adding a
+family: docs/contributing.md, "Adding a family"."""
 from __future__ import annotations
 
-import dataclasses
-import functools
-from dataclasses import dataclass, field
-
-from ..errors import CheckpointError, ConfigError
-
-
-@dataclass(frozen=True)
-class Family:
-    name: str
-    config_cls: type
-    presets: dict
-    module_cls: type
-    model_cls: type
-    marker_keys: tuple
-    infer_sizes: object
-    head_fields: tuple
-    ignored_args: frozenset = field(default_factory=frozenset)   # training-only constructor args
-    default_ema: bool = True   # which weights of a {'model', 'model_ema'} checkpoint load by default
-    check_state: object = None   # (state, config, source) -> None: checks of values, not shapes (CTF's cluster map)
-    formats: tuple = ()          # engine-directory formats whose config.json without "family" is this family
-    # Drop-in use (engine.accelerate / patch) with an instance of the published class:
-    recognises: object = None      # published object -> bool
-    from_published: object = None  # (published, backend=, num_sampling_steps=, **config) -> engine model
-    patch: object = None           # (published, engine_model) -> None: installs the engine's sampler on it
-
-    def with_drop_in(self, build) -> "Family":
-        """This record with `from_published` = build(family, published, ...)."""
-        return dataclasses.replace(self, from_published=functools.partial(build, self))
-
-    def owns_preset(self, preset) -> bool:
-        return isinstance(preset, str) and preset in self.presets
+from ..core.errors import CheckpointError, ConfigError
+from .record import Family
 
 
 def families() -> dict[str, Family]:

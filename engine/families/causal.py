@@ -29,17 +29,17 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..conditioning import Condition
-from ..config import (MAX_CLASSES, MAX_DEPTH, MAX_HEADS, MAX_IMG_SIZE, MAX_MLP_RATIO, MAX_PARAMS,
+from ..core.conditioning import Condition
+from ..core.config import (MAX_CLASSES, MAX_DEPTH, MAX_HEADS, MAX_IMG_SIZE, MAX_MLP_RATIO, MAX_PARAMS,
                       MAX_SEQ_LEN, MAX_STRIDE, MAX_TOKEN_DIM, MAX_WIDTH, ConfigMixin, _block_params,
                       _head_params, check_int_range, parse_int, parse_range, parse_steps)
-from ..errors import ConfigError, SamplingError
+from ..core.errors import ConfigError, SamplingError
 from ..model import Model
-from ..plan import (MAX_BATCH, PlanStep, SamplingPlan, cfg_scale, check_cfg, check_count,
+from ..core.plan import (MAX_BATCH, PlanStep, SamplingPlan, cfg_scale, check_cfg, check_count,
                     check_schedule, per_image)
-from ..rng import _draw_one, check_generator, draw_step_inputs
-from ..sampler import check_finite, validate_temperature
-from . import Family
+from ..core.rng import _draw_one, check_generator, draw_step_inputs
+from ..core.loop import check_finite, validate_temperature
+from .record import Family
 from .mar import depth_of, head_and_mlp_sizes, shape_of
 from .slots import SlotPool
 
@@ -354,7 +354,7 @@ class CausalBatcher:
     """Images of a causal continuous model in flight at once (continuous batching): each owns
     rows of one static KV cache (engine/families/slots.py); a step prefills the new images and
     decodes every other row at its own position, then runs ONE head call over all images'
-    rows with per-row cfg scales and temperatures (as engine.sampler.advance: an image without
+    rows with per-row cfg scales and temperatures (as engine.core.loop.advance: an image without
     CFG repeats its conditional row at scale 1). Noise is drawn per image as `sample_tokens`
     draws it for a batch of one with a list of one generator."""
 

@@ -8,7 +8,7 @@ Sampling, `CTFModel.sample_tokens`: 256 + 1 steps for a 16 x 16 grid.
            samples the coarse label of every token: one prefill of the class position, then one
            fixed-shape KV-cached `decode_step` per token, CFG by doubling the batch with the null
            class (`u + (c - u) * s`, per-step scale from ELM's schedules), temperature, top-k /
-           top-p, and the exponential-race draw (engine.categorical).
+           top-p, and the exponential-race draw (engine.ops.categorical).
   stage 2  a bidirectional transformer reads the class and all coarse labels and predicts every
            fine label (the codebook index, as ELM-style sub-tokens) in one pass, `refine`: CFG
            (cond / null class), temperature, top-k / top-p and the draw. By default (engine choice,
@@ -31,14 +31,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..categorical import check_top_k, check_top_p, exponential_noise, guide, sample_logits
-from ..config import MAX_CLASSES, MAX_PARAMS, MAX_SEQ_LEN, ConfigMixin
-from ..config import check_int_range as _check_range
-from ..errors import CheckpointError, ConfigError, SamplingError
-from ..plan import MAX_BATCH, check_count, per_image
+from ..ops.categorical import check_top_k, check_top_p, exponential_noise, guide, sample_logits
+from ..core.config import MAX_CLASSES, MAX_PARAMS, MAX_SEQ_LEN, ConfigMixin
+from ..core.config import check_int_range as _check_range
+from ..core.errors import CheckpointError, ConfigError, SamplingError
+from ..core.plan import MAX_BATCH, check_count, per_image
 from ..core.protocol import resolve_settings
-from ..rng import check_generator
-from . import Family
+from ..core.rng import check_generator
+from .record import Family
 from .discrete import BAETokens
 from .elm import (CFG_SCHEDULES, ARBatcher, ARImage, ClassGrid, LlamaSizes, _check_number, _check_schedule,
                   cfg_at, check_draws, draw)
@@ -457,16 +457,16 @@ def save_ctf(model: CTFModel, out_dir, sampling: dict | None = None, extra: dict
     """Write `model` as an engine directory: config.json ("format": "engine-ctf", both stage
     configs, the sampling defaults) + model.safetensors (stage1.*, stage2.*, cluster_of).
     dtype: storage precision of the weights (loading reads them as float32)."""
-    from ..loading import check_state_dict, save_engine_dir
+    from .checkpoints import check_state_dict, save_engine_dir
 
     state = model.state_dict()
-    check_state_dict(state, model.config, "the model to save")
+    check_state_dict(state, model.config, "the model to save", FAMILY)
     state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     sampling = {**PAPER_SAMPLING, **sampling_from_json(model.sampling_defaults), **(sampling or {}),
                 "num_iter": model.config.block_size}   # 256 + 1 steps: num_iter counts stage 1's
     meta = {"format": CTF_FORMAT, "version": CTF_FORMAT_VERSION, "sampling": _jsonable_sampling(sampling),
             **(extra or {})}
-    return save_engine_dir(state, model.config, out_dir, meta)
+    return save_engine_dir(state, model.config, out_dir, FAMILY, meta)
 
 
 def sampling_from_json(sampling: dict) -> dict:

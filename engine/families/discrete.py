@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..core.protocol import labels_and_batch
-from ..errors import SamplingError
+from ..core.errors import SamplingError
 
 
 class BAETokens:

@@ -6,7 +6,7 @@ steps (the file has a KVCache class that sampling never uses), so its cost grows
 square of the sequence. Here: one prefill of the class position (+ a given prefix), then one
 decode step per token against a static KV cache (engine/models/kv_cache.py), each step the
 transformer on two rows (CFG doubles the batch) and the categorical draw on the device
-(engine/categorical.py). Same tokens after `torch.manual_seed(s)`.
+(engine/ops/categorical.py). Same tokens after `torch.manual_seed(s)`.
 
 Published behaviour reproduced (quirks included):
   * CFG always doubles the batch with the null class `num_classes` (also at cfg_scale 1: the
@@ -37,14 +37,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..categorical import check_top_k, check_top_p, exponential_noise, sample_logits
-from ..config import MAX_CLASSES, MAX_DEPTH, MAX_HEADS, MAX_PARAMS, MAX_SEQ_LEN, MAX_WIDTH, ConfigMixin
-from ..config import check_int_range as _check_range
-from ..errors import ConfigError, SamplingError
+from ..ops.categorical import check_top_k, check_top_p, exponential_noise, sample_logits
+from ..core.config import MAX_CLASSES, MAX_DEPTH, MAX_HEADS, MAX_PARAMS, MAX_SEQ_LEN, MAX_WIDTH, ConfigMixin
+from ..core.config import check_int_range as _check_range
+from ..core.errors import ConfigError, SamplingError
 from ..core.protocol import resolve_settings
-from ..plan import FLOAT32_MAX, MAX_BATCH, check_count, per_image
-from ..rng import check_generator
-from . import Family
+from ..core.plan import FLOAT32_MAX, MAX_BATCH, check_count, per_image
+from ..core.rng import check_generator
+from .record import Family
 from .discrete import BAETokens
 from .mar import depth_of, shape_of
 from .slots import SlotPool
@@ -297,7 +297,7 @@ class ELMModel(BAETokens):
 
     def __init__(self, module, backend="auto", cuda_graphs: bool = True, precision: str = "fp32"):
         """backend: where the categorical draw runs (the transformer is PyTorch either way):
-        "reference" the torch statement (engine/categorical.py), "triton" the fused kernel
+        "reference" the torch statement (engine/ops/categorical.py), "triton" the fused kernel
         (engine/kernels/categorical_sample.py: CUDA, or CPU in Triton's interpreter), "auto"
         the kernel on CUDA when Triton can run it, else the torch statement. Chosen at run time
         for the model's device; "triton" where it cannot run warns and uses the torch path.
@@ -339,7 +339,7 @@ class ELMModel(BAETokens):
         request = self._backend_request
         fused = request == "triton" or (request == "auto" and device.type == "cuda")
         if fused:   # (on CPU "auto" never imports triton: the interpreter is a test tool)
-            from ..categorical import fused_unavailable_reason
+            from ..backends.categorical import fused_unavailable_reason
 
             why = fused_unavailable_reason(device)
             fused = why is None
@@ -440,17 +440,17 @@ class ELMModel(BAETokens):
     def sample_step(self, logits, noise, scale, temperature, top_k, top_p, want_logits=True):
         """The categorical draw of one step on the chosen path (see __init__'s backend)."""
         if self.fused_sampling:
-            from ..categorical import sample_logits_fused
+            from ..backends.categorical import sample_logits_fused
             idx, filtered, ok = sample_logits_fused(logits, noise, scale, temperature, top_k, top_p, want_logits)
             return idx, (filtered if want_logits else None), ok.all()
         idx, filtered, probs = sample_logits(logits, noise, scale, temperature, top_k, top_p)
         return idx, filtered, torch.isfinite(probs).all()
 
     def decode_runner(self, cache, bsz, scale, temperature, top_k, top_p, want_logits):
-        """CUDA graphs for the decode steps on CUDA with cuda_graphs on (engine/graphs.py:
+        """CUDA graphs for the decode steps on CUDA with cuda_graphs on (engine/core/runners.py:
         captured once per shapes and settings, replayed for every position); None: eager."""
         if self.device.type == "cuda" and self.cuda_graphs:
-            from ..graphs import decode_graph_runner
+            from ..core.runners import decode_graph_runner
             return decode_graph_runner(self, cache, bsz, scale, temperature, top_k, top_p, want_logits)
         return None
 
@@ -609,7 +609,7 @@ def accelerate(published, backend="auto", num_sampling_steps=None, **config) -> 
     """An engine model with the published Transformer's weights (and device; no diffusion head,
     so num_sampling_steps must be None); its
     generate_cfg gives the published tokens for the same seeds."""
-    from ..loading import build_module
+    from .checkpoints import build_module
 
     if num_sampling_steps is not None:
         raise ConfigError("num_sampling_steps is for diffusion-head models; this model draws categorical tokens")
@@ -617,7 +617,7 @@ def accelerate(published, backend="auto", num_sampling_steps=None, **config) -> 
     cfg = ELMConfig.from_dict(values)
     state = {k: v.detach() for k, v in published.state_dict().items() if ".kv_cache." not in k}
     device = next(iter(state.values())).device
-    module = build_module(state, cfg, f"{type(published).__name__} instance").to(device)
+    module = build_module(state, cfg, f"{type(published).__name__} instance", FAMILY).to(device)
     return ELMModel(module, backend=backend)
 
 

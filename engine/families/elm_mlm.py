@@ -58,15 +58,15 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..categorical import check_top_k, check_top_p
-from ..config import MAX_CLASSES, MAX_PARAMS, MAX_SEQ_LEN, ConfigMixin
-from ..config import check_int_range as _check_range
-from ..errors import ConfigError, SamplingError
-from ..plan import FLOAT32_MAX, MAX_BATCH, MAX_NUM_ITER, check_count, per_image
+from ..ops.categorical import check_top_k, check_top_p
+from ..core.config import MAX_CLASSES, MAX_PARAMS, MAX_SEQ_LEN, ConfigMixin
+from ..core.config import check_int_range as _check_range
+from ..core.errors import ConfigError, SamplingError
+from ..core.plan import FLOAT32_MAX, MAX_BATCH, MAX_NUM_ITER, check_count, per_image
 from ..models.elm_mlm import refine_step
 from ..core.protocol import resolve_settings
-from ..rng import check_generator
-from . import Family
+from ..core.rng import check_generator
+from .record import Family
 from .discrete import BAETokens
 from .elm import (MAX_CODE_DIM, MAX_TOKEN_EACH, ClassGrid, ELMModel, LlamaSizes, check_draws, config_of,
                   is_elm, patch_generate_cfg)
@@ -450,7 +450,7 @@ def accelerate(published, backend="auto", num_sampling_steps=None, **config) -> 
     """An engine model with the published masked Transformer's weights (and device; no diffusion
     head, so num_sampling_steps must be None); its
     generate_cfg gives the published tokens for the same seeds."""
-    from ..loading import build_module
+    from .checkpoints import build_module
 
     if num_sampling_steps is not None:
         raise ConfigError("num_sampling_steps is for diffusion-head models; this model draws categorical tokens")
@@ -458,7 +458,7 @@ def accelerate(published, backend="auto", num_sampling_steps=None, **config) -> 
     cfg = ELMMLMConfig.from_dict(values)
     state = {k: v.detach() for k, v in published.state_dict().items() if ".kv_cache." not in k}
     device = next(iter(state.values())).device
-    module = build_module(state, cfg, f"{type(published).__name__} instance").to(device)
+    module = build_module(state, cfg, f"{type(published).__name__} instance", FAMILY).to(device)
     return ELMMLMModel(module, backend=backend)
 
 

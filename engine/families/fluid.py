@@ -7,15 +7,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..conditioning import Condition
-from ..config import (MAX_DEPTH, MAX_HEADS, MAX_MLP_RATIO, MAX_PARAMS, MAX_SEQ_LEN, MAX_STRIDE,
+from ..core.conditioning import Condition
+from ..core.config import (MAX_DEPTH, MAX_HEADS, MAX_MLP_RATIO, MAX_PARAMS, MAX_SEQ_LEN, MAX_STRIDE,
                       MAX_TOKEN_DIM, MAX_WIDTH, MAX_IMG_SIZE, ConfigMixin, _block_params,
                       _head_params, parse_range, parse_steps)
-from ..config import check_int_range as _check_range
-from ..errors import ConfigError, SamplingError
+from ..core.config import check_int_range as _check_range
+from ..core.errors import ConfigError, SamplingError
 from ..model import Model
-from ..plan import MAX_BATCH, check_count
-from . import Family
+from ..core.plan import MAX_BATCH, check_count
+from .record import Family
 from .mar import depth_of, from_published, head_and_mlp_sizes, is_fluid, shape_of
 
 # The published preset functions (fluid_base / _large / _huge): transformer sizes only; the head

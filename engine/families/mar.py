@@ -1,18 +1,18 @@
 """MAR (class-conditional, random-order masked AR over continuous tokens): the published
 `models/mar.py` `MAR`. Its modules live in engine/models/mar.py, its configuration in
-engine/config.py."""
+engine/core/config.py."""
 from __future__ import annotations
 
 import re
 
 import torch
 
-from ..diffusion import NUM_TRAIN_TIMESTEPS, space_timesteps
-from ..conditioning import Condition
-from ..errors import ConfigError
+from ..ops.diffusion import NUM_TRAIN_TIMESTEPS, space_timesteps
+from ..core.conditioning import Condition
+from ..core.errors import ConfigError
 from ..model import Model
-from ..plan import MAX_BATCH, check_count
-from . import Family
+from ..core.plan import MAX_BATCH, check_count
+from .record import Family
 
 FAMILY_NAME = "mar"
 
@@ -141,7 +141,7 @@ def is_mar(published) -> bool:
 
 def from_published(family: Family, published, backend="auto", num_sampling_steps=None, **config):
     """An engine model of `family` with the published MAR / FLUID's weights (and device)."""
-    from ..loading import build_module
+    from .checkpoints import build_module
 
     values = config_of(published)
     values["num_sampling_steps"] = num_sampling_steps or _respacing_of(published)
@@ -149,7 +149,7 @@ def from_published(family: Family, published, backend="auto", num_sampling_steps
     cfg = family.config_cls.from_dict(values)
     state = {k: v.detach() for k, v in published.state_dict().items()}
     device = next(iter(state.values())).device
-    module = build_module(state, cfg, f"{type(published).__name__} instance").to(device)
+    module = build_module(state, cfg, f"{type(published).__name__} instance", family).to(device)
     return family.model_cls(module, backend=backend)
 
 
@@ -158,7 +158,7 @@ def patch_sample_tokens(published, engine_model) -> None:
 
 
 def _family() -> Family:
-    from ..config import PRESETS, MARConfig
+    from ..core.config import PRESETS, MARConfig
     from ..models.mar import MAR
 
     family = Family(name=FAMILY_NAME, config_cls=MARConfig, presets=PRESETS, module_cls=MAR,

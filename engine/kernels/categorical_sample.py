@@ -2,7 +2,7 @@
 top-p, softmax and the exponential-race draw; a row is one image x one sub-token (BLOCK_R rows
 per program).
 
-The torch reference is engine.categorical.sample_logits (the op order ELM publishes):
+The torch reference is engine.ops.categorical.sample_logits (the op order ELM publishes):
     x = u + (c - u) * s          CFG of a doubled batch: rows [0, B) cond, [B, 2B) uncond
     x = x / t                    (CUDA: x * (1 / t), what torch does on CUDA)
     top-k: x < kth -> -inf       kth = the k-th largest value counted with multiplicity
@@ -20,7 +20,7 @@ count from the top reaches k): exact, ties included. Top-p: the smallest key v w
 above it hold less than top_p of the mass (the last value a descending sort keeps), 8 passes
 of 4-bit digits (count and mass per digit). Tokens above v are kept; of those tied at v, the
 first ones in index order whose preceding mass is below top_p (a stable sort's order, which
-engine.categorical.top_p_mask uses).
+engine.ops.categorical.top_p_mask uses).
 
 Exactness: CFG, temperature and the top-k threshold are computed with torch's roundings (no FMA
 contraction, IEEE division), so top-k sets are identical. Softmax sums (and top-p's cumulative
@@ -336,9 +336,9 @@ def _(logits, noise, cfg_scale, temperature, top_k=None, top_p=None, write_logit
 
 
 def categorical_sample_ref(logits, noise, cfg_scale, temperature, top_k=None, top_p=None):
-    """Plain torch: engine.categorical.sample_logits on the fp32 logits; (indices, filtered
+    """Plain torch: engine.ops.categorical.sample_logits on the fp32 logits; (indices, filtered
     logits, ok per row)."""
-    from engine.categorical import sample_logits
+    from engine.ops.categorical import sample_logits
 
     idx, filtered, probs = sample_logits(logits.float(), noise, cfg_scale, temperature, top_k, top_p)
     return idx, filtered, torch.isfinite(probs).all(-1)

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.backends.base import row_param
+from engine.ops.head import row_param
 
 from .utils import check_rows, interpret, launch, pow2
 
@@ -32,7 +32,7 @@ def cfg_eps(eps_c, eps_u, cfg_scale):
 
 @triton.jit
 def ddpm_step(x, eps, v, coeff_ptr, noise, temperature, clip_lo, clip_hi, HAS_CLIP: tl.constexpr):
-    """Elementwise update; the same expression tree as engine.models.head.ddpm_update (the
+    """Elementwise update; the same expression tree as engine.ops.head.ddpm_update (the
     kernels are compiled without FMA contraction so each product/sum rounds as in torch).
     `temperature` is a [BM, 1] column of per-row values."""
     sqrt_recip = tl.load(coeff_ptr + 0)
@@ -123,9 +123,9 @@ def _(x, out, noise, coeffs, cfg_scale, temperature, clip_lo=None, clip_hi=None)
 
 
 def ddpm_update_ref(x, out, noise, coeffs, cfg_scale, temperature, clip_lo=None, clip_hi=None):
-    """Plain torch: the CFG combination of engine.models.head.DiffusionHead.forward_with_cfg,
-    then engine.models.head.ddpm_update."""
-    from engine.models.head import ddpm_update as head_ddpm_update
+    """Plain torch: the CFG combination of engine.ops.head.DiffusionHead.forward_with_cfg,
+    then engine.ops.head.ddpm_update."""
+    from engine.ops.head import ddpm_update as head_ddpm_update
 
     n, C = x.shape
     cfg_scale, temperature = row_args(cfg_scale, temperature, n, x.device)

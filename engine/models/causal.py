@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .head import DiffLoss
+from ..ops.head import DiffLoss
 from .kv_cache import StaticKVCache, decode_attention, prefill_attention
 from .mar import LN_EPS, Block, Linear, pack_blocks, unpatchify
 

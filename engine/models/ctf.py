@@ -10,7 +10,7 @@ the paper's code is not public, so the layout here is the engine's own, built fr
           ELM-style sub-tokens). One pass predicts every fine label.
   cluster_of [V] int64: the coarse label of each codebook index v (V = 2 ** (token_each *
           code_dim)); v's sub-tokens are its code_dim-bit groups, most significant first, so the
-          bits of v read MSB-first are the BAE latent bits of that position (engine.models.bae).
+          bits of v read MSB-first are the BAE latent bits of that position (engine.decoders.bae).
 
 State-dict keys: `stage1.*` (ELM AR names), `stage2.*` (the same names, `tok_embedder` embedding
 coarse labels), `cluster_of`.
@@ -165,7 +165,7 @@ def kmeans_cluster_map(codewords, num_clusters: int, seed: int = 0, n_init: int 
 
 def bae_codewords(quantize_weight: torch.Tensor, token_each: int, code_dim: int) -> torch.Tensor:
     """The codeword of every codebook index of a BAE position: its K = token_each * code_dim bits
-    (MSB-first, as engine.models.bae.indices_to_bits reads sub-tokens) times the BAE's
+    (MSB-first, as engine.decoders.bae.indices_to_bits reads sub-tokens) times the BAE's
     quantize.embed.weight [K, emb_dim] -> [2 ** K, emb_dim] float32."""
     bits = token_each * code_dim
     if quantize_weight.shape[0] != bits:

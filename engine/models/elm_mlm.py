@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..categorical import guide, top_k_mask, top_p_mask
+from ..ops.categorical import guide, top_k_mask, top_p_mask
 from .elm import LabelEmbedder, RMSNorm, TransformerBlock, rope_table_1d, rope_table_2d
 
 

@@ -19,9 +19,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..attention import attention
-from ..errors import SamplingError
-from .head import DiffLoss
+from ..ops.attention import attention
+from ..core.errors import SamplingError
+from ..ops.head import DiffLoss
 from .mar import LN_EPS, AttentionBase, Block, Linear, Mlp, gather_rows, pack_blocks, unpatchify
 
 BASE_GRID = 16   # LightGen stores position embeddings for 16 x 16 tokens (its "256px" checkpoints)

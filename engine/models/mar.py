@@ -6,11 +6,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .. import packed_linear
-from ..attention import attention, native_available as native_attention_available
-from ..config import MARConfig
-from ..errors import SamplingError
-from .head import DiffLoss
+from ..ops import packed_linear
+from ..ops.attention import attention, native_available as native_attention_available
+from ..core.config import MARConfig
+from ..core.errors import SamplingError
+from ..ops.head import DiffLoss
 
 LN_EPS = 1e-6
 
@@ -32,7 +32,7 @@ def unpatchify(x: torch.Tensor, p: int, c: int, h: int, w: int | None = None) ->
 
 class Linear(nn.Linear):
     """nn.Linear (same parameters and state-dict keys) that can also hold row ranges of its
-    weight packed once for the CPU (engine.packed_linear): float32 on MKL's packed sgemm on Intel
+    weight packed once for the CPU (engine.ops.packed_linear): float32 on MKL's packed sgemm on Intel
     CPUs (oneDNN elsewhere or without the native extension), equal to F.linear up to summation
     order; bfloat16 (precision="bf16", under CPU autocast) on oneDNN, the same product as
     autocast's F.linear without its per-call weight reorder (1.2-5.7x at MAR-B's shapes), where
@@ -83,7 +83,7 @@ class Linear(nn.Linear):
 
 class AttentionBase(nn.Module):
     """An attention layer whose score-softmax-value product can run on the native CPU kernel
-    (engine.attention); pack_blocks turns it on with the packed linears."""
+    (engine.ops.attention); pack_blocks turns it on with the packed linears."""
 
     use_native_kernel = False
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 
 from ..arguments import add_family_argument
-from ..errors import EngineError
+from ..core.errors import EngineError
 from .scheduler import MAX_IMAGES_PER_REQUEST
 
 

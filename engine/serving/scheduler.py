@@ -41,8 +41,8 @@ import numpy as np
 import torch
 
 from ..core.protocol import SettingError
-from ..errors import EngineError, SamplingError
-from ..plan import check_count
+from ..core.errors import EngineError, SamplingError
+from ..core.plan import check_count
 
 MAX_SEED = 2 ** 63 - 1
 MAX_IMAGES_PER_REQUEST = 16     # default cap on `n` (Scheduler(max_images_per_request=...))

@@ -1,7 +1,7 @@
 """How pub_counts.json beside this script was made: device operations and host syncs of the
 PUBLISHED ELM `Transformer.generate_cfg` (github Pepper-lll/LMforImageGeneration, commit
 c2f29f0ac9775dd917f315f0ff18f00d42b97f7a, `llama/ar_model.py`) on the golden checkpoints
-ck_a.pth / ck_b.pth, counted with the engine's own counter (engine/counting.py: every non-view
+ck_a.pth / ck_b.pth, counted with the engine's own counter (engine/core/counting.py: every non-view
 ATen op dispatched; .item() / bool(tensor) / nonzero as host syncs). Not run by the tests (it
 needs the published code); benchmarks/op_counts.py reads the file.
 
@@ -34,8 +34,8 @@ CALLS = [("a", [0], 16, 4.0, "linear", 5), ("b", [1], 64, 1.5, "linear", 10)]
 
 
 def counter_module():
-    """engine/counting.py alone (it needs torch only; the engine package is not installed here)."""
-    spec = importlib.util.spec_from_file_location("engine_counting", ROOT / "engine" / "counting.py")
+    """engine/core/counting.py alone (it needs torch only; the engine package is not installed here)."""
+    spec = importlib.util.spec_from_file_location("engine_counting", ROOT / "engine" / "core" / "counting.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

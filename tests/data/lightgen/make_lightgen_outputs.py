@@ -38,7 +38,7 @@ Files (all written next to this script):
                       forward_fluid_decoder, forward_fluid_text_decoder outputs, at the base 16x16 grid,
                       at a non-square 8x12 grid and with an all-masked (empty-encoder) mask; plus the
                       interpolated encoder position embeddings for 8x8, 8x12 and 12x8 grids.
-  pub_counts.json     {"p1,bsz1,iter8,cfg3.0": {"total": N, "syncs": S}}: engine.counting.count_ops
+  pub_counts.json     {"p1,bsz1,iter8,cfg3.0": {"total": N, "syncs": S}}: engine.core.counting.count_ops
                       around one published sample_tokens(bsz=1, num_iter=8, cfg=3.0,
                       cfg_schedule="linear", texts=<[1,6,24] tensor>, temperature=1.0, height=256,
                       width=256) with "model_ema" weights, seed 0.
@@ -289,7 +289,7 @@ def main():
 
     # operation counts
     sys.path.insert(0, os.path.abspath(os.path.join(HERE, "..", "..", "..")))
-    from engine.counting import count_ops
+    from engine.core.counting import count_ops
     m = load(ckpts["p1"], E)
     t = torch.randn(1, 6, 24, generator=torch.Generator().manual_seed(5))
     torch.manual_seed(0)

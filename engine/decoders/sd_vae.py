@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import CheckpointError, SamplingError
+from ..core.errors import CheckpointError, SamplingError
 
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 

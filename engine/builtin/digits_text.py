@@ -2,7 +2,7 @@
 onto a 16 x 32 canvas, with captions from a fixed grammar, and its tiny T5 text encoder.
 
 The canvas has a left slot (columns 0-15) and a right slot (columns 16-31); each holds a real
-16 x 16 digit (engine.digits, the same train / held-out split as "digits") or nothing (the
+16 x 16 digit (engine.builtin.digits, the same train / held-out split as "digits") or nothing (the
 background, -1). Captions, a digit d written as a numeral or a word ("7" / "seven") at random:
 
     single object   "a {d}"                       one slot holds d, the other is empty
@@ -12,12 +12,12 @@ background, -1). Captions, a digit d written as a numeral or a word ("7" / "seve
     counting        "two {d}s"                    both slots d ("two 7s", "two sevens", "two sixes")
 
 "an" is accepted for "a" before eight ("an 8", "an eight"). `parse_prompt` inverts the grammar,
-so any prompt of it can be scored (engine.geneval), and an unknown word is refused with the
+so any prompt of it can be scored (engine.builtin.geneval), and an unknown word is refused with the
 vocabulary (never an image of noise).
 
 The text encoder is a real transformers T5EncoderModel (2 layers, d_model 64) frozen after a
 seeded initialisation, with a word-level Hugging Face tokenizer over exactly the grammar's words;
-it is saved next to the model (engine/assets/digits-text/text_encoder) and read by
+it is saved next to the model (engine/builtin/assets/digits-text/text_encoder) and read by
 engine.load_text_encoder like any T5 directory. Frozen and random is enough: a random
 transformer keeps the identity and order of the words, and the model's own text aligner learns
 to read them.
@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import SamplingError
+from ..core.errors import SamplingError
 
 HEIGHT, WIDTH, SLOT = 16, 32, 16
 CATEGORIES = ("single object", "two objects", "counting", "position")
@@ -129,7 +129,7 @@ def words_of(prompt: str) -> list[str]:
 
 
 def check_vocabulary(prompt: str) -> None:
-    from .text import unknown_words_error
+    from ..decoders.text import unknown_words_error
 
     unknown = [w for w in words_of(prompt) if w not in VOCABULARY]
     if unknown:
@@ -214,7 +214,7 @@ class CanvasSampler:
 
     def __init__(self, split: str = "train", mention_order: bool = False):
         """`mention_order`: lay out "a A and a B" with A on the left (the built-in model's
-        training data; either order is correct for the caption, see engine/train_text.py)
+        training data; either order is correct for the caption, see engine/builtin/train_text.py)
         instead of either way at random."""
         from .digits import load_split
 
@@ -242,7 +242,7 @@ class CanvasSampler:
 # The text encoder ----------------------------------------------------------------------------
 def write_text_encoder(out_dir, seed: int = T5_SEED) -> Path:
     """OUT/config.json, model.safetensors, tokenizer.json (+ tokenizer_config.json ...)."""
-    from .text import random_t5_encoder, word_tokenizer
+    from ..decoders.text import random_t5_encoder, word_tokenizer
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -30,7 +30,7 @@ def flash_usable(q: torch.Tensor) -> bool:
 @functools.lru_cache(maxsize=1)
 def _native():
     """The native extension when it builds and has the attention kernel, else None."""
-    from . import native_build
+    from ..native import build as native_build
 
     ext = native_build.extension_or_none()
     return ext if hasattr(ext, "attention") else None

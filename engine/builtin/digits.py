@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import EngineError
+from ..core.errors import EngineError
 
 NUM_CLASSES = 10
 NATIVE_SIZE = 8

@@ -1,5 +1,5 @@
 """Training the built-in masked model `digits-elm-mlm` (engine.families.elm_mlm, ELM's
-`llama/mlm_model.py` Transformer) on the digits BAE codes with engine.train's loop.
+`llama/mlm_model.py` Transformer) on the digits BAE codes with engine.builtin.training's loop.
 
     python -m engine train --model digits-elm-mlm --out runs/digits-elm-mlm --seed 0
 
@@ -9,10 +9,10 @@ The objective (MaskGIT's, what the family's `generate_cfg` reads back):
     keys); a masked position has all its token_each sub-tokens set to the mask id 2**code_dim,
     as sampling re-masks whole positions;
   * the class replaced by the null class `num_classes` with probability `label_drop_prob`
-    (engine.train_discrete.drop_labels: what CFG reads at sampling time);
+    (engine.builtin.train_discrete.drop_labels: what CFG reads at sampling time);
   * cross-entropy of the model's logits [B, S * token_each, 2**code_dim] on the masked
     positions' sub-tokens only (known sub-tokens are copied at sampling time, never predicted).
-Batches come from engine.train_discrete.CodeBatches over `digits_codes("train")`.
+Batches come from engine.builtin.train_discrete.CodeBatches over `digits_codes("train")`.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .errors import ConfigError
+from ..core.errors import ConfigError
 from .train_discrete import BatchedTask, CodeBatches, drop_labels, sampling_with, train_task
 
 # The built-in model's settings -------------------------------------------------------------------
@@ -36,7 +36,7 @@ DIGITS_ELM_MLM = dict(dim=128, n_layer=4, n_head=4, multiple_of=64, token_each=2
                       num_classes=10, class_dropout_prob=0.1, block_size=16, cls_token_num=1,
                       mask_schtype="cos", pos_type="rope1d")
 DIGITS_ELM_MLM_TRAINING = dict(steps=2000, batch_size=64, threads=1, warmup_steps=100)
-# Chosen by a sweep with engine.evaluate's classifier, generator seed 1 (docs/digits-discrete/
+# Chosen by a sweep with engine.builtin.evaluate's classifier, generator seed 1 (docs/digits-discrete/
 # elm_mlm.json "sampling_sweep"): without guidance the model is already at ~98-100% accuracy and
 # guidance only narrows the samples (FD up); a high temperature (the published one scales the
 # confidence noise only: a more random unmasking order) gives the lowest FD.
@@ -45,7 +45,7 @@ DIGITS_ELM_MLM_SAMPLING = dict(cfg=1.0, cfg_schedule="constant", temperature=4.5
 
 
 def digits_elm_mlm_config(**overrides):
-    from .families.elm_mlm import ELMMLMConfig
+    from ..families.elm_mlm import ELMMLMConfig
 
     return ELMMLMConfig.from_dict({**DIGITS_ELM_MLM, **overrides})
 
@@ -81,7 +81,7 @@ def mlm_loss(module, codes: torch.Tensor, labels: torch.Tensor, masked: torch.Te
 
 
 class ELMMLMTask(BatchedTask):
-    """engine.train task: the MaskGIT objective above for an ELMMLMConfig on codes [N, S, T]."""
+    """engine.builtin.training task: the MaskGIT objective above for an ELMMLMConfig on codes [N, S, T]."""
 
     name = "digits-elm-mlm"
     stat_names = ("ce", "accuracy")
@@ -104,7 +104,7 @@ class ELMMLMTask(BatchedTask):
         self.config, self.batches = config, CodeBatches(codes, labels.to(torch.int64))
 
     def build(self):
-        from .models.elm_mlm import ELMMLMTransformer
+        from ..models.elm_mlm import ELMMLMTransformer
         return ELMMLMTransformer(self.config)
 
     @torch.no_grad()
@@ -130,13 +130,13 @@ class ELMMLMTask(BatchedTask):
         return mlm_loss(model, codes, labels, masked)
 
 
-# Command line (dispatched from engine.train) ------------------------------------------------------
+# Command line (dispatched from engine.builtin.train) ----------------------------------------------
 def run(args) -> int:
     """`python -m engine train --model digits-elm-mlm --out DIR [--bae BAE_DIR]`: train, write DIR
     as an engine directory (family elm-mlm) with the BAE it decodes with in DIR/bae."""
     from .discrete_digits import load_digits_bae, save_digits_bae
-    from .loading import save_engine_dir
-    from .train import _command_line
+    from ..loading import save_engine_dir
+    from .training import _command_line
 
     out, bae_path = Path(args.out), getattr(args, "bae", None)
     config = digits_elm_mlm_config()

@@ -18,6 +18,7 @@ Environment:
 from __future__ import annotations
 
 import hashlib
+import importlib
 import importlib.machinery
 import importlib.util
 import os
@@ -48,14 +49,14 @@ def source_dir() -> Path:
     """The C++ sources: the checkout's csrc/ beside the imported engine package where there is
     one (a second checkout on PYTHONPATH builds its own sources, not an editable install's),
     else the installed engine.csrc package."""
-    import engine
-
-    beside = Path(engine.__file__).resolve().parent.parent / "csrc"
+    # This file is engine/native/build.py: parents[1] is the engine package, parents[2] what holds it.
+    beside = Path(__file__).resolve().parents[2] / "csrc"
     if (beside / "head_loop.cpp").is_file():
         return beside
-    import engine.csrc
+    # By name: a data package only, importing nothing of the engine's (not the package root).
+    csrc = importlib.import_module("engine.csrc")
 
-    return Path(engine.csrc.__file__).resolve().parent
+    return Path(csrc.__file__).resolve().parent
 
 
 def cache_root() -> Path:

@@ -19,7 +19,7 @@ import threading
 
 import torch
 
-from .sampler import run_step
+from .loop import run_step
 
 
 def capture_graphs(steps) -> list:
@@ -125,7 +125,7 @@ class DecodeGraphRunner:
         self.input_pos = torch.zeros(1, dtype=torch.long, device=device)
         self.scale = None if scale is None else torch.ones_like(scale, device=device)
         # A number becomes a 0-d buffer: one graph serves every temperature (on CUDA, x / t and
-        # x * reciprocal(t) round alike: engine.categorical.divide_by_temperature).
+        # x * reciprocal(t) round alike: engine.ops.categorical.divide_by_temperature).
         shape = temperature.shape if isinstance(temperature, torch.Tensor) else ()
         self.temperature = torch.ones(shape, dtype=torch.float32, device=device)
         self.noise = torch.ones(bsz, c.token_each, c.vocab_size, device=device)

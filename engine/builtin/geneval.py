@@ -9,9 +9,9 @@ with an object detector, every image is judged by object-level tests, here on th
 slots of the 16 x 32 canvas:
   * a slot is *empty* when its mean ink ((x + 1) / 2 averaged over the slot) is below
     EMPTY_FRACTION of the faintest real digit's (the 1st percentile over the real train split);
-  * a non-empty slot holds the digit the classifier of `engine.evaluate` (a CNN trained on the
+  * a non-empty slot holds the digit the classifier of `engine.builtin.evaluate` (a CNN trained on the
     real train split, 98.9% on held-out digits) assigns to it.
-An image is correct when its slots match the prompt's scene (engine.digits_text.parse_prompt):
+An image is correct when its slots match the prompt's scene (engine.builtin.digits_text.parse_prompt):
   single object   the named digit in one slot (the named side, if any), the other slot empty
   two objects     both digits present, in either order
   counting        both slots hold the digit
@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from .digits_text import CATEGORIES, SLOT, Scene, parse_prompt, random_scene
-from .errors import EngineError
+from ..core.errors import EngineError
 
 EMPTY_FRACTION = 0.3
 
@@ -138,7 +138,7 @@ def _load(checkpoint, backend, device, precision):
 def run_report(checkpoint="digits-text", per_category: int = 50, cfgs=None, num_iters=None,
                backends=None, seed: int = 0, device="cpu", precision="fp32", prompts=None,
                log=print) -> dict:
-    from .backends import available_backends
+    from ..backends import available_backends
 
     backends = list(backends) if backends else available_backends(device)
     first = _load(checkpoint, backends[0], device, precision)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .errors import ConfigError
+from ..core.errors import ConfigError
 
 NUM_TRAIN_TIMESTEPS = 1000
 

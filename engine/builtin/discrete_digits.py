@@ -2,18 +2,18 @@
 layout (Pepper-lll/LMforImageGeneration `bae/binaryae.py`), and the token data that the built-in
 discrete models (digits-elm-ar, digits-elm-mlm, digits-ctf) are trained on.
 
-    bae = load_digits_bae()                          # engine/assets/digits-bae (encoder + decoder)
+    bae = load_digits_bae()                          # engine/builtin/assets/digits-bae (encoder + decoder)
     codes = encode_digits(images)                    # [N, 16, 2] sub-token indices, MSB first
     codes, labels = digits_codes("train")            # the fixed train split, cached
 
-The autoencoder maps a 16 x 16 digit (engine.digits' range [-1, 1]) to a 4 x 4 grid of K = 16
+The autoencoder maps a 16 x 16 digit (engine.builtin.digits' range [-1, 1]) to a 4 x 4 grid of K = 16
 bits, i.e. 16 positions of `token_each` = 2 sub-tokens of `code_dim` = 8 bits (vocabulary 256),
 and back to an image in [0, 1] (ELM's decode range). Its state dict has ELM's keys:
   encoder.blocks.*    conv, ResBlocks with two Downsamples (16 -> 8 -> 4), ResBlock, AttnBlock,
                       ResBlock, GroupNorm, conv to emb_dim channels
   quantize.proj.0.*   1x1 conv to K logits (a sigmoid follows: bit probabilities)
   quantize.embed      [K, emb_dim]: bits -> the generator's input (einsum, as ELM decodes)
-  generator.blocks.*  exactly what engine.models.bae.build_decoder reads back
+  generator.blocks.*  exactly what engine.decoders.bae.build_decoder reads back
 so `engine.load_bae` decodes its tokens unchanged (it ignores the encoder keys). Bits are drawn
 Bernoulli(p) with a straight-through gradient while training and thresholded (p > 0.5) to
 encode, as ELM's quantizer does.
@@ -29,10 +29,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import ConfigMixin
-from .config import check_int_range
-from .errors import CheckpointError, ConfigError, EngineError
-from .models.bae import GROUPS, AttnBlock, BAEDecoder, ResBlock, Upsample, _norm, build_decoder
+from ..core.config import ConfigMixin
+from ..core.config import check_int_range
+from ..core.errors import CheckpointError, ConfigError, EngineError
+from ..decoders.bae import GROUPS, AttnBlock, BAEDecoder, ResBlock, Upsample, _norm, build_decoder
 
 BAE_ASSET = Path(__file__).parent / "assets" / "digits-bae"
 BAE_FILE = "bae.safetensors"        # the weights (encoder + quantizer + generator)
@@ -143,7 +143,7 @@ def _generator_blocks(c: BAEConfig) -> list:
 
 class DigitsBAE(nn.Module):
     """The whole autoencoder (trainable). `decoder` shares `quantize.embed` and `generator` with
-    it: the decoding half as engine.models.bae.BAEDecoder runs it."""
+    it: the decoding half as engine.decoders.bae.BAEDecoder runs it."""
 
     def __init__(self, config: BAEConfig):
         super().__init__()
@@ -191,7 +191,7 @@ def _read_bae_dir(path: Path) -> tuple[dict, BAEConfig, dict]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from .loading import check_finite
+    from ..loading import check_finite
 
     weights, cfg_file = path / BAE_FILE, path / BAE_CONFIG_FILE
     if not weights.exists() or not cfg_file.exists():
@@ -211,7 +211,7 @@ def _read_bae_dir(path: Path) -> tuple[dict, BAEConfig, dict]:
 
 def load_digits_bae(path=None) -> DigitsBAE:
     """The full autoencoder (encoder too) from a digits BAE directory (default: the built-in
-    engine/assets/digits-bae), float32, eval mode."""
+    engine/builtin/assets/digits-bae), float32, eval mode."""
     if path is not None and not isinstance(path, (str, os.PathLike)):
         raise CheckpointError(f"expected a digits BAE directory, got {type(path).__name__}")
     path = BAE_ASSET if path is None or path == "digits-bae" else Path(path)
@@ -288,7 +288,7 @@ def _codes(split: str, path: str | None) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def digits_codes(split: str = "train", bae_path=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(codes [N, 16, token_each] int64, labels [N]) of engine.digits' "train" / "heldout" / "all"
+    """(codes [N, 16, token_each] int64, labels [N]) of engine.builtin.digits' "train" / "heldout" / "all"
     split under the built-in BAE (or the one in `bae_path`); computed once per process. Copies:
     callers may change them."""
     if split not in ("train", "heldout", "all"):

@@ -14,10 +14,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from engine.errors import CheckpointError
+from engine.core.errors import CheckpointError
 # Thread-safe weights-only load (argparse.Namespace registered once, never a per-call global
 # toggle) and the NaN/Inf check shared with the MAR loader.
-from engine.loading import check_finite, torch_load_weights
+from ..core.io import check_finite, torch_load_weights
 
 MAR_LATENT_SCALE = 0.2325
 

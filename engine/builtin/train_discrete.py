@@ -1,10 +1,10 @@
-"""Training the built-in discrete digit models with engine.train's loop (AdamW, warmup + cosine,
+"""Training the built-in discrete digit models with engine.builtin.training's loop (AdamW, warmup + cosine,
 gradient clipping, EMA, resumable): one task object per model.
 
     python -m engine train --model digits-bae    --out runs/digits-bae    --seed 0   # the tokenizer
     python -m engine train --model digits-elm-ar --out runs/digits-elm-ar --seed 0   # ELM AR on its codes
 
-  BAETask     the binary autoencoder of engine.discrete_digits on the train-split images:
+  BAETask     the binary autoencoder of engine.builtin.discrete_digits on the train-split images:
               MSE between its [0, 1] reconstruction (Bernoulli bits, straight-through) and the
               image, plus a small penalty on p (1 - p) that pushes bit probabilities to 0 / 1,
               so that thresholding at encode time loses little.
@@ -26,8 +26,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .discrete_digits import BAEConfig, DigitsBAE, digits_codes
-from .errors import ConfigError
-from .families.elm import ELMConfig
+from ..core.errors import ConfigError
+from ..families.elm import ELMConfig
 
 # The built-in models' settings ---------------------------------------------------------------
 DIGITS_BAE_TRAINING = dict(steps=2000, batch_size=32, threads=1, warmup_steps=100)
@@ -36,7 +36,7 @@ BIT_PENALTY = 0.02          # weight of mean p (1 - p) in the BAE loss
 DIGITS_ELM_AR = dict(dim=128, n_layer=4, n_head=4, multiple_of=64, token_each=2, code_dim=8,
                      num_classes=10, class_dropout_prob=0.1, block_size=16, cls_token_num=1)
 DIGITS_ELM_AR_TRAINING = dict(steps=2000, batch_size=64, threads=1, warmup_steps=100)
-# Chosen by the sweep in docs/digits-discrete (engine.evaluate classifier accuracy vs FD, seeds 1-2).
+# Chosen by the sweep in docs/digits-discrete (engine.builtin.evaluate classifier accuracy vs FD, seeds 1-2).
 DIGITS_ELM_AR_SAMPLING = dict(cfg=1.5, cfg_schedule="constant", temperature=0.3, top_k=None, num_iter=16)
 
 
@@ -77,7 +77,7 @@ def drop_labels(labels: torch.Tensor, null_class: int, prob: float, generator) -
 
 
 class BatchedTask:
-    """start / state / load_state of engine.train's task protocol, from `self.batches`."""
+    """start / state / load_state of engine.builtin.training's task protocol, from `self.batches`."""
 
     def start(self, generator) -> None:
         self.batches.start(generator)
@@ -132,7 +132,7 @@ class ELMARTask(BatchedTask):
         self.config, self.batches = config, CodeBatches(codes, labels)
 
     def build(self):
-        from .models.elm import ELMTransformer
+        from ..models.elm import ELMTransformer
         return ELMTransformer(self.config)
 
     @torch.no_grad()
@@ -160,7 +160,7 @@ class ELMARTask(BatchedTask):
 # Reconstruction quality of a BAE -----------------------------------------------------------------
 @torch.no_grad()
 def reconstruction_report(bae: DigitsBAE, split: str = "heldout") -> dict:
-    """Classifier accuracy and Fréchet distance (engine.evaluate) of the BAE's reconstructions
+    """Classifier accuracy and Fréchet distance (engine.builtin.evaluate) of the BAE's reconstructions
     of a split's digits (encode -> threshold -> decode, through the engine's BAE decoder)."""
     from .discrete_digits import decoder_of, encode_digits
     from .digits import load_split
@@ -179,15 +179,15 @@ def reconstruction_report(bae: DigitsBAE, split: str = "heldout") -> dict:
                                                                          dim=0).shape[0])}
 
 
-# Command line (dispatched from engine.train) ------------------------------------------------------
+# Command line (dispatched from engine.builtin.train) ----------------------------------------------
 DISCRETE_MODELS = ("digits-bae", "digits-elm-ar")
 
 
 def train_task(name: str, config, task, defaults: dict, args) -> tuple:
     """The shared part of the built-in code models' training commands: a TrainConfig from the
-    model's `defaults` and the command's options, the parameter count line, and engine.train's
+    model's `defaults` and the command's options, the parameter count line, and engine.builtin.training's
     loop with OUT/resume.pt when --resume-every is given. Returns (TrainConfig, train's result)."""
-    from .train import TrainConfig, train
+    from .training import TrainConfig, train
 
     tc = TrainConfig(**{**dataclasses.asdict(TrainConfig()), **defaults,
                         **{k: getattr(args, k) for k in ("steps", "batch_size", "threads", "warmup_steps",
@@ -210,8 +210,8 @@ def sampling_with(defaults: dict, args, names=("cfg", "temperature")) -> dict:
 
 
 def run(args) -> int:
-    from .loading import save_engine_dir
-    from .train import _command_line
+    from ..loading import save_engine_dir
+    from .training import _command_line
     from .discrete_digits import load_digits_bae, save_digits_bae
 
     out = Path(args.out)

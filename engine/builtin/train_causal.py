@@ -1,30 +1,30 @@
 """Training the built-in continuous causal AR model "digits-causal" (engine.models.causal) on the
-same digits data as the built-in MAR, with engine.train's loop:
+same digits data as the built-in MAR, with engine.builtin.training's loop:
 
     python -m engine train --family causal --out DIR --seed 0
 
 The objective is the AR one of "Autoregressive Image Generation without Vector Quantization"
 (its AR baseline): teacher forcing over the generation order (raster by default) with causal
-attention, and the diffusion loss of engine.train (MSE on eps + the variational bound for the
+attention, and the diffusion loss of engine.builtin.training (MSE on eps + the variational bound for the
 variance, each token's condition repeated `diffusion_batch_mul` times) on *every* position, since
 every position is predicted from the ones before it. Label dropout (`fake_latent` for the class
 with probability `label_drop_prob`) trains the CFG null class. AdamW, warmup + cosine, EMA, and
-the initialisation are the digits MAR's (engine.train); the position tables start at N(0, 0.02).
+the initialisation are the digits MAR's (engine.builtin.training); the position tables start at N(0, 0.02).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 
-from .errors import ConfigError
-from .families.causal import PRESETS, CausalConfig
-from .models.causal import CausalAR
-from .models.mar import patchify
-from .train import DigitsTask, diffusion_loss
+from ..core.errors import ConfigError
+from ..families.causal import PRESETS, CausalConfig
+from ..models.causal import CausalAR
+from ..models.mar import patchify
+from .training import DigitsTask, diffusion_loss
 
 DIGITS_CAUSAL_MODEL = PRESETS["causal_digits"]
 DIGITS_CAUSAL_SAMPLING = dict(cfg=3.0, num_iter=16, temperature=1.0)
-# What differs from engine.train.TrainConfig's defaults (the digits MAR's): batches of 64 with two
+# What differs from engine.builtin.training.TrainConfig's defaults (the digits MAR's): batches of 64 with two
 # diffusion draws per token keep a step at ~0.25 CPU-seconds (all 16 positions carry the loss);
 # one thread makes the run reproducible bit for bit on the shared 2-core machine.
 DIGITS_CAUSAL_TRAINING = dict(steps=2000, batch_size=64, diffusion_batch_mul=2, threads=1)
@@ -53,13 +53,13 @@ def causal_loss(model: CausalAR, tables, images, labels, generator=None, label_d
 
 
 class CausalDigitsTask(DigitsTask):
-    """The digits MAR's data and batches (engine.train.DigitsTask) with the causal model and loss."""
+    """The digits MAR's data and batches (engine.builtin.training.DigitsTask) with the causal model and loss."""
 
     name = "digits-causal"
 
     def build(self) -> CausalAR:
         model = CausalAR(self.config)
-        # engine.train.init_weights sets everything else; these tables are this family's own.
+        # engine.builtin.training.init_weights sets everything else; these tables are this family's own.
         nn.init.normal_(model.pos_embed_learned, std=0.02)
         nn.init.normal_(model.target_pos_embed_learned, std=0.02)
         return model

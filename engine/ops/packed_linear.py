@@ -50,7 +50,7 @@ def intel_cpu() -> bool:
 @functools.lru_cache(maxsize=1)
 def _native():
     """The native extension when it is built (or builds) and has MKL's packed GEMM, else None."""
-    from . import native_build
+    from ..native import build as native_build
 
     ext = native_build.extension_or_none()
     return ext if hasattr(ext, "MklPackedLinear") and ext.has_mkl_packed() else None

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..errors import CheckpointError, SamplingError
+from ..core.errors import CheckpointError, SamplingError
 
 GROUPS = 32          # ELM's `normalize`: GroupNorm(num_groups=32, eps=1e-6, affine=True)
 NORM_EPS = 1e-6
@@ -217,12 +217,12 @@ def _read_safetensors(path) -> dict:
 
 def load_bae(path, device="cpu") -> BAEDecoder:
     """ELM's BAE decoder from `binaryae_ema.th` (weights-only load), a `.safetensors` file of the
-    same keys, or an engine BAE directory holding `bae.safetensors` (engine/assets/digits-bae);
+    same keys, or an engine BAE directory holding `bae.safetensors` (engine/builtin/assets/digits-bae);
     clear CheckpointError on a missing, unreadable or foreign file."""
     import os
     from pathlib import Path
 
-    from ..loading import check_finite, read_torch_file
+    from ..core.io import check_finite, read_torch_file
 
     if not isinstance(path, (str, os.PathLike)):
         raise CheckpointError(f"expected a path to binaryae_ema.th, got {type(path).__name__}")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import CheckpointError, SamplingError
+from ..core.errors import CheckpointError, SamplingError
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")

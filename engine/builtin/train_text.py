@@ -1,9 +1,9 @@
 """Training the built-in text-to-image model "digits-text": a small Fluid (engine.models.fluid,
-LightGen's FLUID structure) on the composed digit canvases of engine.digits_text.
+LightGen's FLUID structure) on the composed digit canvases of engine.builtin.digits_text.
 
     python -m engine train --model digits-text --out DIR --seed 0
 
-The objective is the MAR one of engine.train (random orders, truncated-Gaussian masking ratio,
+The objective is the MAR one of engine.builtin.training (random orders, truncated-Gaussian masking ratio,
 the hybrid diffusion loss on the masked tokens, AdamW, warmup + cosine, EMA), with Fluid's
 conditioning: the caption's frozen T5 embedding goes through the trained text aligner, and with
 probability `label_drop_prob` it is replaced by the null text (`fake_latent`, after the aligner,
@@ -12,7 +12,7 @@ as the sampler's CFG branch reads it). Position embeddings are interpolated from
 tokens' order: `interpolate_w_major=False`), so training and sampling see the same positions. Batches are drawn from a `random.Random` seeded with (seed, step), so a
 resumed run draws the same images and captions as an uninterrupted one.
 
-Initialisation: engine.train's (the published MAR one), except that the three position tables
+Initialisation: engine.builtin.training's (the published MAR one), except that the three position tables
 start as a 2-D sine-cosine table of the stored 16 x 16 grid (MAE's, unit amplitude) instead of
 N(0, 0.02). Why (docs/digits-text/experiments.md): with tiny random tables, bicubically
 downsampled to the 4 x 8 grid, the left and right slots start nearly alike, and binding a word
@@ -34,9 +34,9 @@ import random
 import torch
 
 from . import digits_text as dt
-from .families.fluid import FluidConfig
-from .models.fluid import BASE_GRID, Fluid, interpolate_positions
-from .models.mar import gather_rows, patchify
+from ..families.fluid import FluidConfig
+from ..models.fluid import BASE_GRID, Fluid, interpolate_positions
+from ..models.mar import gather_rows, patchify
 
 DIGITS_TEXT_MODEL = dict(
     img_size=dt.HEIGHT, img_width=dt.WIDTH, vae_stride=1, patch_size=4, vae_embed_dim=1,
@@ -50,7 +50,7 @@ DIGITS_TEXT_MODEL = dict(
     interpolate_w_major=False,
 )
 DIGITS_TEXT_SAMPLING = dict(cfg=3.0, num_iter=16, temperature=1.0)
-# Training settings that differ from engine.train.TrainConfig's (the digits MAR's): batches of
+# Training settings that differ from engine.builtin.training.TrainConfig's (the digits MAR's): batches of
 # 64 with two diffusion draws per token keep a step at ~0.4 CPU-seconds with 32 tokens per image;
 # one thread makes the run reproducible bit for bit on a shared 2-core machine (~27 min).
 DIGITS_TEXT_TRAINING = dict(steps=4000, batch_size=64, diffusion_batch_mul=2, threads=1)
@@ -81,17 +81,17 @@ def sincos_positions(dim: int, grid: int = BASE_GRID) -> torch.Tensor:
 
 
 class TextCanvasTask:
-    """The digits-text training data and loss for engine.train's loop."""
+    """The digits-text training data and loss for engine.builtin.training's loop."""
 
     name = "digits-text"
 
     def __init__(self, config: FluidConfig, seed: int, text_encoder=None):
-        from .text import TextEncoder
+        from ..decoders.text import TextEncoder
 
         self.config, self.seed = config, seed
         self.canvases = dt.CanvasSampler("train", mention_order=True)
         if text_encoder is None:
-            from .text import random_t5_encoder, word_tokenizer
+            from ..decoders.text import random_t5_encoder, word_tokenizer
 
             tokenizer = word_tokenizer(dt.VOCABULARY)
             text_encoder = TextEncoder(random_t5_encoder(len(tokenizer), dt.T5_SEED, **dt.T5_SIZES),
@@ -103,8 +103,8 @@ class TextCanvasTask:
         return Fluid(self.config)
 
     def init_weights(self, module: Fluid) -> Fluid:
-        """engine.train's initialisation, then sine-cosine position tables (module docstring)."""
-        from .train import init_weights
+        """engine.builtin.training's initialisation, then sine-cosine position tables (module docstring)."""
+        from .training import init_weights
 
         init_weights(module)
         with torch.no_grad():
@@ -134,7 +134,7 @@ def fluid_loss(model: Fluid, tables, images, texts, generator=None, text_drop_pr
                diffusion_batch_mul: int = 4, mask_ratio_min: float = 0.7):
     """The MAR training loss of a Fluid on `images [B, C, H, W]` (token range) captioned by
     `texts [B, max_length, caption_channels]` (text-encoder outputs). Returns (loss, stats)."""
-    from .train import diffusion_loss, sample_mask_ratio
+    from .training import diffusion_loss, sample_mask_ratio
 
     c = model.config
     grid = (images.shape[-2] // c.patch_size, images.shape[-1] // c.patch_size)

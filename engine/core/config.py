@@ -351,7 +351,7 @@ _LIMITS = (
 
 def _over(what: str, value, limit_name: str, limit) -> ConfigError:
     return ConfigError(f"{what} = {value} exceeds the engine's limit {limit_name} = {limit} "
-                       "(engine/config.py)")
+                       "(engine/core/config.py)")
 
 
 def check_limits(config) -> None:

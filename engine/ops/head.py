@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from ..diffusion import DiffusionTables
+from .diffusion import DiffusionTables
 
 FREQ_DIM = 256
 LN_EPS = 1e-6
@@ -185,3 +185,28 @@ def ddpm_update(x, eps, v, coeffs, noise, temperature, clip_range=None):
     frac = (v + 1) / 2
     logvar = frac * max_log + (1 - frac) * min_log
     return mean + nonzero * torch.exp(0.5 * logvar) * noise * temperature
+
+
+def row_param(value, name: str, n: int, device, optional: bool = False, as_tensor: bool = False):
+    """Check one per-row head_loop argument (cfg_scale / temperature) for n result rows.
+
+    Returns None (only when `optional`), a float, or a float32 tensor [n] on `device`; with
+    `as_tensor` a number comes back as that tensor too (torch.full: the same float32 rounding).
+    A 0-dim tensor counts as a number for every row."""
+    if value is None:
+        if optional:
+            return None
+        raise ValueError(f"{name} must be a number or a float32 tensor of shape [{n}], got None")
+    if isinstance(value, torch.Tensor):
+        if value.dim() == 0:
+            value = value.reshape(1).expand(n)
+        if value.dim() != 1 or value.shape[0] != n:
+            raise ValueError(f"{name} must be a number or a float32 tensor of shape [{n}] (one per "
+                             f"result row), got a tensor of shape {list(value.shape)}")
+        return value.to(device=device, dtype=torch.float32).contiguous()
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number or a float32 tensor of shape [{n}], "
+                         f"got {type(value).__name__}") from None
+    return torch.full((n,), value, dtype=torch.float32, device=device) if as_tensor else value

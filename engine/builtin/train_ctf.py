@@ -10,7 +10,7 @@
 Each stage replaces the class by the null class with probability `label_drop_prob`, drawn
 independently per stage (what CFG reads at sampling time). The total is the sum.
 
-`CTFTask` is engine.train's task protocol (build, init_weights, loss, start / state / load_state):
+`CTFTask` is engine.builtin.training's task protocol (build, init_weights, loss, start / state / load_state):
 it clusters the codebook once (k-means on the codewords, e.g. engine.models.ctf.bae_codewords of
 the BAE), then trains both stages jointly in the one loop.
 """
@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import torch
 
-from .families.ctf import FAMILY_NAME as CTF_FAMILY
+from ..families.ctf import FAMILY_NAME as CTF_FAMILY
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .errors import ConfigError
-from .models.ctf import subtokens_to_codes
+from ..core.errors import ConfigError
+from ..models.ctf import subtokens_to_codes
 
 
 def _drop(labels: torch.Tensor, null_class: int, prob: float, generator) -> torch.Tensor:
@@ -81,7 +81,7 @@ def init_ctf_weights(module: nn.Module) -> nn.Module:
 
 
 class CTFTask:
-    """engine.train task: both CTF stages on (codes, labels), with the cluster map `cluster_of`
+    """engine.builtin.training task: both CTF stages on (codes, labels), with the cluster map `cluster_of`
     fixed before training (it is a buffer, not trained; train() returns parameters only, so add
     it back to the EMA state when saving: `{**result["ema"], "cluster_of": task.cluster_of}`)."""
 
@@ -89,7 +89,7 @@ class CTFTask:
     stat_names = ("ce_coarse", "ce_fine")
 
     def __init__(self, config, codes: torch.Tensor, labels: torch.Tensor, cluster_of: torch.Tensor):
-        from .families.ctf import check_cluster_map
+        from ..families.ctf import check_cluster_map
 
         check_codes(codes, labels, config)
         check_cluster_map(cluster_of, config, "CTFTask")
@@ -100,7 +100,7 @@ class CTFTask:
         self.perm, self.cursor = None, 0
 
     def build(self):
-        from .models.ctf import CTFModule
+        from ..models.ctf import CTFModule
 
         module = CTFModule(self.config)
         module.cluster_of.copy_(self.cluster_of)
@@ -128,7 +128,7 @@ class CTFTask:
 
 
 # The built-in digits-ctf ------------------------------------------------------------------------------
-# Trained on the digits BAE codes (engine.discrete_digits: 16 positions of 2 sub-tokens of 8 bits,
+# Trained on the digits BAE codes (engine.builtin.discrete_digits: 16 positions of 2 sub-tokens of 8 bits,
 # codebook 2 ** 16); the clusters are k-means on all 65536 codewords.
 DIGITS_CTF = dict(num_classes=10, class_dropout_prob=0.1, block_size=16, token_each=2, code_dim=8,
                   num_clusters=64,
@@ -140,14 +140,14 @@ KMEANS_SEED = 0
 
 
 def digits_ctf_config(**overrides):
-    from .families.ctf import CTFConfig
+    from ..families.ctf import CTFConfig
 
     return CTFConfig.from_dict({**DIGITS_CTF, **overrides})
 
 
 def digits_cluster_map(config, bae) -> torch.Tensor:
     """k-means (seed KMEANS_SEED) on the codewords of every code of the digits BAE."""
-    from .models.ctf import bae_codewords, kmeans_cluster_map
+    from ..models.ctf import bae_codewords, kmeans_cluster_map
 
     words = bae_codewords(bae.quantize.embed.weight, config.token_each, config.code_dim)
     return kmeans_cluster_map(words, config.num_clusters, seed=KMEANS_SEED)
@@ -162,8 +162,8 @@ def run(args) -> int:
     from pathlib import Path
 
     from .discrete_digits import digits_codes, load_digits_bae, save_digits_bae
-    from .families.ctf import CTFModel, save_ctf
-    from .train import _command_line
+    from ..families.ctf import CTFModel, save_ctf
+    from .training import _command_line
     from .train_discrete import sampling_with, train_task
 
     out, bae_path = Path(args.out), getattr(args, "bae", None)

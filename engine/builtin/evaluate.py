@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .digits import NUM_CLASSES, load_split, per_class_subset
-from .errors import EngineError
+from ..core.errors import EngineError
 
 CLASSIFIER_VERSION = 2  # 2: always trained on one thread (v1 depended on the thread count)
 FEATURE_DIM = 64
@@ -109,7 +109,7 @@ def _train_classifier(images, labels, size: int, epochs: int, seed: int, log) ->
 
 
 def cache_dir() -> Path:
-    from .native_build import cache_root
+    from ..native.build import cache_root
 
     return cache_root()  # one cache for the package ($ENGINE_CACHE_DIR, else the user cache)
 
@@ -265,7 +265,7 @@ def run_sweep(checkpoint="digits", samples_per_class: int = 20, cfgs=(1.0, 2.0, 
               precision: str = "fp32") -> dict:
     """Every (backend, cfg, num_iter); returns the report dict (also what --json writes).
     With a reduced `precision` the backends are labelled e.g. "native-bf16"."""
-    from .backends import available_backends
+    from ..backends import available_backends
 
     first = _load_model(checkpoint, backends[0] if backends else "auto", device, precision)
     if not backends:   # the head backends, for models with a diffusion head; the others sample in PyTorch

@@ -1,0 +1,1 @@
+"""The native C++ extension (csrc/, installed as engine.csrc): its lazy build (engine.native.build)."""
