@@ -17,7 +17,7 @@ Baseline: with ELM naming an extracted checkout of Pepper-lll/LMforImageGenerati
 `llama/ar_model.py` Transformer is built with the same weights and its own generate_cfg timed
 (einops, imported but unused there, gets a stand-in when missing). Without ELM, the published
 loop is re-stated below in plain torch on the engine's module (whose forward is the published
-full pass: every position, every head; tests/test_elm.py checks it against the published
+full pass: every position, every head; tests/families/elm/test_elm.py checks it against the published
 outputs).
 """
 from __future__ import annotations

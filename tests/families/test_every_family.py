@@ -219,3 +219,48 @@ def test_no_module_outside_the_families_spells_a_family_name():
             if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in names:
                 found.append(f"{path.relative_to(root)}:{node.lineno} {node.value!r}")
     assert not found, found
+
+
+def _png(item) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(item["b64_json"]))))
+
+
+@pytest.mark.parametrize("name", ["digits-elm-ar", "digits-elm-mlm"])
+def test_litserve_adapter_serves_discrete_families(models, name):
+    ls = pytest.importorskip("litserve")
+    from fastapi.testclient import TestClient
+    from litserve.utils import wrap_litserve_start
+
+    from engine.serving.litserve_api import EngineLitAPI
+
+    model = load(models, name)
+    server = ls.LitServer(EngineLitAPI(name, warmup=False), accelerator="cpu", timeout=120)
+    with wrap_litserve_start(server) as server, TestClient(server.app) as client:
+        r = client.post("/v1/images/generations", json={"class_label": 6, "seed": 3, "n": 2})
+        assert r.status_code == 200, r.text
+        for i, item in enumerate(r.json()["data"]):
+            want = engine.generate(model, [6], generator=[torch.Generator().manual_seed(3 + i)], output_type="pil")
+            assert np.abs(_png(item).astype(int) - np.asarray(want[0]).astype(int)).max() <= 1
+
+
+def test_ray_serve_adapter_serves_an_ar_family(models):
+    ray = pytest.importorskip("ray")
+    serve = pytest.importorskip("ray.serve")
+    from engine.serving.ray_serve import app
+
+    model = load(models, "digits-ctf")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        serve.start(proxy_location="Disabled")
+        handle = serve.run(app("digits-ctf", ray_actor_options={"num_cpus": 1}, threads=1, warmup=False),
+                           name="engine-ctf-test", route_prefix=None)
+        calls = [handle.generate.remote({"class_label": i, "seed": 20 + i}) for i in range(3)]
+        for i, call in enumerate(calls):
+            item = call.result(timeout_s=120)["data"][0]
+            want = engine.generate(model, [i], generator=[torch.Generator().manual_seed(20 + i)], output_type="pil")
+            assert np.abs(_png(item).astype(int) - np.asarray(want[0]).astype(int)).max() <= 1
+    finally:
+        serve.shutdown()
+        ray.shutdown()

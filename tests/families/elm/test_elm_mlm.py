@@ -21,7 +21,7 @@ from engine.models.elm_mlm import ELMMLMTransformer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-DATA = Path(__file__).parent / "data" / "elm_mlm"
+DATA = Path(__file__).resolve().parents[2] / "data" / "elm_mlm"
 META = json.loads((DATA / "runs.json").read_text())
 GOLD = load_file(str(DATA / "tokens.safetensors"))
 RUNS = {r["name"]: r for r in META["runs"]}
@@ -30,7 +30,7 @@ SIZES = {"a": dict(n_head=4),
          "b": dict(n_head=2, n_kv_head=1, norm_eps=1e-6, rope_base=500.0, mask_schtype="linear"),
          "c": dict(n_head=2),
          "d": dict(n_head=2, pos_type="rope1d")}
-BAE = Path(__file__).parent / "data" / "elm" / "binaryae_ema.th"     # 8 bits: config a's 2 x 4
+BAE = Path(__file__).resolve().parents[2] / "data" / "elm" / "binaryae_ema.th"     # 8 bits: config a's 2 x 4
 
 
 @pytest.fixture(scope="module")
@@ -288,7 +288,7 @@ def test_generate_decodes_mlm_tokens(models):
 def test_family_recognition_presets_and_engine_format(tmp_path, models):
     auto = engine.load(DATA / "ck_c.pth", n_head=2)            # recognised from its mlm_layer keys
     assert auto.family == "elm-mlm" and auto.config.pause and auto.config.token_each == 3
-    ar = engine.load(Path(__file__).parent / "data" / "elm" / "ck_a.pth", n_head=4, block_size=16)
+    ar = engine.load(Path(__file__).resolve().parents[2] / "data" / "elm" / "ck_a.pth", n_head=4, block_size=16)
     assert ar.family == "elm-ar"                               # AR checkpoints still load as AR
     with torch.device("meta"):
         big = ELMMLMTransformer(ELMMLMConfig.from_preset("GPT-L", token_each=1, code_dim=16))

@@ -15,7 +15,7 @@ from engine.decoders.vae import MAR_LATENT_SCALE, KLDecoder, load_vae
 
 def golden_dir() -> Path:
     """``../shared/golden/mar_small`` beside the checkout; missing golden data is a failure."""
-    path = Path(__file__).resolve().parents[1].parent / "shared" / "golden" / "mar_small"
+    path = Path(__file__).resolve().parents[3] / "shared" / "golden" / "mar_small"
     assert (path / "golden.json").is_file() and (path / "golden.safetensors").is_file(), (
         f"golden data not found at {path} (expected ../shared/golden/mar_small beside the checkout)")
     return path

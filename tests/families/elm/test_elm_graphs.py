@@ -17,7 +17,7 @@ from engine.core.runners import DecodeGraphRunner, decode_graph_runner
 pytestmark = [pytest.mark.usefixtures("one_thread"),
               pytest.mark.filterwarnings("ignore:(invalid value|divide by zero) encountered:RuntimeWarning")]
 
-DATA = Path(__file__).parent / "data" / "elm"
+DATA = Path(__file__).resolve().parents[2] / "data" / "elm"
 META = json.loads((DATA / "runs.json").read_text())
 GOLD = load_file(str(DATA / "tokens.safetensors"))
 RUNS = {r["name"]: r for r in META["runs"]}

@@ -15,7 +15,7 @@ from engine.backends import available_backends
 from engine.models.fluid import interpolate_positions
 from helpers import rel_err
 
-DATA = Path(__file__).parent / "data" / "lightgen"
+DATA = Path(__file__).resolve().parents[2] / "data" / "lightgen"
 RECORD = json.loads((DATA / "runs.json").read_text())
 TOKENS = load_file(str(DATA / "tokens.safetensors"))
 TEXTS = load_file(str(DATA / "texts.safetensors"))

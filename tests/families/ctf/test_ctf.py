@@ -20,7 +20,7 @@ from engine.builtin.train_ctf import CTFTask, ctf_losses, init_ctf_weights
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-DATA_BAE = __import__("pathlib").Path(__file__).parent / "data" / "elm" / "binaryae_ema.th"
+DATA_BAE = __import__("pathlib").Path(__file__).resolve().parents[2] / "data" / "elm" / "binaryae_ema.th"
 CONFIG = dict(num_classes=5, block_size=16, token_each=2, code_dim=4, num_clusters=8,
               stage1=dict(dim=32, n_layer=2, n_head=2, n_kv_head=1, multiple_of=16),
               stage2=dict(dim=32, n_layer=2, n_head=2, multiple_of=16, norm_eps=1e-6, rope_base=500.0))

@@ -13,7 +13,7 @@ import engine
 from engine.backends import available_backends
 from helpers import rel_err
 
-DATA = Path(__file__).parent / "data" / "published"
+DATA = Path(__file__).resolve().parents[2] / "data" / "published"
 RUNS = json.loads((DATA / "runs.json").read_text())
 TOKENS = load_file(str(DATA / "tokens.safetensors"))
 

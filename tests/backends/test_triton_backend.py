@@ -166,7 +166,7 @@ def test_availability(monkeypatch):
 def test_golden_tokens(golden_dir, case):
     """model.set_backend("triton") reproduces the published sampler's tokens (run3: 4 MAR steps,
     no CFG; the interpreter is slow. The CFG loop is compared with the reference backend above,
-    and tests/test_published_outputs.py runs published CFG cases through triton)."""
+    and tests/families/mar/test_published_outputs.py runs published CFG cases through triton)."""
     cases = json.loads((golden_dir / "golden.json").read_text())["cases"]
     params = {c["name"]: c["params"] for c in cases}[case]
     want = load_file(str(golden_dir / "golden.safetensors"))[f"{case}.tokens"]

@@ -14,7 +14,7 @@ import engine
 from engine.core.counting import count_ops
 from helpers import CHECKPOINT, spec_sample_tokens
 
-PUBLISHED = json.loads((Path(__file__).parent / "data" / "published" / "pub_counts.json").read_text())
+PUBLISHED = json.loads((Path(__file__).resolve().parents[1] / "data" / "published" / "pub_counts.json").read_text())
 
 
 def test_triton_path_needs_a_tenth_of_the_published_operations():
@@ -37,13 +37,13 @@ def test_triton_path_needs_a_tenth_of_the_published_operations():
     assert fused == num_iter * (steps * (depth + 3) + 1)
 
 
-LIGHTGEN = json.loads((Path(__file__).parent / "data" / "lightgen" / "pub_counts.json").read_text())
+LIGHTGEN = json.loads((Path(__file__).resolve().parents[1] / "data" / "lightgen" / "pub_counts.json").read_text())
 
 
 def test_fluid_needs_fewer_operations_than_lightgen_and_no_host_sync():
     """Counted on LightGen's own sample_tokens (tests/data/lightgen/pub_counts.json, config p1,
     batch 1, 8 steps, cfg 3) against the engine's reference path on the same checkpoint."""
-    data = Path(__file__).parent / "data" / "lightgen"
+    data = Path(__file__).resolve().parents[1] / "data" / "lightgen"
     model = engine.load(data / "ck_p1.pth", ema=True, backend="reference")
     texts = torch.randn(1, 6, 24, generator=torch.Generator().manual_seed(5))
     torch.manual_seed(0)

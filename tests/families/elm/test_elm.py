@@ -21,7 +21,7 @@ from engine.models.elm import ELMTransformer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-DATA = Path(__file__).parent / "data" / "elm"
+DATA = Path(__file__).resolve().parents[2] / "data" / "elm"
 META = json.loads((DATA / "runs.json").read_text())
 GOLD = load_file(str(DATA / "tokens.safetensors"))
 RUNS = {r["name"]: r for r in META["runs"]}
