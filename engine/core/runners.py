@@ -1,17 +1,20 @@
-"""CUDA-graph capture and replay of plan steps, for every family.
+"""CUDA-graph capture and replay of a family's steps: one runner, `CapturedSteps`.
 
-A plan fixes every step's shapes, so each step is captured once as its own graph (the encoder's
-length changes from step to step) over static buffers, all graphs sharing one memory pool.
-Per call the runner copies orders, the family's step context (condition rows, per-resolution
-tables), the per-image cfg scales and temperatures and each step's noise into the static
-buffers and replays. Noise is drawn outside the graphs with the caller's generator(s), so
-graphed and eager runs draw the same numbers. With `capture=False` the same static-buffer path
-runs eagerly (used on CPU to test the bookkeeping).
+A step is a function of static buffers with fixed shapes and no host synchronisation.
+`CapturedSteps` warms every step up on a side stream, captures each once as its own graph (all
+in one memory pool) and replays it; with `capture=False` the same steps run eagerly over the
+same buffers (CPU tests of the bookkeeping). Noise is drawn outside the graphs with the
+caller's generator(s), so graphed and eager runs draw the same numbers.
 
-Causal families (ELM) decode one position per step with the same shapes at every position
-(static KV cache, the position a tensor): DecodeGraphRunner captures that step once per
-(batch, cache, dtype, settings) and replays it for every position (the gpt-fast pattern), with
-the same side-stream warm-up and the same capture=False mode."""
+Two step sets feed it:
+  PlanSteps    the masked families' plan (engine/core/loop.py run_step): a plan fixes every
+               step's shapes, so each step is its own graph (the encoder's length changes from
+               step to step); per call the orders, the step context (condition rows,
+               per-resolution tables), per-image cfg scales and temperatures and each step's
+               noise are copied into the buffers.
+  DecodeStep   a causal family's decode position (static KV cache, the position a tensor): the
+               same shapes at every position, so one graph replayed for every position (the
+               gpt-fast pattern)."""
 from __future__ import annotations
 
 import functools
@@ -42,7 +45,34 @@ def capture_graphs(steps) -> list:
     return captured
 
 
-class GraphedRunner:
+class CapturedSteps:
+    """The one CUDA-graph runner: `steps` (callables over static buffers) captured together on
+    `capture_all()` (or on the first `run`) and replayed by index; eager with capture=False."""
+
+    def __init__(self, steps, capture: bool = True):
+        self.steps, self.capture = list(steps), capture
+        self.graphs: list | None = None
+        self.outputs: list | None = None   # what each step returned (rewritten by each replay)
+        self.replays = 0                   # host-side bookkeeping, checked by the CPU tests
+
+    def capture_all(self) -> None:
+        if self.capture and self.graphs is None:
+            captured = capture_graphs(self.steps)
+            self.graphs = [graph for graph, _ in captured]
+            self.outputs = [outputs for _, outputs in captured]
+
+    def run(self, k: int = 0):
+        if not self.capture:
+            return self.steps[k]()
+        self.capture_all()
+        self.graphs[k].replay()
+        self.replays += 1
+        return self.outputs[k]
+
+
+class PlanSteps:
+    """A masked plan's steps over static buffers (see the module docstring), run by CapturedSteps."""
+
     def __init__(self, model, plan, grid, capture: bool = True):
         self.model, self.plan, self.grid = model, plan, grid
         self.capture = capture
@@ -56,17 +86,20 @@ class GraphedRunner:
         self.x = [torch.zeros(plan.bsz * s.num_predict, dim, device=device) for s in plan.steps]
         self.noise = [torch.zeros(model.head.num_steps, plan.bsz * s.num_predict * rows_mult, dim,
                                   device=device) for s in plan.steps]
-        self.graphs: list | None = None
         self.lock = threading.Lock()   # threads sharing the model take turns on these buffers
-        self.replays = 0   # host-side bookkeeping, checked by the CPU tests
+        self.runner = CapturedSteps([functools.partial(self._step, k) for k in range(len(plan.steps))], capture)
+
+    @property
+    def graphs(self) -> list | None:
+        return self.runner.graphs
+
+    @property
+    def replays(self) -> int:
+        return self.runner.replays
 
     def _step(self, k: int) -> None:
         run_step(self.model, self.plan, self.plan.steps[k], self.tokens, self.orders, self.context,
                  self.cfg_table[k], self.temperatures, self.x[k], self.noise[k])
-
-    def _capture_all(self) -> None:
-        steps = [functools.partial(self._step, k) for k in range(len(self.plan.steps))]
-        self.graphs = [graph for graph, _ in capture_graphs(steps)]
 
     def start(self, orders, context, cfg_table, temperatures) -> torch.Tensor:
         if self.context is None:
@@ -79,35 +112,30 @@ class GraphedRunner:
         self.orders.copy_(orders)
         self.cfg_table.copy_(cfg_table)
         self.temperatures.copy_(temperatures)
-        if self.capture and self.graphs is None:
-            self._capture_all()
+        self.runner.capture_all()   # before zeroing: the warm-up runs every step on these buffers
         self.tokens.zero_()
         return self.tokens
 
     def run(self, k: int, x: torch.Tensor, noise: torch.Tensor) -> None:
         self.x[k].copy_(x)
         self.noise[k].copy_(noise)
-        if self.capture:
-            self.graphs[k].replay()
-            self.replays += 1
-        else:
-            self._step(k)
+        self.runner.run(k)
 
     def finish(self) -> torch.Tensor:
         return self.tokens.clone()
 
 
-def graphed_runner(model, plan, grid) -> GraphedRunner:
+def graphed_runner(model, plan, grid) -> PlanSteps:
     """The runner of `plan`'s shapes on `grid`, captured on first use and cached on the model.
     Per-image settings are buffers, so plans that differ only in cfg / temperature share it."""
     cache = model.__dict__.setdefault("_graph_cache", {})
     key = (plan.shape_key, tuple(grid))
     if key not in cache:
-        cache[key] = GraphedRunner(model, plan, grid, capture=model.device.type == "cuda")
+        cache[key] = PlanSteps(model, plan, grid, capture=model.device.type == "cuda")
     return cache[key]   # its plan has the same shapes; cfg scales arrive in the cfg_table buffer
 
 
-class DecodeGraphRunner:
+class DecodeStep:
     """One decode step of a causal family, `model.decode_step(prev, input_pos, cache, scale,
     temperature, top_k, top_p, noise, want_logits)` -> (indices, filtered logits, ok), over
     static buffers: captured on the first run, replayed for every later position and call of
@@ -129,8 +157,16 @@ class DecodeGraphRunner:
         shape = temperature.shape if isinstance(temperature, torch.Tensor) else ()
         self.temperature = torch.ones(shape, dtype=torch.float32, device=device)
         self.noise = torch.ones(bsz, c.token_each, c.vocab_size, device=device)
-        self.graph, self.outputs = None, None
-        self.replays = 0   # host-side bookkeeping, checked by the CPU tests
+        # Captured on the first run: the warm-up runs this very step, so its cache write is the right one.
+        self.runner = CapturedSteps([self._step], capture)
+
+    @property
+    def graph(self):
+        return None if self.runner.graphs is None else self.runner.graphs[0]
+
+    @property
+    def replays(self) -> int:
+        return self.runner.replays
 
     def _step(self):
         top_k, top_p, want_logits = self.settings
@@ -149,13 +185,7 @@ class DecodeGraphRunner:
         if self.scale is not None:
             self.scale.copy_(scale)
         self.noise.copy_(noise)
-        if not self.capture:
-            return self._step()
-        if self.graph is None:   # the warm-up runs this very step: its cache write is the right one
-            (self.graph, self.outputs), = capture_graphs([self._step])
-        self.graph.replay()
-        self.replays += 1
-        return self.outputs
+        return self.runner.run(0)
 
 
 def decode_graph_runner(model, cache, bsz: int, scale, temperature, top_k, top_p, want_logits: bool):
@@ -166,6 +196,6 @@ def decode_graph_runner(model, cache, bsz: int, scale, temperature, top_k, top_p
            tuple(temperature.shape) if isinstance(temperature, torch.Tensor) else (),
            top_k, top_p, want_logits, getattr(model, "backend_name", None))
     if key not in runners:
-        runners[key] = DecodeGraphRunner(model, cache, bsz, scale, temperature, top_k, top_p, want_logits,
+        runners[key] = DecodeStep(model, cache, bsz, scale, temperature, top_k, top_p, want_logits,
                                          capture=model.device.type == "cuda")
     return runners[key]

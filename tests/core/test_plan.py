@@ -6,7 +6,7 @@ import torch
 
 from engine.backends import available_backends
 from engine.core.counting import count_ops
-from engine.core.runners import GraphedRunner
+from engine.core.runners import PlanSteps
 from engine.families.mar import MARModel
 from engine.core.plan import build_plan
 from engine.core.conditioning import Condition
@@ -91,7 +91,7 @@ def test_static_buffer_runner_matches_eager(tiny_mar, cfg, monkeypatch):
     model = MARModel(tiny_mar, backend="reference")
     runs = {}
     for label, factory in (("eager", None),
-                           ("static", lambda plan, grid: GraphedRunner(model, plan, grid, capture=False))):
+                           ("static", lambda plan, grid: PlanSteps(model, plan, grid, capture=False))):
         if factory is not None:
             runners = {}
             monkeypatch.setattr(model, "step_runner",

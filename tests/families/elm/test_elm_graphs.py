@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 import engine
 from engine.core.counting import count_ops
 from engine.families.elm import ELMModel
-from engine.core.runners import DecodeGraphRunner, decode_graph_runner
+from engine.core.runners import DecodeStep, decode_graph_runner
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),
               pytest.mark.filterwarnings("ignore:(invalid value|divide by zero) encountered:RuntimeWarning")]
@@ -111,7 +111,7 @@ def test_graph_runner_host_side_gives_the_published_tokens(monkeypatch):
     use_runner(model, monkeypatch)
     check_golden(model, "a_linear")
     (runner,) = model._graph_cache.values()
-    assert isinstance(runner, DecodeGraphRunner) and not runner.capture and runner.graph is None
+    assert isinstance(runner, DecodeStep) and not runner.capture and runner.graph is None
     buffers = [t.data_ptr() for t in (runner.prev, runner.input_pos, runner.noise, runner.scale)]
     check_golden(model, "a_log")          # other cfg / temperature / top-k values: another runner ...
     check_golden(model, "a_linear")       # ... and the first one again, its buffers reused
