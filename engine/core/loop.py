@@ -61,6 +61,18 @@ def run_step(model, plan, step, tokens, orders, context, cfg_scales, temperature
     scatter_tokens(tokens, predict[:bsz], out)
 
 
+def run_steps(count: int, step, progress: bool = False, desc: str = "sampling", unit: str = "step") -> None:
+    """The one loop of every family's batch sampler: `step(k)` for k = 0 .. count - 1, each one
+    step of the family's plan (a masked step, a decoded position, a refinement), with the
+    progress bar. What a step does is the family's; the loop, its order and its bar are here."""
+    steps = range(count)
+    if progress:
+        from tqdm.auto import tqdm
+        steps = tqdm(steps, desc=desc, unit=unit)
+    for k in steps:
+        step(k)
+
+
 @torch.no_grad()
 def sample(model, bsz: int, condition: Condition, grid: tuple[int, int], num_iter: int = 64,
            cfg=1.0, cfg_schedule="linear", temperature=1.0, progress: bool = False,
@@ -78,16 +90,15 @@ def sample(model, bsz: int, condition: Condition, grid: tuple[int, int], num_ite
     orders = sample_orders(plan.bsz, seq_len, generator, device)
     context = model.mar.step_context(condition, plan.bsz, plan.use_cfg, grid)
     runner = model.step_runner(plan, grid)
-    steps = list(enumerate(plan.steps))
-    if progress:
-        from tqdm.auto import tqdm
-        steps = tqdm(steps, desc="sampling", unit="step")
+
+    def step(k: int) -> None:
+        x, noise = draw_step_inputs(model.head, plan, plan.steps[k], generator, device, dim, cfg_images)
+        runner.run(k, x, noise)
+
     with runner.lock:   # a cached graph runner's static buffers serve one call at a time
         runner.start(orders, context, plan.cfg_table(device),
                      torch.tensor(temperatures, dtype=torch.float32, device=device))
-        for k, step in steps:
-            x, noise = draw_step_inputs(model.head, plan, step, generator, device, dim, cfg_images)
-            runner.run(k, x, noise)
+        run_steps(len(plan.steps), step, progress)
         tokens = runner.finish()
     check_finite(tokens)
     return tokens

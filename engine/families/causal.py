@@ -38,7 +38,7 @@ from ..model import Model
 from ..core.plan import (MAX_BATCH, PlanStep, SamplingPlan, cfg_scale, check_cfg, check_count,
                     check_schedule, per_image)
 from ..core.rng import _draw_one, check_generator, draw_step_inputs
-from ..core.loop import check_finite, validate_temperature
+from ..core.loop import check_finite, run_steps, validate_temperature
 from .record import Family
 from .mar import depth_of, head_and_mlp_sizes, shape_of
 from .slots import SlotPool
@@ -297,10 +297,6 @@ class CausalModel(Model):
         temps = torch.tensor(temperatures, dtype=torch.float32, device=device)
         cfg_images = [v != 1.0 for v in plan.cfgs]
         order_t = torch.tensor(order, dtype=torch.int64, device=device)
-        steps = list(enumerate(plan.steps))
-        if progress:
-            from tqdm.auto import tqdm
-            steps = tqdm(steps, desc="sampling", unit="token")
         out = torch.zeros(bsz, plan.seq_len, dim, device=device)
         with self._lock:
             with self._autocast():
@@ -308,17 +304,20 @@ class CausalModel(Model):
                 start = m.class_embedding(condition.value, bsz, use_cfg)
             cache = self.cache_for(start.shape[0], self.autocast_dtype or torch.float32)
             input_pos = torch.zeros(1, dtype=torch.int64, device=device)
-            prev = None
-            for s, step in steps:
+            fed = {}    # the token sampled last step, fed back at the next
+
+            def step(s: int) -> None:
                 with self._autocast():
                     if s == 0:
                         z = m.prefill(start, seq_pos, cache).float()
                     else:
-                        input_pos += 1
-                        z = self.decode_step(prev, input_pos, cache, seq_pos, use_cfg)
-                x, noise = draw_step_inputs(self.head, plan, step, generator, device, dim, cfg_images)
-                prev = self.backend.head_loop(self.head, z, x, noise, cfg_table[s] if use_cfg else None, temps)
-                out[:, s] = prev
+                        input_pos.add_(1)
+                        z = self.decode_step(fed["prev"], input_pos, cache, seq_pos, use_cfg)
+                x, noise = draw_step_inputs(self.head, plan, plan.steps[s], generator, device, dim, cfg_images)
+                fed["prev"] = self.backend.head_loop(self.head, z, x, noise, cfg_table[s] if use_cfg else None, temps)
+                out[:, s] = fed["prev"]
+
+            run_steps(len(plan.steps), step, progress, unit="token")
         tokens = torch.empty_like(out)
         tokens[:, order_t] = out             # generation order -> position order
         return tokens

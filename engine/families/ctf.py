@@ -37,6 +37,7 @@ from ..core.config import check_int_range as _check_range
 from ..core.errors import CheckpointError, ConfigError, SamplingError
 from ..core.plan import MAX_BATCH, check_count, per_image
 from ..core.protocol import resolve_settings
+from ..core.loop import run_steps
 from ..core.rng import check_generator
 from .record import Family
 from .discrete import BAETokens
@@ -354,25 +355,25 @@ class CTFModel(BAETokens):
         bsz = labels.shape[0]
         use_cfg = table is not None
         rows = torch.cat([labels, torch.full_like(labels, c.num_classes)]) if use_cfg else labels
-        steps = range(c.block_size)
-        if progress:
-            from tqdm.auto import tqdm
-            steps = tqdm(steps, desc="coarse labels", unit="token")
         cache = self.cache_for(rows.shape[0])
         logits = self.module.stage1.prefill(rows, None, cache)
         input_pos = torch.zeros(1, dtype=torch.int64, device=device)
-        ok = torch.ones((), dtype=torch.bool, device=device)
+        state = {"ok": torch.ones((), dtype=torch.bool, device=device)}
         out = []
-        for s in steps:
+
+        def step(s: int) -> None:
             noise = exponential_noise(bsz, 1, c.num_clusters, generator, device)
             scale = table[s] if use_cfg else None
             if s == 0:
                 nxt, _, probs = sample_logits(logits, noise, scale, temperature, top_k, top_p)
             else:
-                input_pos += 1
+                input_pos.add_(1)
                 nxt, _, probs = self.decode_step(out[-1], input_pos, cache, scale, temperature, top_k, top_p, noise)
-            ok &= torch.isfinite(probs).all()
+            state["ok"] = state["ok"] & torch.isfinite(probs).all()
             out.append(nxt)
+
+        run_steps(c.block_size, step, progress, desc="coarse labels", unit="token")
+        ok = state["ok"]
         return torch.cat(out, dim=1), ok
 
     def _stage2_noise(self, bsz, restrict, generator):

@@ -43,6 +43,7 @@ from ..core.config import check_int_range as _check_range
 from ..core.errors import ConfigError, SamplingError
 from ..core.protocol import resolve_settings
 from ..core.plan import FLOAT32_MAX, MAX_BATCH, check_count, per_image
+from ..core.loop import run_steps
 from ..core.rng import check_generator
 from .record import Family
 from .discrete import BAETokens
@@ -462,10 +463,6 @@ class ELMModel(BAETokens):
         rows = torch.cat([labels, torch.full_like(labels, c.num_classes)]) if use_cfg else labels
         prefix_in = None if prefix is None else (torch.cat([prefix, prefix]) if use_cfg else prefix)
         start = 0 if prefix is None else prefix.shape[1]
-        steps = range(num_iter)
-        if progress:
-            from tqdm.auto import tqdm
-            steps = tqdm(steps, desc="sampling", unit="token")
         out = []
         with self._lock:
             self._resolve_sampler()
@@ -478,23 +475,28 @@ class ELMModel(BAETokens):
                 runner.start(temperature)
             logits = self.module.prefill(rows, prefix_in, cache)
             input_pos = torch.tensor([start], device=device)
-            ok = torch.ones((), dtype=torch.bool, device=device)
-            for s in steps:
+            state = {"ok": torch.ones((), dtype=torch.bool, device=device), "filtered": None}
+
+            def step(s: int) -> None:
                 noise = exponential_noise(bsz, c.token_each, c.vocab_size, generator, device)
                 scale = table[s] if use_cfg else None
                 last = want_logits and s == num_iter - 1
                 if s == 0:
                     nxt, filtered, step_ok = self.sample_step(logits, noise, scale, temperature, top_k, top_p, last)
                 else:
-                    input_pos += 1
+                    input_pos.add_(1)
                     if runner is not None:
                         nxt, filtered, step_ok = runner.run(out[-1], input_pos, scale, noise)
                         nxt = nxt.clone()   # the graph's output buffer is rewritten next step
                     else:
                         nxt, filtered, step_ok = self.decode_step(out[-1], input_pos, cache, scale, temperature,
                                                                   top_k, top_p, noise, last)
-                ok &= step_ok
+                state["ok"] = state["ok"] & step_ok
+                state["filtered"] = filtered
                 out.append(nxt)
+
+            run_steps(num_iter, step, progress, unit="token")
+            ok, filtered = state["ok"], state["filtered"]
             if runner is not None and want_logits:
                 filtered = filtered.clone()
         if not bool(ok):   # one host sync per call, after the last step

@@ -65,6 +65,7 @@ from ..core.errors import ConfigError, SamplingError
 from ..core.plan import FLOAT32_MAX, MAX_BATCH, MAX_NUM_ITER, check_count, per_image
 from ..models.elm_mlm import refine_step
 from ..core.protocol import resolve_settings
+from ..core.loop import run_steps
 from ..core.rng import check_generator
 from .record import Family
 from .discrete import BAETokens
@@ -361,28 +362,28 @@ class ELMMLMModel(BAETokens):
                               dtype=torch.int64, device=device)
         remask_on = (torch.arange(num_iter, device=device) < int(num_iter * 0.5)) if remask else None
         noise_scales_t = torch.tensor(noise_scales, dtype=torch.float32, device=device)
-        steps = range(num_iter)
-        if progress:
-            from tqdm.auto import tqdm
-            steps = tqdm(steps, desc="sampling", unit="step")
         with self._lock:
-            tokens = torch.full((bsz, seq, each), c.mask_id, dtype=torch.int64, device=device)
-            ok = torch.ones((), dtype=torch.bool, device=device)
-            gumbel = None
-            for s in steps:
+            state = {"tokens": torch.full((bsz, seq, each), c.mask_id, dtype=torch.int64, device=device),
+                     "ok": torch.ones((), dtype=torch.bool, device=device), "gumbel": None}
+
+            def step(s: int) -> None:
                 if generator is None:
                     draw = torch.empty(bsz * seq * each, c.vocab_size, device=device).exponential_(1)
+                    gumbel = state["gumbel"]
                     if gumbel is None or s - gumbel[0] == gumbel[1].shape[0]:
-                        gumbel = (s, self._numpy_gumbel(noise_scales[s:], bsz))
+                        gumbel = state["gumbel"] = (s, self._numpy_gumbel(noise_scales[s:], bsz))
                     confidence_noise = gumbel[1][s - gumbel[0]]
                 else:
                     draw, g = self._generator_noise(generator, bsz)
                     confidence_noise = g * noise_scales_t[s].view(bsz, 1, 1)
                 draw = draw.view(bsz, seq * each, c.vocab_size)
-                sampled, tokens, logits = self.refine_step(
-                    tokens, rows, table[s] if use_cfg else None, draw, confidence_noise, floors[s],
+                state["sampled"], state["tokens"], state["logits"] = self.refine_step(
+                    state["tokens"], rows, table[s] if use_cfg else None, draw, confidence_noise, floors[s],
                     None if remask_on is None else remask_on[s], shared_count, top_k, top_p)
-                ok &= torch.isfinite(logits).all()
+                state["ok"] = state["ok"] & torch.isfinite(state["logits"]).all()
+
+            run_steps(num_iter, step, progress)
+            ok, sampled, logits = state["ok"], state["sampled"], state["logits"]
         if not bool(ok):   # one host sync per call, after the last step
             raise SamplingError("sampling produced NaN/Inf logits: they overflow float32 with these weights "
                                 "and settings (cfg)")
