@@ -53,6 +53,30 @@ def add_family_argument(parser) -> None:
                         help="model family (default: recognised from the checkpoint)")
 
 
+def add_config_argument(parser) -> None:
+    parser.add_argument("--config", action="append", default=None, metavar="KEY=VALUE",
+                        help="a configuration field the checkpoint does not record (e.g. n_head=16 for ELM's "
+                             "bare state dicts), as engine.load(..., KEY=VALUE); repeat for several")
+
+
+def config_overrides(pairs) -> dict:
+    """`--config KEY=VALUE` pairs as engine.load keyword arguments: VALUE read as JSON (numbers,
+    true / false, null, lists) where it parses, else kept as a string."""
+    import json
+
+    out = {}
+    for pair in pairs or ():
+        key, sep, value = pair.partition("=")
+        key = key.strip()
+        if not sep or not key.isidentifier():
+            raise EngineError(f"--config {pair!r}: expected KEY=VALUE with KEY a configuration field name")
+        try:
+            out[key] = json.loads(value)
+        except ValueError:
+            out[key] = value
+    return out
+
+
 def add_setting_arguments(parser) -> None:
     """The sampling settings every command takes; each family checks and fills its own."""
     parser.add_argument("--num-iter", type=int, default=None,

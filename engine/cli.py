@@ -9,7 +9,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from .arguments import add_family_argument, add_setting_arguments, check_output, write_atomically  # noqa: F401
+from .arguments import (add_config_argument, add_family_argument, add_setting_arguments, check_output,  # noqa: F401
+                        config_overrides, write_atomically)
 from .core.errors import EngineError
 
 MAX_SEED = 2 ** 63 - 1
@@ -34,7 +35,8 @@ def _sample(args) -> int:
     if not 0 <= args.seed <= MAX_SEED:
         raise EngineError(f"--seed must be in [0, {MAX_SEED}], got {args.seed}")
     model = engine.load(args.checkpoint, device=args.device, backend=args.backend,
-                        num_sampling_steps=args.steps, precision=args.precision, family=args.family)
+                        num_sampling_steps=args.steps, precision=args.precision, family=args.family,
+                        **config_overrides(args.config))
     text_model = model.conditioning == "text"
     if text_model and args.classes is not None:
         raise EngineError("this is a text-to-image model: pass --prompt \"...\", not --classes")
@@ -116,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--checkpoint", default="digits",
                    help="published .pth, engine model directory, or built-in name (default: digits)")
     add_family_argument(s)
+    add_config_argument(s)
     s.add_argument("--vae", default=None, help="kl16.ckpt (MAR) or an AutoencoderKL directory (Fluid)")
     s.add_argument("--bae", default=None, help="ELM's binaryae_ema.th (binary-token models that ship none)")
     s.add_argument("--classes", type=int, nargs="+", default=None, help="class labels (default 0-9)")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..arguments import add_family_argument, add_setting_arguments
+from ..arguments import add_config_argument, add_family_argument, add_setting_arguments
 from .job import DEFAULT_GROUP_SIZE, Request
 
 DESCRIPTION = """Generate N images to an ADM/DiT-format .npz (arr_0 uint8 [N, H, W, C], labels [N]),
@@ -44,6 +44,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                               description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default="digits", help="published .pth, engine model directory, or 'digits'")
     add_family_argument(p)
+    add_config_argument(p)
     p.add_argument("--vae", default=None, help="kl16.ckpt (MAR) or an AutoencoderKL directory (Fluid)")
     p.add_argument("--bae", default=None, help="ELM's binaryae_ema.th (binary-token models that ship none)")
     p.add_argument("--text-encoder", default=None, help="local Hugging Face T5 directory (Fluid)")

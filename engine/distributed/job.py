@@ -78,6 +78,7 @@ class Request:
     out: str
     checkpoint: str = "digits"
     family: str | None = None
+    config: list | None = None           # --config KEY=VALUE: configuration the checkpoint does not record
     vae: str | None = None
     bae: str | None = None
     text_encoder: str | None = None
@@ -269,7 +270,8 @@ def make_spec(job: Job, num_sampling_steps: str | None, weights: dict, env: dict
     args = {"num_images": r.num_images, "seed": r.seed, "group_size": r.group_size,
             "conditions": conditions, **{k: list(v) if isinstance(v, tuple) else v for k, v in job.settings.items()},
             "num_sampling_steps": None if num_sampling_steps is None else str(num_sampling_steps),
-            "height": r.height, "width": r.width, "precision": r.precision}
+            "height": r.height, "width": r.width, "precision": r.precision,
+            **({"config": sorted(r.config)} if r.config else {})}
     return {"format": FORMAT, "engine": engine.__version__, "args": args, "weights": weights, "env": env}
 
 

@@ -9,6 +9,7 @@ import os
 import numpy as np
 import torch
 
+from ..arguments import config_overrides
 from ..core.errors import EngineError
 from .job import Request
 
@@ -66,7 +67,7 @@ class GroupSampler:
             deterministic_cuda()
         r = request
         self.model = engine.load(r.checkpoint, device=device, backend=r.backend, num_sampling_steps=r.steps,
-                                 precision=r.precision, family=r.family)
+                                 precision=r.precision, family=r.family, **config_overrides(r.config))
         self.vae = engine.load_vae(r.vae, device=device) if r.vae else None
         self.bae = engine.load_bae(r.bae, device=device) if r.bae else None
         self.encoder = None

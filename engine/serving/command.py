@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..arguments import add_family_argument
+from ..arguments import add_config_argument, add_family_argument, config_overrides
 from ..core.errors import EngineError
 from .scheduler import MAX_IMAGES_PER_REQUEST
 
@@ -20,6 +20,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default="digits",
                    help="published .pth, engine model directory, or built-in name (default: digits)")
     add_family_argument(p)
+    add_config_argument(p)
     p.add_argument("--vae", default=None, help="kl16.ckpt or an AutoencoderKL directory (latent models)")
     p.add_argument("--bae", default=None, help="ELM's binaryae_ema.th (binary-token models that ship none)")
     p.add_argument("--text-encoder", default=None, help="local T5 directory (text-to-image models)")
@@ -73,7 +74,8 @@ def _serve(args) -> int:
 
     def loader():
         model = engine.load(args.checkpoint, device=args.device, backend=args.backend,
-                            num_sampling_steps=args.steps, precision=args.precision, family=args.family)
+                            num_sampling_steps=args.steps, precision=args.precision, family=args.family,
+                            **config_overrides(args.config))
         if args.text_encoder:
             model.text_encoder = engine.load_text_encoder(
                 args.text_encoder, max_length=model.config.max_length, device=args.device)

@@ -280,3 +280,55 @@ def test_ray_serve_adapter_serves_an_ar_family(models):
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+DATA = Path(__file__).resolve().parents[1] / "data"
+# Published-format checkpoints of the tests' data: (argv after --checkpoint, what engine.load needs).
+PUBLISHED = {
+    "elm-ar": (["--family", "elm-ar", "--config", "n_head=4", "--config", "block_size=16",
+                "--bae", str(DATA / "elm" / "binaryae_ema.th")],
+               dict(path=DATA / "elm" / "ck_a.pth", family="elm-ar", n_head=4, block_size=16)),
+    "elm-mlm": (["--family", "elm-mlm", "--config", "n_head=4", "--config", "block_size=16",
+                 "--bae", str(DATA / "elm" / "binaryae_ema.th")],
+                dict(path=DATA / "elm_mlm" / "ck_a.pth", family="elm-mlm", n_head=4, block_size=16)),
+}
+
+
+@pytest.mark.parametrize("family", PUBLISHED)
+def test_published_checkpoints_through_sample_generate_and_serve(family, tmp_path):
+    """A bare published state dict (ELM's) with the configuration it does not record given as
+    --config and its BAE as --bae: `sample`, `generate` and the served app give engine.generate's
+    images."""
+    from fastapi.testclient import TestClient
+
+    from engine.serving.http import create_app
+
+    argv, load = PUBLISHED[family]
+    path = load.pop("path")
+    model = engine.load(path, **load)
+    model.bae = engine.load_bae(DATA / "elm" / "binaryae_ema.th")
+    want = engine.generate(model, [1, 2], generator=[torch.Generator().manual_seed(i) for i in range(2)],
+                           output_type="np")
+    out = tmp_path / "s.npz"
+    assert main(["sample", "--checkpoint", str(path), *argv, "--classes", "1", "2", "--out", str(out)]) == 0
+    with np.load(out) as data:
+        assert np.abs(data["images"] - want).max() <= 1e-6
+    out = tmp_path / "g.npz"
+    assert main(["generate", "--checkpoint", str(path), *argv, "--classes", "1", "--num-images", "2",
+                 "--out", str(out), "--no-metrics"]) == 0
+    with np.load(out) as data:
+        assert data["arr_0"].shape == (2, *want.shape[1:]) and json_spec(data)["args"]["config"]
+    with TestClient(create_app(model=model, max_batch_images=4)) as client:
+        deadline = time.monotonic() + 120
+        while client.get("/health").status_code != 200:
+            assert time.monotonic() < deadline, "never healthy"
+            time.sleep(0.05)
+        r = client.post("/v1/images/generations", json={"class_label": 2, "seed": 1})
+        assert r.status_code == 200, r.text
+    assert np.abs(_png(r.json()["data"][0]) / 255.0 - want[1]).max() <= 1 / 255 + 1e-6
+
+
+def json_spec(data) -> dict:
+    import json
+
+    return json.loads(str(data["spec"]))
