@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from .arguments import (add_config_argument, add_family_argument, add_setting_arguments, check_output,  # noqa: F401
                         config_overrides, write_atomically)

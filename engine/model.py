@@ -10,7 +10,7 @@ from .core.protocol import each, labels_and_batch, resolve_settings
 from .core.errors import ConfigError, SamplingError
 from .ops.diffusion import make_tables
 from .ops.head import PackedHead
-from .core.plan import MAX_BATCH, MAX_NUM_ITER, check_cfg, check_count, check_schedule
+from .core.plan import MAX_NUM_ITER, check_cfg, check_count, check_schedule
 from .core.loop import InFlightImage, advance, check_finite, sample, validate_temperature
 
 

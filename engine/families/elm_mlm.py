@@ -50,7 +50,6 @@ When no image uses CFG the null half is not run.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import threading
 from dataclasses import dataclass, field
