@@ -13,6 +13,7 @@ import torch
 
 from .conditioning import Condition
 from .errors import SamplingError
+from .protocol import check_image_generator
 from .plan import FLOAT32_MAX, build_plan, per_image
 from .rng import _draw_one, check_generator, draw_step_inputs, draw_step_noise, randn, sample_orders  # noqa: F401
 
@@ -150,9 +151,7 @@ class InFlightImage:
 
     def __init__(self, model, condition: Condition, grid, num_iter: int, cfg, cfg_schedule,
                  temperature, generator: torch.Generator):
-        if not isinstance(generator, torch.Generator):
-            raise SamplingError(f"an in-flight image needs its own torch.Generator, got "
-                                f"{type(generator).__name__}")
+        check_image_generator(generator)
         device = model.device
         self.grid = tuple(grid)
         seq_len = self.grid[0] * self.grid[1]

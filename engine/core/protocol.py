@@ -98,6 +98,15 @@ def resolve_settings(given: dict, defaults: dict, checks: dict, recorded: dict |
     return out
 
 
+def check_image_generator(generator):
+    """An image in flight draws from a torch.Generator of its own (Batcher.add's `generator`)."""
+    import torch
+
+    if not isinstance(generator, torch.Generator):
+        raise SamplingError(f"an image in flight needs its own torch.Generator, got {type(generator).__name__}")
+    return generator
+
+
 def labels_and_batch(labels, num_images) -> tuple:
     """(labels as a list or None, batch size) of a class-conditional call."""
     if labels is None:

@@ -38,6 +38,7 @@ from ..model import Model
 from ..core.plan import (MAX_BATCH, PlanStep, SamplingPlan, cfg_scale, check_cfg, check_count,
                     check_schedule, per_image)
 from ..core.rng import _draw_one, check_generator, draw_step_inputs
+from ..core.protocol import check_image_generator
 from ..core.loop import check_finite, run_steps, validate_temperature
 from .record import Family
 from .mar import depth_of, head_and_mlp_sizes, shape_of
@@ -370,8 +371,7 @@ class CausalBatcher:
         model, s, c = self.model, settings, self.model.config
         Condition.labels(None if label is None else [label], 1, c.class_num, model.device)
         plan = causal_plan(1, c.seq_len, s["cfg"], s["cfg_schedule"])
-        if not isinstance(generator, torch.Generator):
-            raise SamplingError(f"an image in flight needs its own torch.Generator, got {type(generator).__name__}")
+        check_image_generator(generator)
         scales = [step.cfg_scales[0] for step in plan.steps]
         return CausalImage(label, scales, validate_temperature(s["temperature"]), generator, c.seq_len,
                            c.token_dim, model.device)

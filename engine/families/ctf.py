@@ -36,7 +36,7 @@ from ..core.config import MAX_CLASSES, MAX_PARAMS, MAX_SEQ_LEN, ConfigMixin
 from ..core.config import check_int_range as _check_range
 from ..core.errors import CheckpointError, ConfigError, SamplingError
 from ..core.plan import MAX_BATCH, check_count, per_image
-from ..core.protocol import resolve_settings
+from ..core.protocol import check_image_generator, resolve_settings
 from ..core.loop import run_steps
 from ..core.rng import check_generator
 from .record import Family
@@ -527,8 +527,7 @@ class CTFBatcher(ARBatcher):
         if cfg1 != 1.0:
             per_step = [cfg_at(s["cfg_schedule"], cfg1, step, length) for step in range(length)]
             scales = torch.tensor(np.asarray(per_step, dtype=np.float64), dtype=torch.float32, device=model.device)
-        if not isinstance(generator, torch.Generator):
-            raise SamplingError(f"an image in flight needs its own torch.Generator, got {type(generator).__name__}")
+        check_image_generator(generator)
         image = CTFImage(row, scales, t1, k1, p1, generator, length)
         image.stage2 = (cfg2, t2, k2, p2)
         return image

@@ -41,7 +41,7 @@ from ..ops.categorical import check_top_k, check_top_p, exponential_noise, sampl
 from ..core.config import MAX_CLASSES, MAX_DEPTH, MAX_HEADS, MAX_PARAMS, MAX_SEQ_LEN, MAX_WIDTH, ConfigMixin
 from ..core.config import check_int_range as _check_range
 from ..core.errors import ConfigError, SamplingError
-from ..core.protocol import resolve_settings
+from ..core.protocol import check_image_generator, resolve_settings
 from ..core.plan import FLOAT32_MAX, MAX_BATCH, check_count, per_image
 from ..core.loop import run_steps
 from ..core.rng import check_generator
@@ -683,8 +683,7 @@ class ARBatcher:
     def start(self, label: int, scales, temperature: float, top_k, top_p, generator, num_iter: int) -> ARImage:
         """An image of class row `label` (the null row for unconditional ones); `scales`: its
         float32 cfg scale per step, or None without CFG."""
-        if not isinstance(generator, torch.Generator):
-            raise SamplingError(f"an image in flight needs its own torch.Generator, got {type(generator).__name__}")
+        check_image_generator(generator)
         return ARImage(label, scales, temperature, top_k, top_p, generator, num_iter)
 
     def release(self, image) -> None:

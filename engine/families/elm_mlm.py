@@ -63,7 +63,7 @@ from ..core.config import check_int_range as _check_range
 from ..core.errors import ConfigError, SamplingError
 from ..core.plan import FLOAT32_MAX, MAX_BATCH, MAX_NUM_ITER, check_count, per_image
 from ..models.elm_mlm import refine_step
-from ..core.protocol import resolve_settings
+from ..core.protocol import check_image_generator, resolve_settings
 from ..core.loop import run_steps
 from ..core.rng import check_generator
 from .record import Family
@@ -522,8 +522,7 @@ class MLMBatcher:
         if cfg != 1.0:
             model._need_null()
             scales = model._scale_table([cfg_at(s["cfg_schedule"], cfg, k, num_iter) for k in range(num_iter)])
-        if not isinstance(generator, torch.Generator):
-            raise SamplingError(f"an image in flight needs its own torch.Generator, got {type(generator).__name__}")
+        check_image_generator(generator)
         noise_scales = torch.tensor(np.array([temperature * (1 - (k + 1) / num_iter) for k in range(num_iter)]),
                                     dtype=torch.float32, device=device)
         floors = torch.tensor([mask_floor_at(c.mask_schtype, k, num_iter, c.block_size) for k in range(num_iter)],
