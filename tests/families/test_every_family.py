@@ -182,20 +182,42 @@ def test_generate_torchrun_two_ranks_every_family(name, tmp_path):
         assert a["arr_0"].tobytes() == b["arr_0"].tobytes() and str(a["spec"]) == str(b["spec"])
 
 
-def test_generate_ray_discrete_family(tmp_path):
-    """Ray Data workers write the same bytes as one process for a discrete AR family."""
-    one = _one_process("digits-elm-ar", tmp_path)
+def test_generate_ray_every_family(tmp_path):
+    """Ray Data workers write the same bytes as one process, for every family beyond MAR (MAR's
+    own: tests/distributed/test_distributed.py); one Ray runtime for all of them."""
     ray = pytest.importorskip("ray")
     from engine.distributed import generate_ray
 
+    ones = {}
+    for name in BATCHED:
+        (tmp_path / name).mkdir()
+        ones[name] = _one_process(name, tmp_path / name)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
-        three = generate_ray(6, tmp_path / "ray.npz", checkpoint="digits-elm-ar", num_workers=2, seed=5, group_size=2,
-                             classes=[1, 2, 3], device="cpu", threads=1, progress=False)
+        rays = {name: generate_ray(6, tmp_path / name / "ray.npz", checkpoint=name, num_workers=2, seed=5,
+                                   group_size=2, classes=[1, 2, 3], device="cpu", threads=1, progress=False,
+                                   **BUILTIN[name])   # the settings _generate_argv gives the one process
+                for name in BATCHED}
     finally:
         ray.shutdown()
-    with np.load(one) as a, np.load(three) as c:
-        assert a["arr_0"].tobytes() == c["arr_0"].tobytes() and str(a["spec"]) == str(c["spec"])
+    for name in BATCHED:
+        with np.load(ones[name]) as a, np.load(rays[name]) as c:
+            assert a["arr_0"].tobytes() == c["arr_0"].tobytes() and str(a["spec"]) == str(c["spec"]), name
+
+
+def test_generate_torchrun_text_family(tmp_path):
+    """The text-to-image family through torchrun (2 ranks): the same bytes as one process."""
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("two fives\na 3 to the left of a 7\n")
+    argv = lambda out: _generate_argv("digits-text", out) + ["--prompts-file", str(prompts)]  # noqa: E731
+    one, two = tmp_path / "one.npz", tmp_path / "two.npz"
+    assert main(argv(one)) == 0
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "engine"]
+    proc = subprocess.run(launcher + argv(two), capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    with np.load(one) as a, np.load(two) as b:
+        assert a["arr_0"].tobytes() == b["arr_0"].tobytes() and str(a["spec"]) == str(b["spec"])
 
 
 @pytest.mark.parametrize("name", BUILTIN)
