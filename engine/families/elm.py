@@ -48,7 +48,7 @@ from ..core.rng import check_generator
 from .record import Family
 from .discrete import BAETokens
 from .mar import depth_of, shape_of
-from .slots import SlotPool
+from .slots import SlotPool, StepImage
 
 FAMILY_NAME = "elm-ar"
 # The published GPT_models presets (llama/ar_model.py): layers, heads, width.
@@ -643,7 +643,7 @@ FAMILY = _family()
 
 
 # Continuous batching (engine.serving) ------------------------------------------------------------
-class ARImage:
+class ARImage(StepImage):
     """One image in flight: its settings, generator, the tokens sampled so far (`k` of them) and
     its KV-cache rows (conditional, then null with CFG)."""
 
@@ -652,14 +652,6 @@ class ARImage:
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
         self.num_iter, self.k, self.out, self.rows = num_iter, 0, [], []
         self.ok = None
-
-    @property
-    def use_cfg(self) -> bool:
-        return self.scales is not None
-
-    @property
-    def done(self) -> bool:
-        return self.k >= self.num_iter
 
     @property
     def shape_key(self) -> tuple:

@@ -68,6 +68,7 @@ from ..core.loop import run_steps
 from ..core.rng import check_generator
 from .record import Family
 from .discrete import BAETokens
+from .slots import StepImage
 from .elm import (MAX_CODE_DIM, MAX_TOKEN_EACH, ClassGrid, ELMModel, LlamaSizes, check_draws, config_of,
                   is_elm, patch_generate_cfg)
 from .mar import depth_of, shape_of
@@ -476,7 +477,7 @@ FAMILY = _family()
 
 
 # Continuous batching (engine.serving) ------------------------------------------------------------
-class MLMImage:
+class MLMImage(StepImage):
     """One image in flight: its tokens after `k` refinement steps and its per-step tables."""
 
     def __init__(self, label, tokens, scales, noise_scales, floors, top_k, top_p, generator):
@@ -488,14 +489,6 @@ class MLMImage:
     @property
     def num_iter(self) -> int:
         return self.floors.shape[0]
-
-    @property
-    def use_cfg(self) -> bool:
-        return self.scales is not None
-
-    @property
-    def done(self) -> bool:
-        return self.k >= self.num_iter
 
     @property
     def shape_key(self) -> tuple:

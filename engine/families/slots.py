@@ -7,6 +7,22 @@ the rows after them."""
 from __future__ import annotations
 
 
+class StepImage:
+    """What an image in flight of a categorical family shares: its per-step cfg `scales` (None
+    without CFG) and `k` steps done of `num_iter`."""
+
+    scales = None
+    k = 0
+
+    @property
+    def use_cfg(self) -> bool:
+        return self.scales is not None
+
+    @property
+    def done(self) -> bool:
+        return self.k >= self.num_iter
+
+
 class SlotPool:
     """Rows of a static KV cache (`new_cache(rows)` allocates one) owned by images in flight.
     An image's rows are `image.rows` (kept up to date when rows move)."""
