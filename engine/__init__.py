@@ -154,8 +154,11 @@ def patch(published_model, backend="auto", num_sampling_steps=None, **config):
     return _patch(published_model, backend=backend, num_sampling_steps=num_sampling_steps, **config)
 
 
-def convert(src, out_dir, ema: bool | None = None, **config):
-    """Write a published checkpoint in the engine's format (safetensors + config.json)."""
+def convert(src, out_dir, ema: bool | None = None, family: str | None = None, force: bool = False,
+            **config):
+    """Write a published checkpoint in the engine's format (safetensors + config.json) as a new
+    directory `out_dir`: its parent must exist, a non-empty `out_dir` is replaced only with
+    `force=True`, and the write is all or nothing (a temporary directory beside it, renamed)."""
     from .loading import convert as _convert
 
-    return _convert(src, out_dir, ema=ema, **config)
+    return _convert(src, out_dir, ema=ema, family=family, force=force, **config)

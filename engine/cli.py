@@ -104,7 +104,8 @@ def _sample(args) -> int:
 def _convert(args) -> int:
     import engine
 
-    out = engine.convert(args.input, args.output, ema=not args.no_ema)
+    out = engine.convert(args.input, args.output, ema=False if args.no_ema else None,
+                         family=args.family, force=args.force, **config_overrides(args.config))
     print(f"wrote {out}")
     return 0
 
@@ -142,7 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("convert", help="write a published checkpoint in the engine's format")
     c.add_argument("input")
     c.add_argument("output")
-    c.add_argument("--no-ema", action="store_true", help="take 'model' instead of 'model_ema'")
+    c.add_argument("--no-ema", action="store_true",
+                   help="take 'model' instead of the family's default ('model_ema' for MAR)")
+    c.add_argument("--force", action="store_true", help="replace OUTPUT if it is a non-empty directory")
+    add_family_argument(c)
+    add_config_argument(c)
     c.set_defaults(func=_convert)
 
     for name in ("builtin.evaluate", "builtin.geneval", "builtin.train", "distributed", "serving"):

@@ -160,8 +160,12 @@ def companion_dir(path, name: str) -> Path | None:
     return candidate if (root / CONFIG_FILE).exists() and candidate.is_dir() else None
 
 
-def convert(src, out_dir, ema: bool | None = None, family: str | None = None, **overrides) -> Path:
-    """Write a published checkpoint in the engine's format (validated first)."""
+def convert(src, out_dir, ema: bool | None = None, family: str | None = None, force: bool = False,
+            **overrides) -> Path:
+    """Write a published checkpoint in the engine's format (validated first), atomically: a new
+    `out_dir` (its parent must exist; a non-empty one only with `force`), complete or absent."""
+    checkpoints.check_engine_dir_output(out_dir, force)   # before minutes of reading
     state, config, _ = read_checkpoint(src, ema=ema, family=family, **overrides)
     check_state_dict(state, config, str(src))
-    return save_engine_dir(state, config, out_dir, {"source": Path(src).name, "ema": ema})
+    return checkpoints.write_engine_dir(state, config, out_dir, family_of_config(config),
+                                        {"source": Path(src).name, "ema": ema}, force=force)

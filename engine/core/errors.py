@@ -15,3 +15,7 @@ class ConfigError(EngineError, ValueError):
 
 class SamplingError(EngineError, ValueError):
     """Sampling arguments that cannot be honoured (bad labels, schedule, temperature...)."""
+
+
+class OutputError(EngineError, ValueError):
+    """An output path that cannot be written as asked (missing parent, not empty, a file)."""

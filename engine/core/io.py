@@ -58,6 +58,31 @@ def read_torch_file(path: Path) -> object:
                               f"corrupt?): {first}") from None
 
 
+WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_dtypes(state: dict, source: str, expected: dict | None = None) -> None:
+    """CheckpointError naming the first tensor whose dtype cannot hold its weights: a tensor the
+    module keeps in floating point (every one when `expected`, key -> the module's own dtype, is
+    None) must be float16, bfloat16, float32 or float64 (cast on load); integer, boolean, complex
+    and float8 tensors (a quantised export) are refused rather than cast into wrong weights. A
+    tensor the module keeps as integers (CTF's cluster map) must be an integer tensor."""
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            continue
+        want = expected.get(key, torch.float32) if expected else torch.float32
+        if want.is_floating_point:
+            if value.dtype not in WEIGHT_DTYPES:
+                raise CheckpointError(
+                    f"{source}: tensor {key!r} has dtype {str(value.dtype).removeprefix('torch.')}; "
+                    "weights must be float16, bfloat16, float32 or float64 (integer, boolean, "
+                    "complex and float8 tensors, e.g. a quantised export, are refused)")
+        elif value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
+            raise CheckpointError(
+                f"{source}: tensor {key!r} has dtype {str(value.dtype).removeprefix('torch.')}; "
+                f"it must be an integer tensor ({str(want).removeprefix('torch.')})")
+
+
 def _count_nonfinite(t: torch.Tensor) -> int:
     """0 when every value of the floating tensor `t` is finite, else how many are not
     (one fused min/max pass in the common, all-finite case)."""

@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..core.errors import CheckpointError, SamplingError
+from ..core.io import check_dtypes
 
 GROUPS = 32          # ELM's `normalize`: GroupNorm(num_groups=32, eps=1e-6, affine=True)
 NORM_EPS = 1e-6
@@ -165,6 +166,7 @@ def build_decoder(state: dict, source: str) -> BAEDecoder:
     for key, value in wanted.items():
         if tuple(state[key].shape) != tuple(value.shape):
             raise CheckpointError(f"{source}: {key} has shape {list(state[key].shape)}, expected {list(value.shape)}")
+    check_dtypes({k: state[k] for k in wanted}, source)
     decoder.load_state_dict({k: state[k].float() for k in wanted}, assign=True)
     return decoder.eval().requires_grad_(False)
 

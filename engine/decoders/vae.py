@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from engine.core.errors import CheckpointError
 # Thread-safe weights-only load (argparse.Namespace registered once, never a per-call global
 # toggle) and the NaN/Inf check shared with the MAR loader.
-from ..core.io import check_finite, torch_load_weights
+from ..core.io import check_dtypes, check_finite, torch_load_weights
 
 MAR_LATENT_SCALE = 0.2325
 
@@ -175,6 +175,7 @@ def load_vae(path, device="cpu", dtype=torch.float32) -> KLDecoder:
         if tuple(sd[k].shape) != shape:
             raise CheckpointError(f"{path}: shape mismatch for {k}: expected {list(shape)}, "
                                   f"found {list(sd[k].shape)}")
+    check_dtypes(sd, str(path))
     check_finite(sd, str(path))
     sd = {k: v.to(device=device, dtype=dtype) for k, v in sd.items()}
     model.load_state_dict(sd, strict=True, assign=True)

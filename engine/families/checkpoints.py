@@ -4,12 +4,15 @@ configuration builds, values its own check vouches for, and the directory format
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
 
-from ..core.errors import CheckpointError
-from ..core.io import CONFIG_FILE, WEIGHTS_FILE, check_finite
+from ..core.errors import CheckpointError, OutputError
+from ..core.io import CONFIG_FILE, WEIGHTS_FILE, check_dtypes, check_finite
 
 ENGINE_FORMAT = "engine-mar"      # the format a directory of the masked families is written in
 ENGINE_FORMAT_VERSION = 1
@@ -23,7 +26,8 @@ def check_state_dict(state: dict, config, source: str, family) -> None:
         raise CheckpointError(f"{source}: entries that are not tensors: {bad_types[:5]}")
     with torch.device("meta"):
         module = family.module_cls(config)
-    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    module_state = module.state_dict()
+    expected = {k: tuple(v.shape) for k, v in module_state.items()}
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     if missing:
@@ -35,6 +39,7 @@ def check_state_dict(state: dict, config, source: str, family) -> None:
         if got != want:
             raise CheckpointError(f"{source}: {key} has shape {list(got)} but the configuration "
                                   f"({describe(config)}) needs {list(want)}")
+    check_dtypes(state, source, {k: v.dtype for k, v in module_state.items()})
     check = family.check_state
     if check is not None:   # values the shapes cannot vouch for (CTF's cluster map)
         check(state, config, source)
@@ -77,3 +82,47 @@ def save_engine_dir(state: dict, config, out_dir, family, extra: dict | None = N
     return out
 
 
+
+
+def check_engine_dir_output(out_dir, force: bool = False) -> Path:
+    """`out_dir` as a new engine directory's path: its parent exists (never created), and it is
+    absent, empty, or (with `force`) a directory to replace."""
+    out = Path(out_dir)
+    parent = out.absolute().parent
+    if not parent.is_dir():
+        raise OutputError(f"{out}: the parent directory {parent} does not exist (create it first)")
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"{out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise OutputError(f"{out} is not empty; pass --force (force=True) to replace it")
+    return out
+
+
+def write_engine_dir(state: dict, config, out_dir, family, extra: dict | None = None,
+                     force: bool = False) -> Path:
+    """save_engine_dir, all or nothing: written into a temporary directory beside `out_dir`, then
+    renamed into place, so a run killed at any moment leaves no directory or a complete one (never
+    new weights beside an old config). `force` replaces an existing non-empty directory."""
+    out = check_engine_dir_output(out_dir, force)
+    parent = out.absolute().parent
+    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{out.name}.partial-"))
+    old = None
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)   # mkdtemp's 0700 would otherwise become the directory's mode
+        save_engine_dir(state, config, tmp, family, extra)
+        if out.is_dir():
+            old = Path(tempfile.mkdtemp(dir=parent, prefix=f".{out.name}.replaced-"))
+            os.rename(out, old / "dir")
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and (old / "dir").exists() and not out.exists():
+            os.rename(old / "dir", out)   # put back what --force was replacing
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return out
