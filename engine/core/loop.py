@@ -14,7 +14,7 @@ import torch
 from .conditioning import Condition
 from .errors import SamplingError
 from .protocol import check_image_generator
-from .plan import FLOAT32_MAX, build_plan, per_image
+from .plan import FLOAT32_MAX, PlanStep, build_plan, per_image
 from .rng import _draw_one, check_generator, draw_step_inputs, draw_step_noise, randn, sample_orders  # noqa: F401
 
 
@@ -174,7 +174,7 @@ class InFlightImage:
         return self.k >= len(self.plan.steps)
 
     @property
-    def step(self) -> "PlanStep":
+    def step(self) -> PlanStep:
         return self.plan.steps[self.k]
 
     @property

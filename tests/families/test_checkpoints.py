@@ -1,6 +1,5 @@
 """Checkpoints of any dtype, and `engine convert`'s all-or-nothing engine directories."""
 import json
-import os
 import shutil
 import subprocess
 import sys
