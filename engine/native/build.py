@@ -155,6 +155,23 @@ def _import_built(name: str, directory: Path):
     return module
 
 
+def _say(message: str) -> None:
+    print(f"engine: {message}", file=sys.stderr, flush=True)
+
+
+def _what_load_does(name: str, directory: Path, src: Path) -> str:
+    """What `cpp.load` is about to do, in words: compiling is a one-time cost (~30 s) the user
+    should not mistake for a hang; anything else must not claim to compile."""
+    lock = directory / "lock"
+    if lock.exists():
+        return "waiting for another process that is compiling the native CPU head loop"
+    built = directory / f"{name}.so"
+    inputs = [src / f for f in SOURCES + HEADERS if (src / f).exists()]
+    if built.is_file() and all(built.stat().st_mtime >= f.stat().st_mtime for f in inputs):
+        return "loading the native CPU head loop from the cache"
+    return "compiling the native CPU head loop once (~30 s on 2 cores, then cached)"
+
+
 def _compile(name: str, directory: Path):
     import torch  # noqa: F401  (the extension links against torch's libraries)
     import torch.utils.cpp_extension as cpp
@@ -166,17 +183,15 @@ def _compile(name: str, directory: Path):
             lock.unlink()
     except OSError:
         pass
+    src = source_dir()
     if not lock.exists():
         try:
             module = _import_built(name, directory)
-            if module is not None:
+            if module is not None:   # the common case, in milliseconds: nothing to say
                 return module
-        except ImportError:
-            pass  # a stale or partial library: rebuild it below
-    src = source_dir()
-    # A one-time cost the user should not mistake for a hang.
-    print(f"engine: compiling the native CPU head loop once (~30 s on 2 cores; cached in {directory}; "
-          "ENGINE_NATIVE=0 skips it)", file=sys.stderr, flush=True)
+        except ImportError:  # a stale or partial library: rebuild it below, from scratch
+            (directory / f"{name}.so").unlink(missing_ok=True)
+    _say(f"{_what_load_does(name, directory, src)} ({directory}; ENGINE_NATIVE=0 skips it)")
     return cpp.load(
         name=name,
         sources=[str(src / s) for s in SOURCES],
