@@ -46,8 +46,17 @@ def load(path, ema: bool | None = None, device="cpu", backend="auto", num_sampli
     from .families import family_of_config
     from .loading import BAE_DIR, build_module, companion_dir, companion_text_encoder, read_checkpoint
 
+    from .families import get_family
+
     if num_sampling_steps is not None:
         config["num_sampling_steps"] = str(num_sampling_steps)
+    for name, value in (("ema", ema), ("cuda_graphs", cuda_graphs)):
+        if not (value is None and name == "ema") and not isinstance(value, bool):
+            raise ConfigError(f"{name} must be True or False{' (or None)' if name == 'ema' else ''}, got {value!r:.80}")
+    if family is not None:
+        if not isinstance(family, str):
+            raise ConfigError(f"family must be a family name, got {family!r:.80}")
+        get_family(family)   # an unknown name, before reading any file
     check_device(device)
     state, cfg, sampling_defaults = read_checkpoint(path, ema=ema, family=family, **config)
     module = build_module(state, cfg, str(path)).to(device)

@@ -113,7 +113,7 @@ def read_engine_dir(path: Path, overrides: dict, family: str | None = None):
     try:
         fam = get_family(meta["family"]) if "family" in meta else family_of_format(meta["format"])
         if family is not None and family != fam.name:
-            raise ConfigError(f"the directory holds a {fam.name!r} model, not {family!r}")
+            raise ConfigError(f"family={family!r} but the directory holds a {fam.name!r} model")
         values = {k: v for k, v in {**meta["config"], **overrides}.items() if k not in fam.ignored_args}
         config = fam.config_cls.from_dict(values)
     except (ConfigError, TypeError, AttributeError) as err:

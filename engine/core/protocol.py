@@ -47,6 +47,7 @@ A `Batcher` (one per scheduler; it owns per-image state such as KV-cache slots):
 from __future__ import annotations
 
 from .errors import SamplingError
+from .plan import MAX_BATCH, check_count
 
 CONDITIONINGS = ("class", "text")
 DECODERS = ("vae", "bae", "pixels")
@@ -107,13 +108,23 @@ def check_image_generator(generator):
     return generator
 
 
+def check_num_images(num_images):
+    """None, or num_images as a count of images (1 .. MAX_BATCH)."""
+    return None if num_images is None else check_count("num_images", num_images, MAX_BATCH)
+
+
 def labels_and_batch(labels, num_images) -> tuple:
     """(labels as a list or None, batch size) of a class-conditional call."""
+    num_images = check_num_images(num_images)
     if labels is None:
         if num_images is None:
             raise SamplingError("pass labels, or num_images for unconditional samples")
         return None, num_images
+    if isinstance(labels, (str, bytes)) or not hasattr(labels, "__len__"):
+        raise SamplingError(f"labels must be a list of class labels, got {labels!r:.80}")
     labels = list(labels.tolist() if hasattr(labels, "tolist") else labels)
+    if not labels:
+        raise SamplingError("labels is empty; pass at least one class label")
     if num_images is not None and num_images != len(labels):
         raise SamplingError(f"num_images={num_images} but {len(labels)} labels")
     return labels, len(labels)

@@ -21,7 +21,7 @@ def families() -> dict[str, Family]:
 def get_family(name: str) -> Family:
     known = families()
     if name not in known:
-        raise ConfigError(f"unknown model family {name!r}; known: {sorted(known)}")
+        raise ConfigError(f"family {name!r} is not a model family; known: {sorted(known)}")
     return known[name]
 
 

@@ -201,13 +201,16 @@ def infer_sizes(state: dict) -> dict:
 
 
 # Settings -----------------------------------------------------------------------------------------
-def per_stage(value) -> tuple:
-    """(stage 1, stage 2): a tuple is the pair, anything else is shared by both stages."""
+def per_stage(name: str, value, check=lambda name, v: v) -> tuple:
+    """(stage 1, stage 2) of setting `name`, each entry `check(name, entry)` with the stage named
+    in its errors ("cfg (stage 2)"): a tuple is the pair, anything else is shared by both."""
     if isinstance(value, tuple):
         if len(value) != 2:
-            raise SamplingError(f"a per-stage setting is a tuple (stage 1, stage 2), got {len(value)} entries")
-        return value
-    return value, value
+            raise SamplingError(f"{name}: a per-stage setting is a tuple (stage 1, stage 2), got "
+                                f"{len(value)} entries")
+        return tuple(check(f"{name} (stage {i})", v) for i, v in enumerate(value, 1))
+    checked = check(name, value)
+    return checked, checked
 
 
 def _per_image_numbers(name, value, bsz, positive=False) -> tuple:
@@ -316,10 +319,10 @@ class CTFModel(BAETokens):
         labels = self._labels(labels, bsz)
         if not isinstance(restrict, bool):
             raise SamplingError(f"restrict must be True or False, got {restrict!r}")
-        cfg1, cfg2 = (_per_image_numbers("cfg", v, bsz) for v in per_stage(cfg))
-        t1, t2 = (_per_image_numbers("temperature", v, bsz, positive=True) for v in per_stage(temperature))
-        k1, k2 = (check_top_k(v) for v in per_stage(top_k))
-        p1, p2 = (check_top_p(v) for v in per_stage(top_p))
+        cfg1, cfg2 = per_stage("cfg", cfg, lambda n, v: _per_image_numbers(n, v, bsz))
+        t1, t2 = per_stage("temperature", temperature, lambda n, v: _per_image_numbers(n, v, bsz, positive=True))
+        k1, k2 = per_stage("top_k", top_k, lambda n, v: check_top_k(v, n))
+        p1, p2 = per_stage("top_p", top_p, lambda n, v: check_top_p(v, n))
         schedules = per_image("cfg_schedule", cfg_schedule, bsz, _check_schedule)
         generator = check_generator(generator, bsz)
         length = c.block_size
@@ -397,13 +400,15 @@ class CTFModel(BAETokens):
                                     f"one pass; num_iter must be {c.block_size} (or None), got {value!r}")
             return c.block_size
 
-        def pair(value):
-            per_stage(value)
-            return value
+        def pair(name):
+            def check(value):
+                per_stage(name, value)
+                return value
+            return check
 
         defaults = {"num_iter": None, "cfg_schedule": "constant", **PAPER_SAMPLING}
-        checks = {"num_iter": image_length, "cfg": pair, "temperature": pair, "top_k": pair, "top_p": pair,
-                  "cfg_schedule": _check_schedule}
+        checks = {"num_iter": image_length, "cfg": pair("cfg"), "temperature": pair("temperature"),
+                  "top_k": pair("top_k"), "top_p": pair("top_p"), "cfg_schedule": _check_schedule}
         settings = resolve_settings(given, defaults, checks, sampling_from_json(self.sampling_defaults))
         del settings["num_iter"]   # checked only: stage 1 always samples the whole grid
         return settings
@@ -516,10 +521,10 @@ class CTFBatcher(ARBatcher):
     def add(self, label=None, texts=None, settings=None, generator=None) -> CTFImage:
         model, s = self.model, settings
         row = int(model._labels(None if label is None else [label], 1)[0])
-        stages = {name: per_stage(s[name]) for name in ("cfg", "temperature", "top_k", "top_p")}
-        cfg1, cfg2 = (float(_check_number("cfg", v)) for v in stages["cfg"])
-        t1, t2 = (float(_check_number("temperature", v, positive=True)) for v in stages["temperature"])
-        (k1, k2), (p1, p2) = ((check_top_k(v) for v in stages["top_k"]), (check_top_p(v) for v in stages["top_p"]))
+        cfg1, cfg2 = per_stage("cfg", s["cfg"], lambda n, v: float(_check_number(n, v)))
+        t1, t2 = per_stage("temperature", s["temperature"], lambda n, v: float(_check_number(n, v, positive=True)))
+        k1, k2 = per_stage("top_k", s["top_k"], lambda n, v: check_top_k(v, n))
+        p1, p2 = per_stage("top_p", s["top_p"], lambda n, v: check_top_p(v, n))
         length = model.config.block_size
         scales = None
         if cfg1 != 1.0 or cfg2 != 1.0:

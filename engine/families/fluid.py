@@ -13,6 +13,7 @@ from ..core.config import (MAX_DEPTH, MAX_HEADS, MAX_MLP_RATIO, MAX_PARAMS, MAX_
                       _head_params, parse_range, parse_steps)
 from ..core.config import check_int_range as _check_range
 from ..core.errors import ConfigError, SamplingError
+from ..core.protocol import check_num_images
 from ..model import Model
 from ..core.plan import MAX_BATCH, check_count
 from .record import Family
@@ -240,6 +241,7 @@ class FluidModel(Model):
 def texts_for(model, prompts, texts, text_encoder, num_images):
     """(text-encoder outputs or None, batch size) of a text-to-image call."""
     c = model.config
+    num_images = check_num_images(num_images)
     if texts is not None:
         if prompts is not None:
             raise SamplingError("pass prompts or texts, not both")

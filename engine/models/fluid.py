@@ -178,8 +178,8 @@ class Fluid(nn.Module):
                                     f"= {unit}, got {value!r}")
         grid = (height // unit, width // unit)
         if grid[0] * grid[1] > c.max_seq_len:
-            raise SamplingError(f"{height} x {width} is {grid[0] * grid[1]} tokens; the limit is "
-                                f"{c.max_seq_len} (max_seq_len)")
+            raise SamplingError(f"height x width: {height} x {width} is {grid[0] * grid[1]} tokens; "
+                                f"the limit is {c.max_seq_len} (max_seq_len)")
         return grid
 
     def positions(self, grid) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

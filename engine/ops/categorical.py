@@ -89,19 +89,19 @@ def sample_logits(logits: torch.Tensor, noise: torch.Tensor, scale=None, tempera
     return torch.argmax(probs / noise, dim=-1), logits, probs
 
 
-def check_top_k(top_k):
+def check_top_k(top_k, name: str = "top_k"):
     if top_k is None:
         return None
     if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral):
-        raise SamplingError(f"top_k must be a positive integer or None, got {top_k!r}")
+        raise SamplingError(f"{name} must be a positive integer or None, got {top_k!r:.80}")
     if top_k < 1:
-        raise SamplingError(f"top_k must be at least 1 (or None for no top-k), got {top_k}")
+        raise SamplingError(f"{name} must be at least 1 (or None for no top-k), got {top_k}")
     return int(top_k)
 
 
-def check_top_p(top_p):
+def check_top_p(top_p, name: str = "top_p"):
     if top_p is None:
         return None
     if isinstance(top_p, bool) or not isinstance(top_p, numbers.Real) or not 0 < top_p <= 1:
-        raise SamplingError(f"top_p must be a number in (0, 1] or None, got {top_p!r}")
+        raise SamplingError(f"{name} must be a number in (0, 1] or None, got {top_p!r:.80}")
     return float(top_p)

@@ -33,27 +33,27 @@ def space_timesteps(num_steps: int, respacing: str | int) -> list[int]:
         try:
             want = int(spec[4:])
         except ValueError:
-            raise ConfigError(f"bad respacing {respacing!r}: expected 'ddimN' with an integer N") from None
+            raise ConfigError(f"num_sampling_steps (--steps) {respacing!r}: expected 'ddimN' with an integer N") from None
         for stride in range(1, num_steps):
             if len(range(0, num_steps, stride)) == want:
                 return list(range(0, num_steps, stride))
-        raise ConfigError(f"bad respacing {respacing!r}: no integer stride gives exactly {want} "
+        raise ConfigError(f"num_sampling_steps (--steps) {respacing!r}: no integer stride gives exactly {want} "
                           f"of {num_steps} steps")
     try:
         counts = [int(part) for part in spec.split(",")]
     except ValueError:
-        raise ConfigError(f"bad respacing {respacing!r}: expected an integer, 'ddimN' or "
+        raise ConfigError(f"num_sampling_steps (--steps) {respacing!r}: expected an integer, 'ddimN' or "
                           "comma-separated integers such as '10,5'") from None
     if any(c < 1 for c in counts):
-        raise ConfigError(f"bad respacing {respacing!r}: every section needs at least one step")
+        raise ConfigError(f"num_sampling_steps (--steps) {respacing!r}: every section needs at least one step")
     size_per, extra = divmod(num_steps, len(counts))
     if size_per == 0:
-        raise ConfigError(f"bad respacing {respacing!r}: more sections than the {num_steps} steps")
+        raise ConfigError(f"num_sampling_steps (--steps) {respacing!r}: more sections than the {num_steps} steps")
     start, kept = 0, []
     for i, count in enumerate(counts):
         size = size_per + (1 if i < extra else 0)
         if size < count:
-            raise ConfigError(f"bad respacing {respacing!r}: cannot take {count} steps from a "
+            raise ConfigError(f"num_sampling_steps (--steps) {respacing!r}: cannot take {count} steps from a "
                               f"section of {size}")
         stride = 1 if count <= 1 else (size - 1) / (count - 1)
         cursor = 0.0
