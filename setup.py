@@ -40,7 +40,8 @@ setup(
         "test": ["pytest", "pytest-benchmark", "scikit-learn", "matplotlib",
                  "transformers>=4.56", "diffusers>=0.30", "ray[data]>=2.10",
                  "fastapi>=0.110", "uvicorn>=0.29", "prometheus-client>=0.20", "httpx",
-                 "litserve>=0.2.19", "ray[serve]>=2.10", "import-linter>=2.0"],
+                 "litserve>=0.2.19", "ray[serve]>=2.10", "import-linter>=2.0",
+                 "hypothesis>=6.100", "atheris>=2.3"],
     },
     entry_points={"console_scripts": ["engine=engine.cli:main"]},
 )

@@ -101,11 +101,18 @@ def read_engine_dir(path: Path, overrides: dict, family: str | None = None):
         raise CheckpointError(f"{cfg_file} is not valid JSON: {err}") from None
 
     formats = sorted(f for fam in families().values() for f in fam.formats)
-    if not isinstance(meta, dict) or meta.get("format") not in formats or "config" not in meta:
+    if not isinstance(meta, dict) or meta.get("format") not in formats:
         raise CheckpointError(f"{cfg_file} is not an engine model config (format one of {formats})")
-    if meta.get("version", 0) > ENGINE_FORMAT_VERSION:
-        raise CheckpointError(f"{cfg_file} has format version {meta['version']}; this engine reads "
+    version = meta.get("version", 0)
+    if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+        raise CheckpointError(f"{cfg_file}: version must be a non-negative integer, got {version!r:.40}")
+    if version > ENGINE_FORMAT_VERSION:
+        raise CheckpointError(f"{cfg_file} has format version {version}; this engine reads "
                               f"up to {ENGINE_FORMAT_VERSION}")
+    for key, kind in (("config", dict), ("family", str), ("sampling", dict)):
+        if (key in meta or key == "config") and not isinstance(meta.get(key), kind):
+            raise CheckpointError(f"{cfg_file}: {key!r} must be a JSON {'object' if kind is dict else 'string'}, "
+                                  f"got {json.dumps(meta.get(key))[:60]}")
     try:
         state = load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as err:
