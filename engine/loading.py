@@ -99,6 +99,8 @@ def read_engine_dir(path: Path, overrides: dict, family: str | None = None):
         meta = json.loads(cfg_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{cfg_file} is not valid JSON: {err}") from None
+    except OSError as err:   # a directory, unreadable, ...
+        raise CheckpointError(f"{cfg_file} cannot be read: {err.strerror or err}") from None
 
     formats = sorted(f for fam in families().values() for f in fam.formats)
     if not isinstance(meta, dict) or meta.get("format") not in formats:

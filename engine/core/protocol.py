@@ -120,11 +120,14 @@ def labels_and_batch(labels, num_images) -> tuple:
         if num_images is None:
             raise SamplingError("pass labels, or num_images for unconditional samples")
         return None, num_images
-    if isinstance(labels, (str, bytes)) or not hasattr(labels, "__len__"):
+    if isinstance(labels, (str, bytes, dict, set, frozenset)) or not hasattr(labels, "__len__") \
+            or getattr(labels, "ndim", 1) == 0:
         raise SamplingError(f"labels must be a list of class labels, got {labels!r:.80}")
     labels = list(labels.tolist() if hasattr(labels, "tolist") else labels)
     if not labels:
         raise SamplingError("labels is empty; pass at least one class label")
+    if len(labels) > MAX_BATCH:
+        raise SamplingError(f"labels: {len(labels)} images exceed the limit of {MAX_BATCH} per call")
     if num_images is not None and num_images != len(labels):
         raise SamplingError(f"num_images={num_images} but {len(labels)} labels")
     return labels, len(labels)

@@ -11,7 +11,8 @@ from engine.loading import BUILTIN_MODELS
 
 BAD_SETTINGS = [
     ("labels", [-1]), ("labels", [10]), ("labels", ["a"]), ("labels", [1.5]), ("labels", []),
-    ("labels", "x"), ("labels", [True]), ("labels", torch.tensor([[1]])),
+    ("labels", "x"), ("labels", [True]), ("labels", torch.tensor([[1]])), ("labels", torch.tensor(3)),
+    ("labels", {1: 2}), ("labels", {1, 2}), ("labels", (i for i in [1])), ("labels", [1] * 70000),
     ("num_images", 0), ("num_images", -1), ("num_images", 1.5), ("num_images", "2"), ("num_images", True),
     ("num_iter", 0), ("num_iter", -3), ("num_iter", 1.5), ("num_iter", "8"), ("num_iter", 10 ** 9),
     ("cfg", float("nan")), ("cfg", float("inf")), ("cfg", "x"), ("cfg", -1e40), ("cfg", [1, 2, 3]),

@@ -35,3 +35,15 @@ def test_config_json_fields_of_the_wrong_json_type(tmp_path, changes, message):
 
     with pytest.raises(CheckpointError, match=message.replace("(", r"\(").replace("[", r"\[")):
         engine.load(out)
+
+
+def test_a_config_json_that_is_a_directory(tmp_path):
+    # IsADirectoryError from deep in pathlib, found probing by hand.
+    import engine
+
+    out = tmp_path / "m"
+    out.mkdir()
+    (out / "model.safetensors").write_bytes(targets._DIR_SEED[0])
+    (out / "config.json").mkdir()
+    with pytest.raises(CheckpointError, match="config.json cannot be read: Is a directory"):
+        engine.load(out)
