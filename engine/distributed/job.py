@@ -45,7 +45,7 @@ def protocol_conditions(num_images: int, count: int, what: str) -> list[int]:
     condition-major in the given order: image i gets condition i // (num_images / count)."""
     if num_images % count:
         raise EngineError(f"--num-images {num_images} is not a multiple of the {count} {what}: "
-                          f"every {what[:-1]} is drawn equally often (MAR's evaluation protocol); "
+                          f"each one is drawn equally often (MAR's evaluation protocol); "
                           f"use a multiple of {count}")
     per = num_images // count
     return [k for k in range(count) for _ in range(per)]
