@@ -108,6 +108,46 @@ def test_scheduler_invariant_mixed_concurrent_requests(models, name):
     assert np.abs(results[1].images("np")[:1] - want).max() <= 1e-4
 
 
+@pytest.mark.parametrize("name", BATCHED + ["digits"])
+def test_a_failing_image_fails_only_its_request_every_family(models, name):
+    """A step that fails whenever one request's image is in it (after every image given drew
+    from its generator): the scheduler retries by groups, then image by image, from the
+    generators' states before the step; that request fails, every other image equals its solo
+    run (the batchers step any subset of the images in flight)."""
+    from engine.serving import WorkerError
+
+    model = load(models, name)
+    bad_seed = 301
+    requests = [Request(label=i % 10, n=2, cfg=[1.0, 2.0][i % 2], seed=100 * i, num_iter=BUILTIN[name].get("num_iter"))
+                for i in range(1, 5)]
+    sched = Scheduler(model, max_batch_images=8, admit_wait=0.05, start=False)
+    real = sched.batcher.step
+
+    def step(images):
+        if any(im.generator.initial_seed() == bad_seed for im in images):
+            for im in images:
+                torch.rand(4, generator=im.generator)
+            raise RuntimeError("injected fault")
+        return real(images)
+    sched.batcher.step = step
+    with sched.start():
+        futures = [sched.submit(r) for r in requests]
+        with pytest.raises(WorkerError, match="injected fault"):
+            futures[2].result(300)
+        results = {i: futures[i].result(300) for i in (0, 1, 3)}
+    for i, result in results.items():
+        r = requests[i]
+        for k in range(r.n):
+            want = _solo(model, r.label, r.seed + k, dict(cfg=r.cfg, num_iter=r.num_iter))
+            got = result.tokens[k:k + 1]
+            if want.dtype == torch.int64:
+                assert torch.equal(got, want), (i, k)
+            else:
+                assert (got - want).abs().max() <= 1e-4 * max(1.0, want.abs().max()), (i, k)
+    if hasattr(sched.batcher, "pool"):
+        assert sched.batcher.pool.used == 0       # the failed request's rows were released
+
+
 def test_slots_are_reused_and_compacted(models):
     """A KV-cache slot pool after images of different lengths left: rows stay [0, used), owners
     track their moved rows, and a long run of requests never grows it past the batch."""
