@@ -144,14 +144,18 @@ class GenerationResult:
 
     def png(self) -> list[bytes]:
         """Each image as PNG bytes (of the "pil" output)."""
-        import io
+        return _png(self.images("pil"))
 
-        out = []
-        for image in self.images("pil"):
-            buf = io.BytesIO()
-            image.save(buf, format="PNG")
-            out.append(buf.getvalue())
-        return out
+
+def _png(images) -> list[bytes]:
+    import io
+
+    out = []
+    for image in images:
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        out.append(buf.getvalue())
+    return out
 
 
 class RequestFuture(concurrent.futures.Future):
@@ -624,6 +628,10 @@ class Scheduler:
         self._latency_ewma = latency if self._latency_ewma is None else 0.8 * self._latency_ewma + 0.2 * latency
         self.counts["images"] += job.request.n
         self._settle(job, result=GenerationResult(job.request, tokens, latency, self._decode))
+
+    def png(self, tokens: torch.Tensor) -> list[bytes]:
+        """PNG bytes of tokens (e.g. a preview's), as GenerationResult.png encodes images."""
+        return _png(self._decode(tokens, "pil"))
 
     def _decode(self, tokens: torch.Tensor, output_type: str = "np"):
         from ..images import OUTPUT_TYPES, convert_output

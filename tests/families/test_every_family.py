@@ -307,14 +307,14 @@ def _png(item) -> np.ndarray:
 
 @pytest.mark.parametrize("name", ["digits-elm-ar", "digits-elm-mlm"])
 def test_litserve_adapter_serves_discrete_families(models, name):
-    ls = pytest.importorskip("litserve")
+    pytest.importorskip("litserve")
     from fastapi.testclient import TestClient
     from litserve.utils import wrap_litserve_start
 
-    from engine.serving.litserve_api import EngineLitAPI
+    from engine.serving.litserve_api import EngineLitAPI, server as lit_server
 
     model = load(models, name)
-    server = ls.LitServer(EngineLitAPI(name, warmup=False), accelerator="cpu", timeout=120)
+    server = lit_server(EngineLitAPI(name, warmup=False), accelerator="cpu", timeout=120)
     with wrap_litserve_start(server) as server, TestClient(server.app) as client:
         r = client.post("/v1/images/generations", json={"class_label": 6, "seed": 3, "n": 2})
         assert r.status_code == 200, r.text
