@@ -32,6 +32,10 @@ def brief(text, limit: int = MAX_MESSAGE) -> str:
     return f"{text[:limit]}... ({len(text) - limit} more characters)"
 
 
+def body_too_large(limit: int, headers: dict | None = None) -> "ApiError":
+    return ApiError(413, f"the body is larger than {limit} bytes (--max-body-bytes)", headers=headers)
+
+
 class ApiError(Exception):
     """An answer other than 200: its status, the error object and headers."""
 

@@ -19,7 +19,7 @@ import re
 import time
 import uuid
 
-from .errors import ApiError, brief, normalized
+from .errors import ApiError, body_too_large, brief, normalized
 
 access_log = logging.getLogger("engine.serving.access")
 log = logging.getLogger("engine.serving")
@@ -113,8 +113,7 @@ class ServingMiddleware:
         length = headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
             if length.isdigit():
-                return ApiError(413, f"the body is {int(length)} bytes; this server takes at most "
-                                f"{self.max_body_bytes} (--max-body-bytes)")
+                return body_too_large(self.max_body_bytes)
             return ApiError(400, "the Content-Length header is not a number")
         return None
 
@@ -129,8 +128,7 @@ class ServingMiddleware:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_body_bytes:
-                return receive, ApiError(413, f"the body is larger than {self.max_body_bytes} bytes "
-                                         "(--max-body-bytes)", headers={"Connection": "close"})
+                return receive, body_too_large(self.max_body_bytes, {"Connection": "close"})
             chunks.append(chunk)
             if not message.get("more_body"):
                 return _replay(b"".join(chunks), receive), None

@@ -20,7 +20,7 @@ from ray import serve
 from starlette.requests import Request as HTTPRequest
 from starlette.responses import JSONResponse, Response
 
-from .errors import ApiError
+from .errors import ApiError, body_too_large
 from .middleware import DEFAULT_MAX_BODY
 from .scheduler import MAX_IMAGES_PER_REQUEST, Scheduler, ServingError
 from .schema import MAX_JSON_DEPTH
@@ -117,12 +117,12 @@ async def read_body(http: HTTPRequest, limit: int) -> bytes:
     """The body, ApiError 413 once it passes `limit` bytes (not read further)."""
     length = http.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > limit:
-        raise ApiError(413, f"the body is {int(length)} bytes; this server takes at most {limit}")
+        raise body_too_large(limit)
     chunks, size = [], 0
     async for chunk in http.stream():
         size += len(chunk)
         if size > limit:
-            raise ApiError(413, f"the body is larger than {limit} bytes")
+            raise body_too_large(limit)
         chunks.append(chunk)
     return b"".join(chunks)
 

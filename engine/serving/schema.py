@@ -93,8 +93,7 @@ def parse_body(raw, max_depth: int = MAX_JSON_DEPTH) -> ImageGenerationRequest:
         code = "invalid_value"
         if first.get("type") == "extra_forbidden":
             message, code = "unknown field (see docs/serving.md for the accepted ones)", "unknown_parameter"
-        field = brief(field, 100) if field else None
-        raise ApiError(400, f"{field}: {message}" if field else message, field, code) from None
+        raise ApiError(400, f"{brief(field, 100)}: {message}" if field else message, field, code) from None
 
 
 # OpenAPI ----------------------------------------------------------------------------------------
