@@ -301,6 +301,8 @@ def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: st
     state = app.state.engine
 
     class Server(uvicorn.Server):
+        cancelled: float | None = None
+
         def handle_exit(self, sig, frame):
             if state.draining is None and sig in (signal.SIGTERM, signal.SIGINT) and state.ready:
                 state.draining = time.monotonic()
@@ -310,8 +312,15 @@ def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: st
 
         async def on_tick(self, counter: int) -> bool:
             if state.draining is not None and not self.should_exit:
-                if state.active == 0 or time.monotonic() - state.draining > drain_timeout:
-                    log.info("engine: drained (%d requests left)", state.active)
+                now = time.monotonic()
+                if state.active and now - state.draining > drain_timeout and self.cancelled is None:
+                    # Past the grace: what is left ends with 503 (SchedulerClosed) before the exit.
+                    log.info("engine: drain timeout; cancelling %d requests", state.active)
+                    self.cancelled = now
+                    if state.scheduler is not None:
+                        state.scheduler.close(wait=False, cancel=True)
+                if state.active == 0 or (self.cancelled is not None and now - self.cancelled > 2):
+                    log.info("engine: drained; exiting")
                     self.should_exit = True
             return await super().on_tick(counter)
 
