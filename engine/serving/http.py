@@ -32,7 +32,7 @@ from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from .errors import ApiError
-from .generation import admit, describe, run_generation, wait_for_disconnect, warm
+from .generation import admit, describe, image_size, run_generation, wait_for_disconnect, warm
 from .middleware import DEFAULT_MAX_BODY, ServingMiddleware
 from .scheduler import MAX_IMAGES_PER_REQUEST, Scheduler, ServingError
 from .schema import MAX_JSON_DEPTH, openapi
@@ -270,7 +270,8 @@ def create_app(model=None, *, loader=None, scheduler: Scheduler | None = None, v
             app.openapi_schema = openapi(
                 base, max_images=sched.max_images_per_request if sched else max_images_per_request,
                 classes=None if sched is None or sched.text_model else sched.model.num_classes,
-                text_model=bool(sched and sched.text_model), auth=bool(api_keys), max_num_iter=MAX_NUM_ITER)
+                text_model=bool(sched and sched.text_model), auth=bool(api_keys), max_num_iter=MAX_NUM_ITER,
+                size=image_size(sched) if sched is not None else None)
             app._engine_spec_ready = state.ready
         return app.openapi_schema
     app.openapi = document

@@ -4,9 +4,9 @@ response, /metrics as Prometheus text)."""
 from __future__ import annotations
 
 import json
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
 from .errors import ApiError, brief
 from .scheduler import MAX_PARTIAL_IMAGES, MAX_PRIORITY, MAX_SEED
@@ -16,13 +16,23 @@ MAX_JSON_DEPTH = 16          # default nesting limit of a body (the request itse
 Short = Field(default=None, max_length=256)
 
 
+def _integral(value):
+    """JSON Schema's integers include 2.0: a float with an integral value is that integer."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2 ** 63:
+        return int(value)
+    return value
+
+
+Int = Annotated[StrictInt, BeforeValidator(_integral)]
+
+
 class ImageGenerationRequest(BaseModel):
     """The body of POST /v1/images/generations (OpenAI Images shape + engine extensions)."""
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     prompt: Optional[StrictStr] = Field(default=None, max_length=MAX_PROMPT)
-    class_label: Optional[StrictInt] = None
-    n: StrictInt = 1
+    class_label: Optional[Int] = None
+    n: Int = 1
     response_format: Literal["b64_json"] = "b64_json"
     output_format: Optional[Literal["png"]] = None
     background: Optional[Literal["auto", "opaque"]] = None
@@ -33,16 +43,16 @@ class ImageGenerationRequest(BaseModel):
     quality: Optional[StrictStr] = Short
     style: Optional[StrictStr] = Short
     moderation: Optional[StrictStr] = Short
-    output_compression: Optional[StrictInt] = Field(default=None, ge=0, le=100)
+    output_compression: Optional[Int] = Field(default=None, ge=0, le=100)
     stream: Optional[StrictBool] = None
-    partial_images: Optional[StrictInt] = Field(default=None, ge=0, le=MAX_PARTIAL_IMAGES)
-    seed: Optional[StrictInt] = None
-    num_iter: Optional[StrictInt] = None
+    partial_images: Optional[Int] = Field(default=None, ge=0, le=MAX_PARTIAL_IMAGES)
+    seed: Optional[Int] = None
+    num_iter: Optional[Int] = None
     cfg: Optional[float] = Field(default=None, strict=True)
     cfg_schedule: Optional[StrictStr] = Short
     temperature: Optional[float] = Field(default=None, strict=True)
     timeout: Optional[float] = Field(default=None, strict=True)
-    priority: Optional[StrictInt] = Field(default=None, ge=-MAX_PRIORITY, le=MAX_PRIORITY)
+    priority: Optional[Int] = Field(default=None, ge=-MAX_PRIORITY, le=MAX_PRIORITY)
 
 
 def parse_json(raw, max_depth: int = MAX_JSON_DEPTH):
@@ -113,17 +123,22 @@ def _errors(*codes) -> dict:
 
 
 def openapi(app_schema: dict, *, max_images: int, classes: int | None, text_model: bool, auth: bool,
-            max_num_iter: int) -> dict:
-    """FastAPI's document with what the routes take raw filled in."""
-    body = ImageGenerationRequest.model_json_schema()
+            max_num_iter: int, size: str | None = None) -> dict:
+    """FastAPI's document with what the routes take raw filled in. Where the server's own bound
+    depends on more than one field (cfg and temperature overflow float32 with some schedules
+    and weights), the document states a range the server always accepts."""
+    body = _json_schema_keywords(ImageGenerationRequest.model_json_schema())
     props = body["properties"]
     props["n"].update(minimum=1, maximum=max_images)
     props["seed"] = {"anyOf": [{"type": "integer", "minimum": 0, "maximum": MAX_SEED}, {"type": "null"}]}
     props["num_iter"] = {"anyOf": [{"type": "integer", "minimum": 1, "maximum": max_num_iter}, {"type": "null"}]}
-    props["temperature"] = {"anyOf": [{"type": "number", "exclusiveMinimum": 0, "maximum": 3.4e38},
+    props["temperature"] = {"anyOf": [{"type": "number", "exclusiveMinimum": 0, "maximum": 100},
                                       {"type": "null"}]}
-    props["cfg"] = {"anyOf": [{"type": "number", "minimum": -3.4e38, "maximum": 3.4e38}, {"type": "null"}]}
-    props["timeout"] = {"anyOf": [{"type": "number", "exclusiveMinimum": 0, "maximum": 1e9}, {"type": "null"}]}
+    props["cfg"] = {"anyOf": [{"type": "number", "minimum": -1e4, "maximum": 1e4}, {"type": "null"}]}
+    props["timeout"] = {"anyOf": [{"type": "number", "minimum": 1, "maximum": 1e6}, {"type": "null"}],
+                        "description": "seconds (any value > 0; past it the answer is 504)"}
+    if size is not None:
+        props["size"] = {"anyOf": [{"enum": [size, "auto"]}, {"type": "null"}]}
     props["cfg_schedule"] = {"anyOf": [{"enum": ["linear", "constant"]}, {"type": "null"}]}
     if text_model:
         body["required"] = ["prompt"]
@@ -133,9 +148,10 @@ def openapi(app_schema: dict, *, max_images: int, classes: int | None, text_mode
         props["class_label"] = {"anyOf": [{"type": "integer", "minimum": 0, "maximum": classes - 1}, {"type": "null"}]}
         props["prompt"] = {"anyOf": [{"type": "string", "maxLength": MAX_PROMPT}, {"type": "null"}],
                            "description": "a class number (\"7\"); read when class_label is missing"}
+        numbers = "|".join(str(k) for k in range(classes)) if classes <= 1000 else "[0-9]{1,3}"
         body["anyOf"] = [{"required": ["class_label"], "properties": {"class_label": {"type": "integer"}}},
-                         {"required": ["prompt"], "properties": {"prompt": {"type": "string",
-                                                                            "pattern": r"^\s*[0-9]+\s*$"}}}]
+                         {"required": ["prompt"], "properties": {"prompt": {
+                             "type": "string", "pattern": f"^0*({numbers})$"}}}]
     doc = dict(app_schema)
     doc.setdefault("components", {}).setdefault("schemas", {})
     doc["components"]["schemas"].update(Error=ERROR_SCHEMA, ImageGenerationRequest=body)
@@ -181,3 +197,14 @@ def openapi(app_schema: dict, *, max_images: int, classes: int | None, text_mode
             for op in paths[path].values():
                 op["security"] = [{"bearer": []}]
     return doc
+
+
+def _json_schema_keywords(schema):
+    """pydantic writes the bounds of an Annotated integer as ge / le: JSON Schema's minimum / maximum."""
+    if isinstance(schema, dict):
+        names = {"ge": "minimum", "le": "maximum", "gt": "exclusiveMinimum", "lt": "exclusiveMaximum"}
+        return {names.get(k, k) if not isinstance(v, (dict, list)) else k: _json_schema_keywords(v)
+                for k, v in schema.items()}
+    if isinstance(schema, list):
+        return [_json_schema_keywords(v) for v in schema]
+    return schema

@@ -130,7 +130,10 @@ def test_sigterm_drains(tmp_path):
         for t in threads:
             t.start()
         deadline = time.monotonic() + 30
-        while "engine_images_in_flight 1.0" not in httpx.get(server.url + "/metrics").text:
+        while True:             # one request in flight, the other waiting for room: both admitted
+            metrics = httpx.get(server.url + "/metrics").text
+            if "engine_images_in_flight 1.0" in metrics and "engine_queue_depth 2.0" in metrics   # both wait for room (n > free slots):
+                break
             assert time.monotonic() < deadline, server.output()
             time.sleep(0.02)
         server.proc.send_signal(signal.SIGTERM)
@@ -142,7 +145,8 @@ def test_sigterm_drains(tmp_path):
         assert refused.json()["error"]["code"] == "server_draining"
         for t in threads:
             t.join(120)
-        assert [r.status_code for r in answers] == [200, 200] and all(len(r.json()["data"]) == 8 for r in answers)
+        assert [r.status_code for r in answers] == [200, 200], [r.text[:300] for r in answers]
+        assert all(len(r.json()["data"]) == 8 for r in answers)
         assert server.proc.wait(30) == 0, server.output()
         access = [json.loads(line) for line in server.output().splitlines() if line.startswith('{"time"')]
         assert {line["status"] for line in access} >= {200, 503}
