@@ -130,9 +130,9 @@ def test_sigterm_drains(tmp_path):
         for t in threads:
             t.start()
         deadline = time.monotonic() + 30
-        while True:             # one request in flight, the other waiting for room: both admitted
+        while True:     # both admitted: one image in flight, both requests wait for room (n > free slots)
             metrics = httpx.get(server.url + "/metrics").text
-            if "engine_images_in_flight 1.0" in metrics and "engine_queue_depth 2.0" in metrics   # both wait for room (n > free slots):
+            if "engine_images_in_flight 1.0" in metrics and "engine_queue_depth 2.0" in metrics:
                 break
             assert time.monotonic() < deadline, server.output()
             time.sleep(0.02)
