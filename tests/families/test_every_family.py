@@ -5,6 +5,7 @@ module outside engine/families spells a family's name."""
 import ast
 import base64
 import io
+import json
 import os
 import subprocess
 import sys
@@ -282,6 +283,41 @@ def test_serve_every_family(models, name):
     h, w, c = model.image_shape(bae=getattr(model, "bae", None))
     image = Image.open(io.BytesIO(base64.b64decode(data[0]["b64_json"])))
     assert len(data) == 2 and image.size == (w, h)
+
+
+@pytest.mark.parametrize("name", BUILTIN)
+def test_stream_partial_images_every_family(models, name):
+    """stream=true for every family: the partial images are the decodes of the batcher's
+    `preview` at evenly spaced steps (PNGs of the model's size, each different), and the
+    completed image is the non-streamed answer's PNG, byte for byte."""
+    from fastapi.testclient import TestClient
+    from PIL import Image
+
+    from engine.serving.http import create_app
+
+    model = load(models, name)
+    body = {"seed": 11, **BUILTIN[name]}
+    body.update({"prompt": "two fives"} if model.conditioning == "text" else {"class_label": 5})
+    with TestClient(create_app(model=model, max_batch_images=4, warmup=False)) as client:
+        deadline = time.monotonic() + 120
+        while client.get("/health").status_code != 200:
+            assert time.monotonic() < deadline, "never healthy"
+            time.sleep(0.05)
+        plain = client.post("/v1/images/generations", json=body).json()["data"][0]["b64_json"]
+        with client.stream("POST", "/v1/images/generations", json={**body, "stream": True, "partial_images": 2}) as r:
+            assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+            text = "".join(r.iter_text())
+    events = [(block.split("\n")[0][len("event: "):], json.loads(block.split("\n")[1][len("data: "):]))
+              for block in text.strip().split("\n\n")]
+    kinds = [kind for kind, _ in events]
+    assert kinds == ["image_generation.partial_image"] * 2 + ["image_generation.completed"], kinds
+    assert all(kind == data["type"] for kind, data in events)
+    assert [data["partial_image_index"] for _, data in events[:2]] == [0, 1]
+    assert events[-1][1]["b64_json"] == plain
+    h, w, c = model.image_shape(bae=getattr(model, "bae", None))
+    for _, data in events:
+        assert Image.open(io.BytesIO(base64.b64decode(data["b64_json"]))).size == (w, h)
+    assert len({data["b64_json"] for _, data in events}) == 3
 
 
 def test_no_module_outside_the_families_spells_a_family_name():
