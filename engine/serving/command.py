@@ -50,6 +50,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-json-depth", type=int, default=16, help="deepest JSON nesting of a body (400 past it)")
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="seconds SIGTERM waits for the admitted requests before exiting")
+    p.add_argument("--reject-delay", type=float, default=0.1,
+                   help="seconds a 429 / 503 refusal waits before it is sent (paces clients that retry at once)")
     p.add_argument("--priority-aging", type=float, default=10.0,
                    help="seconds of waiting that raise a request's priority by one")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
@@ -68,6 +70,8 @@ def _serve(args) -> int:
     for name in ("timeout", "drain_timeout", "priority_aging"):
         if not getattr(args, name) > 0:
             raise EngineError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+    if not args.reject_delay >= 0:
+        raise EngineError(f"--reject-delay must be >= 0, got {args.reject_delay}")
     api_keys = api_keys_of(args.api_key)
     from ..loading import BUILTIN_MODELS
 
@@ -112,7 +116,8 @@ def _serve(args) -> int:
                      timeout=args.timeout, warmup=not args.no_warmup,
                      model_name=args.model_name or str(args.checkpoint), on_failure=on_failure,
                      api_keys=api_keys, max_body_bytes=args.max_body_bytes,
-                     max_json_depth=args.max_json_depth, priority_aging=args.priority_aging)
+                     max_json_depth=args.max_json_depth, priority_aging=args.priority_aging,
+                     reject_delay=args.reject_delay)
     holder["app"] = app
     configure_logging(args.log_level)
     code = serve(app, host=args.host, port=args.port, log_level=args.log_level, drain_timeout=args.drain_timeout)

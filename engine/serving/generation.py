@@ -26,8 +26,9 @@ def refuse_when_full(sched: Scheduler, metrics=None) -> None:
 
 
 def admit(sched: Scheduler | None, raw, *, metrics=None, max_depth: int = MAX_JSON_DEPTH,
-          draining: bool = False, request_id: str | None = None, on_partial=None):
-    """(checked body, resolved request, future) of a raw body; ApiError 400 / 429 / 503."""
+          draining: bool = False, request_id: str | None = None, on_partial=None, check_only: bool = False):
+    """(checked body, resolved request, future) of a raw body; ApiError 400 / 429 / 503.
+    `check_only`: only the refusals that need no body (draining, not ready, the queue full)."""
     def count(name, label=None):
         if metrics is not None:
             metric = getattr(metrics, name)
@@ -42,6 +43,8 @@ def admit(sched: Scheduler | None, raw, *, metrics=None, max_depth: int = MAX_JS
         raise ApiError(503, "the model is not ready (loading, failed or shutting down)",
                        code="model_not_ready", headers={"Retry-After": "1"})
     refuse_when_full(sched, metrics)
+    if check_only:
+        return None
     try:
         body = parse_body(raw, max_depth)
         request = to_request(body, sched, request_id)

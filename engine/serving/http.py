@@ -41,6 +41,8 @@ from . import streaming
 log = logging.getLogger("engine.serving")
 DEFAULT_TIMEOUT = 300.0
 DEFAULT_DRAIN_TIMEOUT = 30.0
+DEFAULT_REJECT_DELAY = 0.1     # seconds before a 429 / 503 refusal is sent
+GENERATIONS = "/v1/images/generations"
 
 
 class Metrics:
@@ -132,11 +134,13 @@ def create_app(model=None, *, loader=None, scheduler: Scheduler | None = None, v
                max_images_per_request: int = MAX_IMAGES_PER_REQUEST,
                timeout: float | None = DEFAULT_TIMEOUT, warmup: bool = True, model_name: str = "engine",
                on_failure=None, api_keys=(), max_body_bytes: int = DEFAULT_MAX_BODY,
-               max_json_depth: int = MAX_JSON_DEPTH, priority_aging: float = 10.0) -> FastAPI:
+               max_json_depth: int = MAX_JSON_DEPTH, priority_aging: float = 10.0,
+               reject_delay: float = DEFAULT_REJECT_DELAY) -> FastAPI:
     """The FastAPI app. Give a loaded `model` (and its `vae` for latent models), a `loader()`
     returning (model, vae or None) (run in a thread at startup, so /health says 503
     meanwhile), or a ready `scheduler` (the app then never closes it). `on_failure(err)` is
-    called if loading or the warm-up fails. `api_keys`: the keys /v1/ accepts (none: open)."""
+    called if loading or the warm-up fails. `api_keys`: the keys /v1/ accepts (none: open).
+    `reject_delay`: seconds a 429 / 503 refusal waits before it is sent (see ServingMiddleware)."""
     if sum(x is not None for x in (model, loader, scheduler)) != 1:
         raise ServingError("create_app needs exactly one of model=, loader= or scheduler=")
     state = ServerState()
@@ -178,8 +182,19 @@ def create_app(model=None, *, loader=None, scheduler: Scheduler | None = None, v
     app = FastAPI(title="engine", lifespan=lifespan, description="Image generation, OpenAI Images API")
     app.state.engine = state
     app.state.metrics = metrics
+    def refuse(scope) -> ApiError | None:
+        """A generation refused before its body is read: draining, not ready, the queue full."""
+        if scope["method"] != "POST" or scope["path"] != GENERATIONS:
+            return None
+        try:
+            admit(ready_scheduler(), None, metrics=metrics, draining=state.draining is not None, check_only=True)
+        except ApiError as err:
+            return err
+        return None
+
     app.add_middleware(ServingMiddleware, max_body_bytes=max_body_bytes, api_keys=tuple(api_keys),
-                       on_response=lambda status: metrics.responses.labels(str(status)).inc())
+                       on_response=lambda status: metrics.responses.labels(str(status)).inc(),
+                       refuse=refuse, reject_delay=reject_delay)
 
     def ready_scheduler() -> Scheduler | None:
         return state.scheduler if state.ready else None
@@ -222,7 +237,7 @@ def create_app(model=None, *, loader=None, scheduler: Scheduler | None = None, v
                            "model", code="model_not_found")
         return model_card()
 
-    @app.post("/v1/images/generations")
+    @app.post(GENERATIONS)
     async def generations(http: HTTPRequest):
         request_id = http.scope.get("state", {}).get("request_id")
         state.active += 1

@@ -6,12 +6,17 @@
   (a Content-Length over the limit is refused without reading anything);
 * API keys: with `api_keys`, every path under /v1/ needs `Authorization: Bearer <key>` (else 401);
   /health, /metrics and the OpenAPI document stay open (probes and scrapers; see docs/serving.md);
+* cheap refusals: `refuse(scope)` (the app's: draining, not ready, the queue full) answers 503 /
+  429 before the body is read or routed; a refusal is answered after `reject_delay` seconds (an
+  asyncio sleep, no CPU), so clients that retry at once on 429 cannot turn the server into a
+  loop of refusals that starves the sampling worker (see docs/serving.md, retry flood);
 * every error answer in the OpenAI error shape, whatever produced it (a framework's 404 / 405,
   LitServe's {"detail": ...}, an unhandled exception: 500 with a short message, logged);
 * one JSON line per request on the `engine.serving.access` logger: time, request id, method,
   path, status, duration, client, bytes sent."""
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -29,8 +34,10 @@ REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")
 
 class ServingMiddleware:
     def __init__(self, app, max_body_bytes: int = DEFAULT_MAX_BODY, api_keys=(), on_response=None,
-                 open_paths=("/health", "/metrics", "/openapi.json", "/docs", "/redoc")):
+                 open_paths=("/health", "/metrics", "/openapi.json", "/docs", "/redoc"), refuse=None,
+                 reject_delay: float = 0.0):
         self.app = app
+        self.refuse, self.reject_delay = refuse, float(reject_delay)
         self.max_body_bytes = int(max_body_bytes)
         self.api_keys = [k.encode() for k in api_keys]
         self.on_response = on_response
@@ -77,7 +84,13 @@ class ServingMiddleware:
             await send(message)
 
         try:
-            refusal = self._refusal(scope, headers)
+            refusal = self._unauthorized(scope, headers)
+            if refusal is None and self.refuse is not None:
+                refusal = self.refuse(scope)
+                if refusal is not None and self.reject_delay > 0:
+                    await asyncio.sleep(self.reject_delay)
+            if refusal is None:
+                refusal = self._too_large(headers)
             if refusal is None and scope["method"] in ("POST", "PUT", "PATCH"):
                 receive, refusal = await self._buffer(receive, headers)
             if refusal is not None:
@@ -93,14 +106,19 @@ class ServingMiddleware:
         finally:
             if self.on_response is not None and sent["status"]:
                 self.on_response(sent["status"])
-            client = scope.get("client") or ("", 0)
-            access_log.info(json.dumps({
-                "time": round(time.time(), 3), "request_id": request_id, "method": scope["method"],
-                "path": brief(scope["path"], 200), "status": sent["status"],
-                "duration_ms": round(1000 * (time.perf_counter() - start), 2),
-                "client": f"{client[0]}:{client[1]}", "bytes": sent["bytes"]}))
+            if access_log.isEnabledFor(logging.INFO):
+                self._log(scope, request_id, sent, start)
 
-    def _refusal(self, scope, headers) -> ApiError | None:
+    @staticmethod
+    def _log(scope, request_id, sent, start) -> None:
+        client = scope.get("client") or ("", 0)
+        access_log.info(json.dumps({
+            "time": round(time.time(), 3), "request_id": request_id, "method": scope["method"],
+            "path": brief(scope["path"], 200), "status": sent["status"],
+            "duration_ms": round(1000 * (time.perf_counter() - start), 2),
+            "client": f"{client[0]}:{client[1]}", "bytes": sent["bytes"]}))
+
+    def _unauthorized(self, scope, headers) -> ApiError | None:
         if self.api_keys and scope["path"].startswith("/v1/") and not scope["path"].startswith(self.open_paths):
             auth = headers.get("authorization", "")
             if not auth:
@@ -110,6 +128,9 @@ class ServingMiddleware:
             key = key.strip().encode("latin-1", "replace")
             if scheme.lower() != "bearer" or not any(hmac.compare_digest(key, k) for k in self.api_keys):
                 return ApiError(401, "incorrect API key", headers={"WWW-Authenticate": "Bearer"})
+        return None
+
+    def _too_large(self, headers) -> ApiError | None:
         length = headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
             if length.isdigit():

@@ -134,6 +134,10 @@ def test_rate_limit_error_with_retry_after(model, monkeypatch):
             client.images.generate(prompt="2", extra_body={"num_iter": 2})
         assert err.value.status_code == 429 and int(err.value.response.headers["retry-after"]) >= 1
         assert err.value.code == "rate_limit_exceeded"
+        # The refusal is decided before the body is read or parsed: it costs no parsing.
+        r = srv.client.post("/v1/images/generations", content=b"x" * 3_000_000)
+        assert r.status_code == 429 and r.json()["error"]["code"] == "rate_limit_exceeded"
+        assert 'engine_rejections_total{reason="queue_full"} 2.0' in srv.client.get("/metrics").text
         gate.release.set()
         for t in threads:
             t.join(60)
