@@ -7,11 +7,13 @@ random model, and a retry flood.
     python benchmarks/serve_locust.py --seconds 5 --models digits --out /tmp/locust.json
 
 Each server is a child process (benchmarks/serve_load.py's: uvicorn, one torch thread, the
-digits model at its recorded settings, MAR-B-shaped random weights reduced to num_iter 2 and 5
+digits model at its recorded settings, MAR-B-shaped random weights reduced to num_iter 1 and 5
 diffusion steps with a stand-in decoder). Each load run is a headless locust run in its own child
 process (locust patches the standard library with gevent): `users` closed-loop users with no
-wait time, each POSTing single-image requests, for a fixed time. Reported: images/s (images of
-200 answers / wall time), p50 / p95 / p99 of the 200 answers' latency, and the other statuses.
+wait time, each POSTing single-image requests, for a fixed time (digits), or one request each
+(MAR-B: a request takes seconds, so a fixed window would cut requests off). Reported: images/s
+(images of 200 answers / wall time), p50 / p95 / p99 of the 200 answers' latency, and the
+other statuses.
 
 Retry flood (the issue's): a digits server with --max-queue 4 and --max-batch-images 8, 16 users
 that retry at once on 429, against the same 16 users on a server whose queue never fills
@@ -31,17 +33,20 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 USERS = (1, 4, 16, 64)
-BODIES = {"digits": {}, "mar_b": {"num_iter": 2, "cfg": 1.0}}
+BODIES = {"digits": {}, "mar_b": {"num_iter": 1, "cfg": 1.0}}
 FLOOR = 0.70
 
 
-def locust_child(url: str, users: int, seconds: float, body: dict) -> dict:
-    """One headless locust run (in this process; locust monkey-patches it with gevent)."""
+def locust_child(url: str, users: int, seconds: float, body: dict, once: bool = False) -> dict:
+    """One headless locust run (in this process; locust monkey-patches it with gevent): for
+    `seconds`, or with `once` until every user has one answer (at most `seconds`)."""
     import gevent
     from locust import FastHttpUser, constant, task
+    from locust.exception import StopUser
     from locust.env import Environment
 
     latencies = []       # of the 200 answers
+    answered = []
 
     class Client(FastHttpUser):
         host = url
@@ -58,14 +63,25 @@ def locust_child(url: str, users: int, seconds: float, body: dict) -> dict:
                     latencies.append(time.perf_counter() - start)
                 else:
                     r.failure(str(r.status_code))     # a 429 is retried at once: the next task
+            if once:
+                answered.append(1)
+                raise StopUser()
 
     env = Environment(user_classes=[Client])
     runner = env.create_local_runner()
     start = time.perf_counter()
     runner.start(users, spawn_rate=users)
     gevent.spawn_later(seconds, runner.quit)
+    if once:
+        def all_answered():
+            while len(answered) < users:
+                gevent.sleep(0.05)
+            times.append(time.perf_counter())
+            runner.quit()
+        times = []
+        gevent.spawn(all_answered)
     runner.greenlet.join()
-    wall = time.perf_counter() - start
+    wall = (times[0] if once and times else time.perf_counter()) - start
     errors = {}
     for entry in env.stats.errors.values():
         errors[str(entry.error)] = errors.get(str(entry.error), 0) + entry.occurrences
@@ -82,9 +98,10 @@ def percentile(values, q):
     return round(ordered[min(len(ordered) - 1, max(0, int(round(q * len(ordered) + 0.5)) - 1))], 3)
 
 
-def run_locust(url, users, seconds, body) -> dict:
+def run_locust(url, users, seconds, body, once=False) -> dict:
     out = subprocess.run([sys.executable, __file__, "--locust", url, "--users", str(users), "--seconds", str(seconds),
-                          "--body", json.dumps(body)], capture_output=True, text=True, timeout=seconds + 900)
+                          "--body", json.dumps(body)] + (["--once"] if once else []),
+                         capture_output=True, text=True, timeout=seconds + 900)
     if out.returncode != 0:
         raise RuntimeError(f"locust failed: {out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -104,9 +121,10 @@ def main(argv=None) -> int:
     parser.add_argument("--locust", default=None, help=argparse.SUPPRESS)      # child mode
     parser.add_argument("--users", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--body", default="{}", help=argparse.SUPPRESS)
+    parser.add_argument("--once", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.locust:
-        print(json.dumps(locust_child(args.locust, args.users, args.seconds, json.loads(args.body))))
+        print(json.dumps(locust_child(args.locust, args.users, args.seconds, json.loads(args.body), args.once)))
         return 0
 
     from serve_load import Child
@@ -114,13 +132,14 @@ def main(argv=None) -> int:
 
     result = {"stamp": machine_stamp(), "users": list(USERS), "models": {}}
     for name in args.models:
-        seconds = args.seconds * (2 if name == "mar_b" else 1)
+        once = name == "mar_b"     # a MAR-B request takes seconds: each user sends one
+        seconds = 600 if once else args.seconds
         child = Child(name, args.threads, max_queue=256, max_batch_images=64)
         try:
             child.wait_healthy()
             rows = []
             for users in USERS:
-                row = run_locust(child.url, users, seconds, BODIES[name])
+                row = run_locust(child.url, users, seconds, BODIES[name], once)
                 rows.append(row)
                 print(f"{name} users={users}: {row['images_per_s']} images/s, p50 {p_fmt(row, 'p50_s')} s, "
                       f"p95 {p_fmt(row, 'p95_s')} s, p99 {p_fmt(row, 'p99_s')} s, {row['other_statuses']}",

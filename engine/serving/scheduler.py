@@ -279,11 +279,6 @@ class Scheduler:
         return self._room_waiters
 
     @property
-    def idle(self) -> bool:
-        """Nothing queued and nothing in flight."""
-        return not self._waiting and not self._active
-
-    @property
     def full(self) -> bool:
         """A request now would be refused with QueueFullError (whatever its size: no slot is
         free to a newcomer while requests wait for room)."""

@@ -34,19 +34,24 @@ async def events(sched, request, future, partials: asyncio.Queue, disconnected=N
     size = image_size(sched)
     common = {"background": "opaque", "output_format": "png", "quality": "auto", "size": size}
     done = asyncio.ensure_future(wait(future, disconnected))
+
+    async def partial_event(index, partial_index, tokens) -> bytes:
+        png = (await asyncio.to_thread(sched.png, tokens))[0]
+        return sse("image_generation.partial_image", {
+            "type": "image_generation.partial_image", "b64_json": base64.b64encode(png).decode("ascii"),
+            "created_at": int(time.time()), "partial_image_index": partial_index,
+            "image_index": index, "seed": request.seed + index, **common})
     try:
-        while True:
+        while not done.done():
             getter = asyncio.ensure_future(partials.get())
             await asyncio.wait({done, getter}, return_when=asyncio.FIRST_COMPLETED)
             if not getter.done():
                 getter.cancel()
-                break
-            index, partial_index, tokens = getter.result()
-            png = (await asyncio.to_thread(sched.png, tokens))[0]
-            yield sse("image_generation.partial_image", {
-                "type": "image_generation.partial_image", "b64_json": base64.b64encode(png).decode("ascii"),
-                "created_at": int(time.time()), "partial_image_index": partial_index,
-                "image_index": index, "seed": request.seed + index, **common})
+                await asyncio.wait({getter})
+            if getter.done() and not getter.cancelled():
+                yield await partial_event(*getter.result())
+        while not partials.empty():       # previews queued before the request ended
+            yield await partial_event(*partials.get_nowait())
         try:
             result = done.result()
         except ApiError as err:
