@@ -165,3 +165,19 @@ def test_ray_serve_deployment_answers_bad_bodies_as_the_plain_server(model):
     finally:
         replica.scheduler.close()
     assert got == want
+
+
+def test_a_burst_that_fits_the_free_slots_is_not_refused(model):
+    """Was: 24 requests x 2 images against an idle server (--max-queue 16, 32 free slots) got 8
+    x 429, because only the worker admitted requests, between steps. Now the first 16 take the
+    32 free slots at once and the other 8 wait for room: all 24 are served."""
+    srv = Server(create_app(model=model, max_queue=16, max_batch_images=32, warmup=False)).wait_healthy()
+    try:
+        async def burst():
+            async with httpx.AsyncClient(base_url=srv.url, timeout=120) as client:
+                return await asyncio.gather(*[client.post(PATH, json={"class_label": i % 10, "n": 2, "seed": i})
+                                              for i in range(24)])
+        codes = [r.status_code for r in asyncio.run(burst())]
+        assert codes == [200] * 24, codes
+    finally:
+        srv.stop()

@@ -192,3 +192,28 @@ def test_stream_n_images_async(server, model):
     assert [e.image_index for e in completed] == [0, 1]
     for e in completed:
         assert np.abs(pixels(e.b64_json) - want(model, 3, 9 + e.image_index, num_iter=4)).max() <= 1
+
+
+def test_a_failing_image_fails_only_its_request(server, model, monkeypatch):
+    """Two concurrent SDK calls; a fault injected inside the step for one image of the first:
+    it gets InternalServerError (500, OpenAI shape), the other its solo images."""
+    import engine.core.loop as loop
+
+    real = loop._draw_one
+
+    def draw(num_steps, n, dim, use_cfg, generator, device):
+        if generator.initial_seed() == 801:
+            raise RuntimeError("injected fault")
+        return real(num_steps, n, dim, use_cfg, generator, device)
+    monkeypatch.setattr(loop, "_draw_one", draw)
+
+    async def main():
+        async with openai.AsyncOpenAI(base_url=server.url + "/v1", api_key=KEYS[0], max_retries=0) as client:
+            return await asyncio.gather(*[client.images.generate(
+                model="digits", prompt=str(label), n=2, extra_body={"seed": seed, "num_iter": 3})
+                for label, seed in ((4, 800), (6, 900))], return_exceptions=True)
+    failed, served = asyncio.run(main())
+    assert isinstance(failed, openai.InternalServerError) and failed.status_code == 500
+    assert "injected fault" in failed.message and failed.code == "server_error"
+    for i, item in enumerate(served.data):
+        assert np.abs(pixels(item.b64_json) - want(model, 6, 900 + i, num_iter=3)).max() <= 1
