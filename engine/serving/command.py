@@ -50,7 +50,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-json-depth", type=int, default=16, help="deepest JSON nesting of a body (400 past it)")
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="seconds SIGTERM waits for the admitted requests before exiting")
-    p.add_argument("--reject-delay", type=float, default=0.1,
+    p.add_argument("--reject-delay", type=float, default=0.05,
                    help="seconds a 429 / 503 refusal waits before it is sent (paces clients that retry at once)")
     p.add_argument("--priority-aging", type=float, default=10.0,
                    help="seconds of waiting that raise a request's priority by one")

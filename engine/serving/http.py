@@ -41,7 +41,7 @@ from . import streaming
 log = logging.getLogger("engine.serving")
 DEFAULT_TIMEOUT = 300.0
 DEFAULT_DRAIN_TIMEOUT = 30.0
-DEFAULT_REJECT_DELAY = 0.1     # seconds before a 429 / 503 refusal is sent
+DEFAULT_REJECT_DELAY = 0.05    # seconds before a 429 / 503 refusal is sent
 GENERATIONS = "/v1/images/generations"
 
 
