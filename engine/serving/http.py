@@ -182,6 +182,7 @@ def create_app(model=None, *, loader=None, scheduler: Scheduler | None = None, v
     app = FastAPI(title="engine", lifespan=lifespan, description="Image generation, OpenAI Images API")
     app.state.engine = state
     app.state.metrics = metrics
+
     def refuse(scope) -> ApiError | None:
         """A generation refused before its body is read: draining, not ready, the queue full."""
         if scope["method"] != "POST" or scope["path"] != GENERATIONS:
