@@ -36,7 +36,8 @@ Methods
 A `Batcher` (one per scheduler; it owns per-image state such as KV-cache slots):
   add(label=None, texts=None, settings=dict, generator=torch.Generator) -> image
       one image in flight; `image.done` tells when its last step ran, `image.num_steps` how many
-      steps it takes in all. Raises SamplingError (this request cannot run: e.g. no null class
+      steps it takes in all, `image.shape_key` which images may share its next transformer
+      pass (equal keys). Raises SamplingError (this request cannot run: e.g. no null class
       for CFG) before anything is allocated.
   step(images) -> list of the images that finished
       one step of every image given (any subset of those in flight, each once, none done):

@@ -26,9 +26,11 @@ def refuse_when_full(sched: Scheduler, metrics=None) -> None:
 
 
 def admit(sched: Scheduler | None, raw, *, metrics=None, max_depth: int = MAX_JSON_DEPTH,
-          draining: bool = False, request_id: str | None = None, on_partial=None, check_only: bool = False):
+          draining: bool = False, request_id: str | None = None, on_partial=None, check_only: bool = False,
+          streaming: bool = False):
     """(checked body, resolved request, future) of a raw body; ApiError 400 / 429 / 503.
-    `check_only`: only the refusals that need no body (draining, not ready, the queue full)."""
+    `check_only`: only the refusals that need no body (draining, not ready, the queue full).
+    `streaming`: the caller answers `stream: true` with server-sent events (else 400)."""
     def count(name, label=None):
         if metrics is not None:
             metric = getattr(metrics, name)
@@ -47,6 +49,9 @@ def admit(sched: Scheduler | None, raw, *, metrics=None, max_depth: int = MAX_JS
         return None
     try:
         body = parse_body(raw, max_depth)
+        if body.stream and not streaming:
+            raise ApiError(400, "stream: this endpoint answers JSON only; `engine serve` streams",
+                           "stream", code="unsupported_value")
         request = to_request(body, sched, request_id)
         future = sched.submit(request, on_partial=on_partial if body.stream else None)
     except ApiError:

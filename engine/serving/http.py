@@ -260,7 +260,7 @@ def create_app(model=None, *, loader=None, scheduler: Scheduler | None = None, v
         sched = ready_scheduler()
         _, request, future = admit(sched, raw, metrics=metrics, max_depth=max_json_depth,
                                    draining=state.draining is not None, request_id=request_id,
-                                   on_partial=on_partial)
+                                   on_partial=on_partial, streaming=True)
         state.active += 1
 
         async def body():

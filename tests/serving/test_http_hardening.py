@@ -106,6 +106,7 @@ BAD_BODIES = [b"{not json", b"[1, 2]", b"", b"[" * 5000 + b"]" * 5000,
               json.dumps({"class_label": 1, "cfg_scale": 3}).encode(), json.dumps({"class_label": 10}).encode(),
               json.dumps({"class_label": 1, "n": 0}).encode(), json.dumps({"prompt": "a" * 40_000}).encode(),
               json.dumps({"class_label": 1, "user": "x" * 2_000_000}).encode()]
+ADAPTER_ONLY = [(json.dumps({"class_label": 1, "stream": True}).encode(), 400, "stream")]
 
 
 def plain_answers(model):
@@ -132,6 +133,9 @@ def test_litserve_answers_bad_bodies_as_the_plain_server(model):
         got = [(r.status_code, r.json()) for r in
                (client.post(PATH, content=b, headers={"content-type": "application/json"}) for b in BAD_BODIES)]
         assert client.post(PATH, json={"class_label": 1, "num_iter": 1}).status_code == 200
+        for body, status, param in ADAPTER_ONLY:     # no event stream here: refused, not garbled
+            r = client.post(PATH, content=body)
+            assert r.status_code == status and r.json()["error"]["param"] == param
     assert got == want
 
 
@@ -162,6 +166,9 @@ def test_ray_serve_deployment_answers_bad_bodies_as_the_plain_server(model):
     try:
         got = [asyncio.run(call(b)) for b in BAD_BODIES]
         assert asyncio.run(call(b"", "/nope", "GET"))[0] == 404
+        for body, status, param in ADAPTER_ONLY:
+            answer = asyncio.run(call(body))
+            assert answer[0] == status and answer[1]["error"]["param"] == param
     finally:
         replica.scheduler.close()
     assert got == want

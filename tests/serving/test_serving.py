@@ -19,6 +19,7 @@ from engine.serving import (DeadlineExceeded, QueueFullError, Request, RequestEr
                             SchedulerClosed)
 from engine.model import MaskedBatcher
 from helpers import rel_err
+from servers import Server
 
 httpx = pytest.importorskip("httpx")
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -263,35 +264,6 @@ def test_text_model_requests(monkeypatch):
 
 
 # HTTP ------------------------------------------------------------------------------------------
-class Server:
-    """A uvicorn server for `app` on a free loopback port, in a thread."""
-
-    def __init__(self, app):
-        import uvicorn
-
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="error"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert time.monotonic() < deadline and self.thread.is_alive(), "uvicorn did not start"
-            time.sleep(0.01)
-        port = self.server.servers[0].sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
-        self.client = httpx.Client(base_url=self.url, timeout=60)
-
-    def wait_healthy(self, timeout=60):
-        deadline = time.monotonic() + timeout
-        while self.client.get("/health").status_code != 200:
-            assert time.monotonic() < deadline, "never healthy"
-            time.sleep(0.02)
-
-    def stop(self):
-        self.client.close()
-        self.server.should_exit = True
-        self.thread.join(30)
-
-
 @pytest.fixture(scope="module")
 def loading():
     """The service while its model loads: the loader waits for `release`."""
