@@ -217,3 +217,18 @@ def test_a_failing_image_fails_only_its_request(server, model, monkeypatch):
     assert "injected fault" in failed.message and failed.code == "server_error"
     for i, item in enumerate(served.data):
         assert np.abs(pixels(item.b64_json) - want(model, 6, 900 + i, num_iter=3)).max() <= 1
+
+
+def test_stream_disconnect_cancels_the_request(server):
+    import httpx
+
+    sched = server.scheduler
+    before = sched.counts["cancelled"]
+    with httpx.stream("POST", server.url + "/v1/images/generations", timeout=60,
+                      headers={"authorization": f"Bearer {KEYS[0]}"},
+                      json={"class_label": 1, "n": 16, "num_iter": 16, "stream": True, "partial_images": 3}) as r:
+        assert next(r.iter_lines()) == "event: image_generation.partial_image"
+    deadline = time.monotonic() + 30
+    while sched.counts["cancelled"] == before or sched.images_in_flight:
+        assert time.monotonic() < deadline, "the request was not cancelled"
+        time.sleep(0.02)
