@@ -41,7 +41,11 @@ setup(
                  "transformers>=4.56", "diffusers>=0.30", "ray[data]>=2.10",
                  "fastapi>=0.110", "uvicorn>=0.29", "prometheus-client>=0.20", "httpx",
                  "litserve>=0.2.19", "ray[serve]>=2.10", "import-linter>=2.0",
-                 "hypothesis>=6.100", "atheris>=2.3"],
+                 # the serving tests' independent clients: the official OpenAI SDK, schemathesis;
+                 # the fuzzers (tests/fuzz)
+                 "openai>=1.80", "schemathesis>=4.0", "hypothesis>=6.100", "atheris>=2.3"],
+        # benchmarks/serve_locust.py: the load benchmark's client
+        "bench": ["locust>=2.30"],
     },
     entry_points={"console_scripts": ["engine=engine.cli:main"]},
 )

@@ -83,13 +83,14 @@ def serve_child(args) -> None:
     from engine.serving.http import create_app, serve
 
     model, vae = build(args.serve)
+    extra = {} if args.reject_delay is None else {"reject_delay": args.reject_delay}
     app = create_app(model=model, vae=vae, max_queue=args.max_queue,
-                     max_batch_images=args.max_batch_images, timeout=3600)
+                     max_batch_images=args.max_batch_images, timeout=3600, **extra)
     serve(app, host="127.0.0.1", port=args.port, log_level="warning")
 
 
 class Child:
-    def __init__(self, name, threads, max_queue=256, max_batch_images=32):
+    def __init__(self, name, threads, max_queue=256, max_batch_images=32, reject_delay=None):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
@@ -97,7 +98,8 @@ class Child:
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
         self.proc = subprocess.Popen(
             [sys.executable, __file__, "--serve", name, "--port", str(self.port), "--threads", str(threads),
-             "--max-queue", str(max_queue), "--max-batch-images", str(max_batch_images)], env=env)
+             "--max-queue", str(max_queue), "--max-batch-images", str(max_batch_images)]
+            + ([] if reject_delay is None else ["--reject-delay", str(reject_delay)]), env=env)
 
     def wait_healthy(self, timeout=600):
         import httpx
@@ -291,6 +293,7 @@ def main(argv=None):
     parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--max-queue", type=int, default=256, help=argparse.SUPPRESS)
     parser.add_argument("--max-batch-images", type=int, default=32, help=argparse.SUPPRESS)
+    parser.add_argument("--reject-delay", type=float, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve:
         return serve_child(args)

@@ -193,3 +193,7 @@ class MaskedBatcher:
         tokens = torch.cat([im.tokens for im in images])
         check_finite(tokens)
         return self.model.mar.unpatchify(tokens, images[0].grid)
+
+    def preview(self, images: list) -> torch.Tensor:
+        """The tokens unmasked so far; masked positions hold 0 (as the loop starts them)."""
+        return self.model.mar.unpatchify(torch.cat([im.tokens for im in images]), images[0].grid)

@@ -174,6 +174,10 @@ class InFlightImage:
         return self.k >= len(self.plan.steps)
 
     @property
+    def num_steps(self) -> int:
+        return len(self.plan.steps)
+
+    @property
     def step(self) -> PlanStep:
         return self.plan.steps[self.k]
 
@@ -214,7 +218,9 @@ def advance(model, images: list) -> list:
     rows: with any image using CFG the call is guided, each image's rows at its own scale (1 for
     an image without CFG, whose unconditional rows repeat its conditional ones, so its guided
     eps equals its conditional eps); temperatures per row. Noise is drawn per image as a batch
-    of one draws it (null-half noise only for images with CFG)."""
+    of one draws it (null-half noise only for images with CFG). Nothing changes before the
+    head's output is scattered at the end: a step that raises leaves every image as it was
+    (only the generators have drawn)."""
     if not images:
         return []
     device, dim = model.device, model.config.token_dim

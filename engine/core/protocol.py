@@ -35,14 +35,22 @@ Methods
 
 A `Batcher` (one per scheduler; it owns per-image state such as KV-cache slots):
   add(label=None, texts=None, settings=dict, generator=torch.Generator) -> image
-      one image in flight; `image.done` tells when its last step ran. Raises SamplingError
-      (this request cannot run: e.g. no null class for CFG) before anything is allocated.
+      one image in flight; `image.done` tells when its last step ran, `image.num_steps` how many
+      steps it takes in all, `image.shape_key` which images may share its next transformer
+      pass (equal keys). Raises SamplingError (this request cannot run: e.g. no null class
+      for CFG) before anything is allocated.
   step(images) -> list of the images that finished
-      one step of every image given (none done): images at the same step shape share the
-      transformer pass. Image i's tokens equal what the family's batch sampler gives it alone
-      with the same settings and generator, whatever else is in flight.
+      one step of every image given (any subset of those in flight, each once, none done):
+      images at the same step shape share the transformer pass. Image i's tokens equal what the
+      family's batch sampler gives it alone with the same settings and generator, whatever else
+      is in flight and however the images in flight are split over calls. A step that raises
+      leaves every image and buffer as it was (no image advanced, no row claimed); only the
+      generators may have been drawn from, and the caller, who made them, restores their state
+      (the scheduler retries a failed step by groups, then image by image: engine.serving).
   release(image)   frees what the image holds (done, cancelled or failed)
   tokens(images) -> the tokens of finished images, as the family's sample_tokens returns them
+  preview(images) -> the tokens of images in flight so far, in the layout of `tokens` (streamed
+      partial images): positions not sampled yet hold the family's blank, documented there
 """
 from __future__ import annotations
 

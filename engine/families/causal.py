@@ -346,6 +346,10 @@ class CausalImage:
         return self.k >= self.out.shape[1]
 
     @property
+    def num_steps(self) -> int:
+        return self.out.shape[1]
+
+    @property
     def shape_key(self) -> tuple:
         return ("prefill",) if self.k == 0 else ("decode",)
 
@@ -381,9 +385,31 @@ class CausalBatcher:
 
     @torch.no_grad()
     def step(self, images: list) -> list:
-        """One token for every image (all images in flight); returns those finished (released)."""
-        if any(im.done for im in images) or sum(len(im.rows) for im in images) != self.pool.used:
-            raise SamplingError("step() must get every image in flight once, none done")
+        """One token for every image given (any subset of those in flight); returns those
+        finished (released). The decode pass runs over every row held (a row whose image is not
+        given rewrites its cache position with the same values), so a retried subset sees the
+        shapes of the full step. Raising, it releases the rows claimed for joining images."""
+        if len(images) != len({id(im) for im in images}) or any(im.done for im in images):
+            raise SamplingError("step() takes each image in flight once, none done")
+        new = [im for im in images if im.k == 0]
+        try:
+            out = self._next_tokens(images, new)
+        except BaseException:
+            for im in new:
+                self.pool.release(im)
+            raise
+        finished = []
+        for i, im in enumerate(images):
+            im.prev = out[i:i + 1]
+            im.out[:, im.k] = im.prev
+            im.k += 1
+            if im.done:
+                self.pool.release(im)
+                finished.append(im)
+        return finished
+
+    def _next_tokens(self, images: list, new: list) -> torch.Tensor:
+        """Each image's next token [len(images), dim]; claims rows for the `new` images."""
         model, pool, m, device = self.model, self.pool, self.model.mar, self.model.device
         held = pool.used
         with model._autocast():
@@ -392,7 +418,6 @@ class CausalBatcher:
                 prev = torch.cat([owner.prev for owner in by_row])
                 pos = torch.tensor([owner.k for owner in by_row], dtype=torch.int64, device=device)
                 decoded = m.decode(prev, pos, pool.cache.rows(0, held), self.seq_pos).float()
-            new = [im for im in images if im.k == 0]
             starts = []
             for im in new:
                 pool.claim(im, 2 if im.use_cfg else 1)
@@ -415,23 +440,21 @@ class CausalBatcher:
                 scales.append(im.scales[im.k])
             temps.append(im.temperature)
         scale_rows = torch.tensor(scales, dtype=torch.float32, device=device) if guided else None
-        out = model.backend.head_loop(head, torch.cat(zc + zn), torch.cat(xs), torch.cat(conds + nulls, dim=1),
-                                      scale_rows, torch.tensor(temps, dtype=torch.float32, device=device))
-        finished = []
-        for i, im in enumerate(images):
-            im.prev = out[i:i + 1]
-            im.out[:, im.k] = im.prev
-            im.k += 1
-            if im.done:
-                pool.release(im)
-                finished.append(im)
-        return finished
+        return model.backend.head_loop(head, torch.cat(zc + zn), torch.cat(xs), torch.cat(conds + nulls, dim=1),
+                                       scale_rows, torch.tensor(temps, dtype=torch.float32, device=device))
 
     def tokens(self, images: list) -> torch.Tensor:
         out = torch.cat([im.out for im in images])
         tokens = torch.empty_like(out)
         tokens[:, self.order] = out          # generation order -> position order
         check_finite(tokens)
+        return self.model.mar.unpatchify(tokens)
+
+    def preview(self, images: list) -> torch.Tensor:
+        """The positions sampled so far; the others hold 0 (as the sampler starts them)."""
+        out = torch.cat([im.out for im in images])
+        tokens = torch.empty_like(out)
+        tokens[:, self.order] = out
         return self.model.mar.unpatchify(tokens)
 
 

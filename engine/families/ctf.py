@@ -42,7 +42,7 @@ from ..core.rng import check_generator
 from .record import Family
 from .discrete import BAETokens
 from .elm import (CFG_SCHEDULES, ARBatcher, ARImage, ClassGrid, LlamaSizes, _check_number, _check_schedule,
-                  cfg_at, check_draws, draw)
+                  append_draws, cfg_at, check_draws, draw)
 
 FAMILY_NAME = "ctf"
 CTF_FORMAT = "engine-ctf"
@@ -509,6 +509,10 @@ class CTFImage(ARImage):
         return self.k < self.num_iter
 
     @property
+    def num_steps(self) -> int:
+        return self.num_iter + 1     # the coarse labels, then one refinement
+
+    @property
     def shape_key(self) -> tuple:
         return ("refine",) if not self.in_stage1 else super().shape_key
 
@@ -539,21 +543,44 @@ class CTFBatcher(ARBatcher):
 
     @torch.no_grad()
     def step(self, images: list) -> list:
+        """One step of every image given (any subset of those in flight): a coarse label for
+        those in stage 1, the refinement for the others. Every draw and refinement is computed
+        before any image changes, so a step that raises leaves them as they were."""
+        if len(images) != len({id(im) for im in images}) or any(im.done for im in images):
+            raise SamplingError("step() takes each image in flight once, none done")
         first = [im for im in images if im.in_stage1]
         second = [im for im in images if not im.in_stage1]
-        if any(im.done for im in images) or sum(len(im.rows) for im in first) != self.pool.used:
-            raise SamplingError("step() must get every image in flight once, none done")
+        drawn = []
         if first:
-            draw(first, self.logits(first), 1, self.vocab, self.model.device)
+            logits = self.logits(first)
+        try:
+            if first:
+                drawn = draw(first, logits, 1, self.vocab, self.model.device)
+            refined = self._refine(second)
+        except BaseException:
             for im in first:
-                if not im.in_stage1:
+                if im.k == 0:
                     self.pool.release(im)
+            raise
+        append_draws(first, drawn)
+        for im in first:
+            if not im.in_stage1:
+                self.pool.release(im)
+        for im, (fine, finite) in zip(second, refined):
+            im.fine, im.ok = fine, im.ok & finite
+        return second
+
+    def _refine(self, images: list) -> list:
+        """(fine tokens, finite) of each image whose coarse labels are complete: one pass per
+        group of images that share a call's settings (CFG on or off, top-k, top-p)."""
         groups: dict = {}
-        for im in second:
+        for i, im in enumerate(images):
             cfg2, _, k2, p2 = im.stage2
-            groups.setdefault((cfg2 != 1.0, k2, p2), []).append(im)
+            groups.setdefault((cfg2 != 1.0, k2, p2), []).append(i)
         model, device = self.model, self.model.device
-        for (use_cfg, top_k, top_p), members in groups.items():
+        out = [None] * len(images)
+        for (use_cfg, top_k, top_p), index in groups.items():
+            members = [images[i] for i in index]
             coarse = torch.cat([torch.cat(im.out, dim=1) for im in members])              # [n, L]
             labels = torch.tensor([im.label for im in members], dtype=torch.int64, device=device)
             rows = torch.cat([labels, torch.full_like(labels, model.config.num_classes)]) if use_cfg else labels
@@ -562,10 +589,28 @@ class CTFBatcher(ARBatcher):
             noise = torch.cat([model._stage2_noise(1, True, [im.generator]) for im in members])
             fine, _, probs = model.refine(coarse, rows, scale if use_cfg else None, temps, top_k, top_p, noise)
             finite = torch.isfinite(probs).flatten(1).all(dim=1)
-            for j, im in enumerate(members):
-                im.fine, im.ok = fine[j:j + 1], im.ok & finite[j]
-        return second
+            for j, i in enumerate(index):
+                out[i] = (fine[j:j + 1], finite[j])
+        return out
 
     def tokens(self, images: list) -> torch.Tensor:
         check_draws(images)
         return torch.cat([im.fine for im in images])
+
+    def preview(self, images: list) -> torch.Tensor:
+        """Before the refinement: each coarse label drawn so far as its cluster's first code
+        (a blurred picture of the layout); the positions after them hold code 0."""
+        from ..models.ctf import codes_to_subtokens
+
+        model, c = self.model, self.model.config
+        out = []
+        for im in images:
+            if im.fine is not None:
+                out.append(im.fine)
+                continue
+            codes = torch.zeros(1, im.num_iter, dtype=torch.int64, device=model.device)
+            if im.out:
+                coarse = torch.cat(im.out, dim=1)
+                codes[:, :coarse.shape[1]] = model.members[coarse, 0]
+            out.append(codes_to_subtokens(codes, c.token_each, c.code_dim))
+        return torch.cat(out)

@@ -684,7 +684,18 @@ class ARBatcher:
     @torch.no_grad()
     def logits(self, images: list) -> list:
         """Each image's next-token logits (conditional, null or None): [1, T, V] each. Prefills
-        the images at k = 0 into new rows; decodes every row held (all of them in `images`)."""
+        the images at k = 0 into new rows; decodes every row held (a row whose image is not in
+        `images` rewrites its cache position with the same values). Raising, it releases the
+        rows it claimed."""
+        new = [im for im in images if im.k == 0]
+        try:
+            return self._logits(images, new)
+        except BaseException:
+            for im in new:
+                self.pool.release(im)
+            raise
+
+    def _logits(self, images: list, new: list) -> list:
         pool, module, device = self.pool, self.module, self.model.device
         held = pool.used
         if held:
@@ -694,7 +705,6 @@ class ARBatcher:
             if held == 1:
                 pos = pos[:1]
             decoded = module.decode(prev, pos, pool.cache.rows(0, held))
-        new = [im for im in images if im.k == 0]
         null = self.model.config.num_classes
         labels = []
         for im in new:
@@ -711,13 +721,19 @@ class ARBatcher:
 
     @torch.no_grad()
     def step(self, images: list) -> list:
-        """One token for every image (all images in flight); returns those finished (released)."""
+        """One token for every image given (any subset of those in flight); returns those
+        finished (released). Raising, it leaves every image and row as it was."""
         if len(images) != len({id(im) for im in images}) or any(im.done for im in images):
             raise SamplingError("step() takes each image in flight once, none done")
-        if sum(len(im.rows) for im in images) != self.pool.used:
-            raise SamplingError("step() must get every image in flight (release the others)")
         logits = self.logits(images)
-        draw(images, logits, self.token_each, self.vocab, self.model.device)
+        try:
+            drawn = draw(images, logits, self.token_each, self.vocab, self.model.device)
+        except BaseException:
+            for im in images:
+                if im.k == 0:
+                    self.pool.release(im)
+            raise
+        append_draws(images, drawn)
         finished = [im for im in images if im.done]
         for im in finished:
             self.pool.release(im)
@@ -727,27 +743,44 @@ class ARBatcher:
         check_draws(images)
         return torch.cat([torch.stack(im.out, dim=1) for im in images])
 
+    def preview(self, images: list) -> torch.Tensor:
+        """The tokens drawn so far; the positions after them hold token 0."""
+        out = []
+        for im in images:
+            blank = torch.zeros(1, im.num_iter, self.token_each, dtype=torch.int64, device=self.model.device)
+            if im.out:
+                blank[:, :len(im.out)] = torch.stack(im.out, dim=1)
+            out.append(blank)
+        return torch.cat(out)
 
-def draw(images: list, logits: list, n_draws: int, vocab: int, device) -> None:
+
+def draw(images: list, logits: list, n_draws: int, vocab: int, device) -> list:
     """Each image's next tokens from its (conditional, null) logits: guidance, then the
-    categorical draw, grouped by the settings a call shares (top-k, top-p); appends to
-    `image.out` and advances `image.k`."""
+    categorical draw, grouped by the settings a call shares (top-k, top-p). Returns (tokens
+    [1, n_draws], finite) per image; `append_draws` applies them (nothing changes here)."""
     rows = []
     for im, (cond, uncond) in zip(images, logits):
         rows.append(cond if uncond is None else uncond + (cond - uncond) * im.scales[im.k])
     groups: dict = {}
     for i, im in enumerate(images):
         groups.setdefault((im.top_k, im.top_p), []).append(i)
+    drawn = [None] * len(images)
     for (top_k, top_p), members in groups.items():
         noise = torch.cat([exponential_noise(1, n_draws, vocab, images[i].generator, device) for i in members])
         temps = torch.tensor([images[i].temperature for i in members], dtype=torch.float32, device=device)
         idx, _, probs = sample_logits(torch.cat([rows[i] for i in members]), noise, None, temps, top_k, top_p)
         finite = torch.isfinite(probs).flatten(1).all(dim=1)
         for j, i in enumerate(members):
-            im = images[i]
-            im.out.append(idx[j:j + 1])
-            im.ok = finite[j] if im.ok is None else im.ok & finite[j]
-            im.k += 1
+            drawn[i] = (idx[j:j + 1], finite[j])
+    return drawn
+
+
+def append_draws(images: list, drawn: list) -> None:
+    """Append each image's drawn tokens to `image.out` and advance `image.k`."""
+    for im, (tokens, finite) in zip(images, drawn):
+        im.out.append(tokens)
+        im.ok = finite if im.ok is None else im.ok & finite
+        im.k += 1
 
 
 def check_draws(images: list) -> None:

@@ -528,15 +528,18 @@ class MLMBatcher:
 
     @torch.no_grad()
     def step(self, images: list) -> list:
-        """One refinement step of every image given; returns those finished."""
-        if any(im.done for im in images):
-            raise SamplingError("step() takes images in flight, none done")
+        """One refinement step of every image given; returns those finished. Every group's pass
+        runs before any image changes, so a step that raises leaves them as they were."""
+        if len(images) != len({id(im) for im in images}) or any(im.done for im in images):
+            raise SamplingError("step() takes each image in flight once, none done")
         model, c = self.model, self.model.config
         device = model.device
         groups: dict = {}
-        for im in images:
-            groups.setdefault((im.use_cfg, im.top_k, im.top_p), []).append(im)
-        for (use_cfg, top_k, top_p), members in groups.items():
+        for i, im in enumerate(images):
+            groups.setdefault((im.use_cfg, im.top_k, im.top_p), []).append(i)
+        results = [None] * len(images)
+        for (use_cfg, top_k, top_p), index in groups.items():
+            members = [images[i] for i in index]
             labels = torch.tensor([im.label for im in members], dtype=torch.int64, device=device)
             rows = torch.cat([labels, torch.full_like(labels, c.num_classes)]) if use_cfg else labels
             scale = torch.stack([im.scales[im.k] for im in members]) if use_cfg else None
@@ -550,12 +553,20 @@ class MLMBatcher:
                 torch.cat([im.tokens for im in members]), rows, scale, torch.cat(draws), torch.cat(confidence),
                 floors, None, False, top_k, top_p)
             finite = torch.isfinite(logits).flatten(1).all(dim=1)
-            for j, im in enumerate(members):
-                im.tokens, im.sampled = tokens[j:j + 1], sampled[j:j + 1]
-                im.ok = finite[j] if im.ok is None else im.ok & finite[j]
-                im.k += 1
+            for j, i in enumerate(index):
+                results[i] = (tokens[j:j + 1], sampled[j:j + 1], finite[j])
+        for im, (tokens, sampled, finite) in zip(images, results):
+            im.tokens, im.sampled = tokens, sampled
+            im.ok = finite if im.ok is None else im.ok & finite
+            im.k += 1
         return [im for im in images if im.done]
 
     def tokens(self, images: list) -> torch.Tensor:
         check_draws(images)
         return torch.cat([im.sampled for im in images])
+
+    def preview(self, images: list) -> torch.Tensor:
+        """The tokens unmasked so far; masked positions hold token 0."""
+        mask_id = self.model.config.mask_id
+        tokens = torch.cat([im.tokens for im in images])
+        return tokens.masked_fill(tokens == mask_id, 0)

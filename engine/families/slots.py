@@ -22,6 +22,10 @@ class StepImage:
     def done(self) -> bool:
         return self.k >= self.num_iter
 
+    @property
+    def num_steps(self) -> int:
+        return self.num_iter
+
 
 class SlotPool:
     """Rows of a static KV cache (`new_cache(rows)` allocates one) owned by images in flight.

@@ -1,7 +1,9 @@
-"""Serving: iteration-level batching across requests (`Scheduler`), an OpenAI-style HTTP service
-(`engine.serving.http`, FastAPI + uvicorn: `python -m engine serve`), and thin adapters for
-LitServe (`engine.serving.litserve`) and Ray Serve (`engine.serving.ray_serve`). See
-docs/serving.md.
+"""Serving: iteration-level batching across requests (`Scheduler`), an OpenAI-compatible HTTP
+service (`engine.serving.http`, FastAPI + uvicorn: `python -m engine serve`; its pieces:
+`schema` (the body, the OpenAPI document), `generation` (one request's answer, shared with the
+adapters), `streaming` (server-sent events), `middleware` (request ids, limits, API keys, the
+error shape, access logs), `errors`), and thin adapters for LitServe
+(`engine.serving.litserve_api`) and Ray Serve (`engine.serving.ray_serve`). See docs/serving.md.
 
     from engine.serving import Scheduler, Request
     with Scheduler(engine.load("digits"), max_batch_images=32) as scheduler:

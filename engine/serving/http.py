@@ -1,73 +1,48 @@
-"""An OpenAI-style image service over the Scheduler (FastAPI + uvicorn): `python -m engine serve`.
+"""An OpenAI-compatible image service over the Scheduler (FastAPI + uvicorn): `python -m engine serve`.
 
-    POST /v1/images/generations   OpenAI Images request -> {"created", "data": [{"b64_json"}], ...}
-    GET  /health                  200 once the model is loaded and warm, else 503
+    POST /v1/images/generations   OpenAI Images request -> {"created", "data": [{"b64_json"}], ...};
+                                  "stream": true -> server-sent events (engine.serving.streaming)
+    GET  /v1/models, /v1/models/{id}   the served model (OpenAI Models API)
+    GET  /health                  200 once loaded and warm; 503 while loading, failed or draining
     GET  /metrics                 Prometheus text (prometheus-client)
 
-Request body (JSON object; unknown fields are refused, so a misspelt setting is never ignored):
-  prompt          text (text-to-image models; required there). Class-conditional models take a
-                  class number as the prompt ("207"), or read class_label and ignore the prompt
-  class_label     int, 0 .. classes-1 (class-conditional models: it or a numeric prompt)
-  n               images, 1 .. max_images_per_request (default 1; the server's --max-images)
-  response_format "b64_json" (PNG; the only format)    size  "WxH", must be the model's size
-  model, user, quality, style: accepted, ignored      output_format: "png" only
-  seed            int in [0, 2^63-1]; missing: a random one. Image i uses seed + i; the seed is
-                  returned ("seed" at the top and per image)
-  num_iter, cfg, cfg_schedule ("linear" | "constant"), temperature: missing -> model defaults
-  timeout         seconds (default: the server's --timeout); past it the answer is 504
-
-Status codes: 200; 422 for a malformed body or a bad field ({"error": {"message", "type",
-"param"}} with `param` naming the field); 429 with Retry-After when the queue is full; 503
-(Retry-After) while loading or shutting down; 504 past the deadline; 500 if a sampling step
-failed. A client that disconnects cancels its request (its images leave at the next step).
-The PNG of image i equals engine.generate(model, [label], generator=[torch.Generator()
-.manual_seed(seed + i)], output_type="pil", ...) with the same settings.
+The body and its checks: engine.serving.schema; the answers: engine.serving.generation (shared
+with the LitServe and Ray Serve adapters); request ids, the body limit, API keys, the error
+shape and access logs: engine.serving.middleware. Every error is {"error": {"message", "type",
+"param", "code"}}: 400 for an invalid body (`param` names the field), 401 without a valid API
+key, 404 / 405, 413 over --max-body-bytes, 429 with Retry-After when the queue is full, 503
+(Retry-After) while loading or draining, 504 past the deadline, 500 when the request's image
+failed a step. A client that disconnects cancels its request. On SIGTERM the server drains:
+/health says 503 "draining", new requests get 503 + Retry-After, the requests admitted finish,
+then it exits (at the latest after --drain-timeout). The PNG of image i equals
+engine.generate(model, [label], generator=[torch.Generator().manual_seed(seed + i)],
+output_type="pil", ...) with the same settings.
 """
 from __future__ import annotations
 
 import asyncio
-import base64
 import collections
 import contextlib
-import json
 import logging
-import math
-import re
+import signal
 import threading
 import time
-from typing import Literal, Optional
 
 from fastapi import FastAPI, Request as HTTPRequest
-from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from .scheduler import (MAX_IMAGES_PER_REQUEST, DeadlineExceeded, QueueFullError, Request,
-                        RequestError, Scheduler, SchedulerClosed, ServingError)
+from .errors import ApiError
+from .generation import admit, describe, image_size, run_generation, wait_for_disconnect, warm
+from .middleware import DEFAULT_MAX_BODY, ServingMiddleware
+from .scheduler import MAX_IMAGES_PER_REQUEST, Scheduler, ServingError
+from .schema import MAX_JSON_DEPTH, openapi
+from . import streaming
 
 log = logging.getLogger("engine.serving")
 DEFAULT_TIMEOUT = 300.0
-
-
-class ImageGenerationRequest(BaseModel):
-    """The body of POST /v1/images/generations (OpenAI Images shape + engine extensions)."""
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-
-    prompt: Optional[StrictStr] = None
-    class_label: Optional[StrictInt] = None
-    n: StrictInt = 1
-    response_format: Literal["b64_json"] = "b64_json"
-    output_format: Optional[Literal["png"]] = None
-    size: Optional[StrictStr] = None
-    model: Optional[StrictStr] = None
-    user: Optional[StrictStr] = None
-    quality: Optional[StrictStr] = None
-    style: Optional[StrictStr] = None
-    seed: Optional[StrictInt] = None
-    num_iter: Optional[StrictInt] = None
-    cfg: Optional[float] = Field(default=None, strict=True)
-    cfg_schedule: Optional[StrictStr] = None
-    temperature: Optional[float] = Field(default=None, strict=True)
-    timeout: Optional[float] = Field(default=None, strict=True)
+DEFAULT_DRAIN_TIMEOUT = 30.0
+DEFAULT_REJECT_DELAY = 0.05    # seconds before a 429 / 503 refusal is sent
+GENERATIONS = "/v1/images/generations"
 
 
 class Metrics:
@@ -102,8 +77,10 @@ class Metrics:
         self.images = Counter("engine_images", "Images generated", registry=registry)
         self.rejections = Counter("engine_rejections", "Requests refused, by reason", ["reason"],
                                   registry=registry)
-        self.invalid = Counter("engine_invalid_requests", "Requests refused as malformed (422)",
+        self.invalid = Counter("engine_invalid_requests", "Requests refused as malformed (400)",
                                registry=registry)
+        self.responses = Counter("engine_http_responses", "HTTP answers, by status code", ["code"],
+                                 registry=registry)
 
     def attach(self, scheduler: Scheduler) -> None:
         scheduler.add_step_listener(self.on_step)
@@ -138,6 +115,9 @@ class Metrics:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
 
+
+
+
 class ServerState:
     def __init__(self):
         self.scheduler: Scheduler | None = None
@@ -145,17 +125,22 @@ class ServerState:
         self.ready = False
         self.failed: BaseException | None = None
         self.started = time.time()
+        self.draining: float | None = None     # monotonic time SIGTERM arrived
+        self.active = 0                        # generation requests being answered
 
 
 def create_app(model=None, *, loader=None, scheduler: Scheduler | None = None, vae=None,
                text_encoder=None, max_queue: int = 256, max_batch_images: int = 32,
                max_images_per_request: int = MAX_IMAGES_PER_REQUEST,
                timeout: float | None = DEFAULT_TIMEOUT, warmup: bool = True, model_name: str = "engine",
-               on_failure=None) -> FastAPI:
+               on_failure=None, api_keys=(), max_body_bytes: int = DEFAULT_MAX_BODY,
+               max_json_depth: int = MAX_JSON_DEPTH, priority_aging: float = 10.0,
+               reject_delay: float = DEFAULT_REJECT_DELAY) -> FastAPI:
     """The FastAPI app. Give a loaded `model` (and its `vae` for latent models), a `loader()`
     returning (model, vae or None) (run in a thread at startup, so /health says 503
     meanwhile), or a ready `scheduler` (the app then never closes it). `on_failure(err)` is
-    called if loading or the warm-up fails."""
+    called if loading or the warm-up fails. `api_keys`: the keys /v1/ accepts (none: open).
+    `reject_delay`: seconds a 429 / 503 refusal waits before it is sent (see ServingMiddleware)."""
     if sum(x is not None for x in (model, loader, scheduler)) != 1:
         raise ServingError("create_app needs exactly one of model=, loader= or scheduler=")
     state = ServerState()
@@ -168,7 +153,8 @@ def create_app(model=None, *, loader=None, scheduler: Scheduler | None = None, v
                 m, decoder = (model, vae) if model is not None else loader()
                 sched = Scheduler(m, max_batch_images=max_batch_images, max_queue=max_queue,
                                   max_images_per_request=max_images_per_request,
-                                  default_timeout=timeout, vae=decoder, text_encoder=text_encoder)
+                                  default_timeout=timeout, vae=decoder, text_encoder=text_encoder,
+                                  priority_aging=priority_aging)
             state.model = sched.model
             state.scheduler = sched
             if warmup:
@@ -193,222 +179,171 @@ def create_app(model=None, *, loader=None, scheduler: Scheduler | None = None, v
             if state.scheduler is not None and scheduler is None:
                 await asyncio.to_thread(state.scheduler.close, True, True)
 
-    app = FastAPI(title="engine", lifespan=lifespan,
-                  description="Masked-autoregressive image generation (MAR / Fluid), OpenAI Images API shape")
+    app = FastAPI(title="engine", lifespan=lifespan, description="Image generation, OpenAI Images API")
     app.state.engine = state
     app.state.metrics = metrics
 
+    def refuse(scope) -> ApiError | None:
+        """A generation refused before its body is read: draining, not ready, the queue full."""
+        if scope["method"] != "POST" or scope["path"] != GENERATIONS:
+            return None
+        try:
+            admit(ready_scheduler(), None, metrics=metrics, draining=state.draining is not None, check_only=True)
+        except ApiError as err:
+            return err
+        return None
+
+    app.add_middleware(ServingMiddleware, max_body_bytes=max_body_bytes, api_keys=tuple(api_keys),
+                       on_response=lambda status: metrics.responses.labels(str(status)).inc(),
+                       refuse=refuse, reject_delay=reject_delay)
+
+    def ready_scheduler() -> Scheduler | None:
+        return state.scheduler if state.ready else None
+
+    def model_card() -> dict:
+        return {"id": model_name, "object": "model", "created": int(state.started), "owned_by": "engine"}
+
     @app.get("/health")
     async def health():
-        if state.failed is not None:
-            return JSONResponse({"status": "failed", "error": str(state.failed)}, status_code=503)
         sched = state.scheduler
+        if state.failed is not None:
+            return unhealthy("failed", f"the model failed to load: {state.failed}", None)
+        if state.draining is not None:
+            return unhealthy("draining", "the server is draining (shutting down)", "5")
         if not state.ready or sched is None:
-            return JSONResponse({"status": "loading"}, status_code=503, headers={"Retry-After": "1"})
+            return unhealthy("loading", "the model is loading and warming up", "1")
         if not sched.running:
-            return JSONResponse({"status": "stopped"}, status_code=503)
+            return unhealthy("stopped", "the scheduler has stopped", None)
         return {"status": "ok", **describe(sched, model_name)}
+
+    def unhealthy(status: str, message: str, retry_after: str | None) -> JSONResponse:
+        """503 with the state in "status" (for probes) and the OpenAI error object."""
+        error = ApiError(503, message, code=f"server_{status}")
+        return JSONResponse({"status": status, **error.payload}, status_code=503,
+                            headers={"Retry-After": retry_after} if retry_after else None)
 
     @app.get("/metrics")
     async def metrics_endpoint():
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)
 
-    @app.post("/v1/images/generations", openapi_extra={"requestBody": {"required": True, "content": {
-        "application/json": {"schema": ImageGenerationRequest.model_json_schema()}}}})
+    @app.get("/v1/models")
+    async def list_models():
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def retrieve_model(model_id: str):
+        if model_id != model_name:
+            raise ApiError(404, f"the model {model_id!r:.100} does not exist; this server serves {model_name!r}",
+                           "model", code="model_not_found")
+        return model_card()
+
+    @app.post(GENERATIONS)
     async def generations(http: HTTPRequest):
-        sched = state.scheduler if state.ready else None
-        status, payload, headers = await run_generation(
-            sched, await http.body(), metrics=metrics, disconnected=wait_for_disconnect(http))
+        request_id = http.scope.get("state", {}).get("request_id")
+        state.active += 1
+        try:
+            raw = await http.body()
+            if _wants_stream(raw):
+                return await stream(http, raw, request_id)
+            status, payload, headers = await run_generation(
+                ready_scheduler(), raw, metrics=metrics, disconnected=wait_for_disconnect(http),
+                max_depth=max_json_depth, draining=state.draining is not None, request_id=request_id)
+        finally:
+            state.active -= 1
         if status == 499:
             return Response(status_code=499)
         return JSONResponse(payload, status_code=status, headers=headers)
 
+    async def stream(http, raw, request_id):
+        queue, on_partial = streaming.partial_queue(asyncio.get_running_loop())
+        sched = ready_scheduler()
+        _, request, future = admit(sched, raw, metrics=metrics, max_depth=max_json_depth,
+                                   draining=state.draining is not None, request_id=request_id,
+                                   on_partial=on_partial, streaming=True)
+        state.active += 1
+
+        async def body():
+            try:
+                async for chunk in streaming.events(sched, request, future, queue, wait_for_disconnect(http)):
+                    yield chunk
+            finally:
+                state.active -= 1
+        return StreamingResponse(body(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+
+    @app.exception_handler(ApiError)
+    async def api_error(http, err: ApiError):
+        return JSONResponse(err.payload, status_code=err.status, headers=err.headers)
+
+    def document():
+        if app.openapi_schema is None or (state.ready and not getattr(app, "_engine_spec_ready", False)):
+            from fastapi.openapi.utils import get_openapi
+
+            sched = state.scheduler if state.ready else None
+            base = get_openapi(title=app.title, version="1", description=app.description, routes=[])
+            from ..core.plan import MAX_NUM_ITER
+            app.openapi_schema = openapi(
+                base, max_images=sched.max_images_per_request if sched else max_images_per_request,
+                classes=None if sched is None or sched.text_model else sched.model.num_classes,
+                text_model=bool(sched and sched.text_model), auth=bool(api_keys), max_num_iter=MAX_NUM_ITER,
+                size=image_size(sched) if sched is not None else None)
+            app._engine_spec_ready = state.ready
+        return app.openapi_schema
+    app.openapi = document
     return app
 
 
-def parse_body(raw) -> ImageGenerationRequest:
-    """A request body (JSON bytes / str, or an already decoded dict) checked field by field;
-    raises RequestError naming the first bad field."""
-    from pydantic import ValidationError
-
-    if isinstance(raw, (bytes, bytearray, str)):
-        try:
-            raw = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as err:
-            raise RequestError("body", f"the body must be a JSON object: {err}") from None
-    if not isinstance(raw, dict):
-        raise RequestError("body", f"the body must be a JSON object, got {type(raw).__name__}")
-    try:
-        return ImageGenerationRequest.model_validate(raw)
-    except ValidationError as err:
-        first = err.errors()[0]
-        field = ".".join(str(p) for p in first.get("loc", ())) or "body"
-        message = first.get("msg", "invalid value")
-        if first.get("type") == "extra_forbidden":
-            message = "unknown field (see docs/serving.md for the accepted ones)"
-        raise RequestError(field, f"{field}: {message}") from None
-
-
-async def run_generation(sched: Scheduler | None, raw, metrics: Metrics | None = None,
-                         disconnected=None) -> tuple[int, dict, dict]:
-    """One POST /v1/images/generations: (status, JSON payload, headers). `disconnected`: an
-    awaitable that completes when the client goes away (the request is then cancelled; 499).
-    Shared by the FastAPI app and the LitServe / Ray Serve adapters."""
-    def count(name, label=None):
-        if metrics is not None:
-            metric = getattr(metrics, name)
-            (metric.labels(label) if label else metric).inc()
+def _wants_stream(raw: bytes) -> bool:
+    """Whether a body asks for server-sent events (a cheap look; the full check follows)."""
+    if b'"stream"' not in raw:
+        return False
+    import json
 
     try:
-        if sched is None or not sched.running:
-            count("rejections", "not_ready")
-            return 503, error_body("the model is not ready (loading, failed or shutting down)",
-                                   kind="server_error"), {"Retry-After": "1"}
-        try:
-            request = to_request(parse_body(raw), sched)
-            future = sched.submit(request)
-        except RequestError as err:
-            count("invalid")
-            return 422, error_body(str(err), err.field), {}
-        except QueueFullError as err:
-            count("rejections", "queue_full")
-            return 429, error_body(str(err), kind="rate_limit_error"), \
-                {"Retry-After": str(int(math.ceil(err.retry_after)))}
-        except SchedulerClosed as err:
-            count("rejections", "closed")
-            return 503, error_body(str(err), kind="server_error"), {"Retry-After": "1"}
-        waiter = asyncio.wrap_future(future)
-        if disconnected is not None:
-            watcher = asyncio.ensure_future(disconnected)
-            disconnected = None
-            try:
-                await asyncio.wait({waiter, watcher}, return_when=asyncio.FIRST_COMPLETED)
-            except asyncio.CancelledError:   # the server is stopping this task: drop the work
-                future.cancel()
-                raise
-            finally:
-                watcher.cancel()
-            if not waiter.done():     # the client went away: drop its work
-                future.cancel()
-                waiter.cancel()
-                return 499, {}, {}
-        try:
-            result = await waiter
-        except DeadlineExceeded as err:
-            return 504, error_body(str(err), kind="timeout_error"), {}
-        except asyncio.CancelledError:
-            if not future.cancelled():
-                raise      # the serving task itself was cancelled
-            return 503, error_body("the request was cancelled", kind="server_error"), {}
-        except SchedulerClosed as err:
-            return 503, error_body(str(err), kind="server_error"), {"Retry-After": "1"}
-        except RequestError as err:
-            return 422, error_body(str(err), err.field), {}
-        except Exception as err:   # noqa: BLE001 - a failed step: 500 with its message
-            return 500, error_body(f"{type(err).__name__}: {err}", kind="server_error"), {}
-        pngs = await asyncio.to_thread(result.png)
-        return 200, response_body(result, pngs), {}
-    finally:
-        if asyncio.iscoroutine(disconnected):
-            disconnected.close()   # not awaited: we answered before waiting
+        data = json.loads(raw)
+    except (ValueError, RecursionError):
+        return False
+    return isinstance(data, dict) and data.get("stream") is True
 
 
-def response_body(result, pngs: list[bytes]) -> dict:
-    seed = result.request.seed
-    return {"created": int(time.time()),
-            "data": [{"b64_json": base64.b64encode(p).decode("ascii"), "seed": seed + i}
-                     for i, p in enumerate(pngs)],
-            "seed": seed, "settings": settings_of(result.request)}
-
-
-def error_body(message: str, param: str | None = None, kind: str = "invalid_request_error") -> dict:
-    return {"error": {"message": message, "type": kind, "param": param, "code": None}}
-
-
-async def wait_for_disconnect(http: HTTPRequest) -> None:
-    """Returns when the client disconnects (the body has been read: the next ASGI message is the
-    disconnect)."""
-    while True:
-        message = await http.receive()
-        if message["type"] == "http.disconnect":
-            return
-
-
-def to_request(body: ImageGenerationRequest, sched: Scheduler) -> Request:
-    """The Scheduler request of a checked body. Class-conditional models read `class_label`,
-    or a prompt that is a class number ("207": the OpenAI client always sends a prompt); when
-    class_label is given a prompt is not read."""
-    model = sched.model
-    if not sched.decodable:
-        what = "VAE latents and the server has no --vae" if model.decoder == "vae" else \
-            "binary tokens and the server has no --bae"
-        raise RequestError("request", f"this model generates {what} to decode them into images")
-    label, prompt = body.class_label, body.prompt
-    if sched.text_model:
-        if label is not None:
-            raise RequestError("class_label", "this is a text-to-image model: pass prompt, not class_label")
-        if prompt is None:
-            raise RequestError("prompt", "required for this text-to-image model")
-    else:
-        classes = model.num_classes
-        if label is None:
-            if prompt is None:
-                raise RequestError("class_label", f"required for this class-conditional model (0..{classes - 1})")
-            if not re.fullmatch(r"\s*[0-9]+\s*", prompt):
-                raise RequestError("prompt", "this is a class-conditional model: pass class_label "
-                                   f"(0..{classes - 1}), or a class number as the prompt; got {prompt!r:.60}")
-            label = int(prompt)
-            if label >= classes:
-                raise RequestError("prompt", f"class {label} is out of range: this model has {classes} "
-                                   f"classes (0..{classes - 1})")
-        prompt = None
-    if body.size is not None and body.size != image_size(sched):
-        raise RequestError("size", f"this model generates {image_size(sched)} images, got {body.size!r}")
-    return Request(label=label, prompt=prompt, n=body.n, num_iter=body.num_iter,
-                   cfg=body.cfg, cfg_schedule=body.cfg_schedule, temperature=body.temperature,
-                   seed=body.seed, timeout=body.timeout)
-
-
-def image_size(sched: Scheduler) -> str:
-    height, width, _ = sched.image_shape()
-    return f"{width}x{height}"
-
-
-def settings_of(request: Request) -> dict:
-    return {"num_iter": request.num_iter, "cfg": request.cfg, "cfg_schedule": request.cfg_schedule,
-            "temperature": request.temperature, "n": request.n}
-
-
-def describe(sched: Scheduler, model_name: str) -> dict:
-    model = sched.model
-    out = {"model": model_name, "family": model.family, "size": image_size(sched),
-           "max_images_per_request": sched.max_images_per_request,
-           "max_batch_images": sched.max_batch_images, "max_queue": sched.max_queue,
-           "queue_depth": sched.queue_depth, "images_in_flight": sched.images_in_flight,
-           "backend": model.backend_name}
-    if not sched.text_model:
-        out["classes"] = model.num_classes
-    return out
-
-
-def warm(sched: Scheduler) -> None:
-    """One short request through the whole path (native build, transformer, head, decode)."""
-    label = None if sched.text_model else 0
-    try:   # one step where the family takes a step count, else its own length
-        request = sched.resolve(Request(label=label, n=1, num_iter=1, seed=0))
-    except RequestError:
-        request = Request(label=label, n=1, seed=0)
-    result = sched.submit(request).result()
-    result.png()
-
-
-def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> int:
-    """Run the app with uvicorn until interrupted; 2 if the model failed to load."""
+def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
+          drain_timeout: float = DEFAULT_DRAIN_TIMEOUT) -> int:
+    """Run the app with uvicorn until SIGTERM / SIGINT, then drain: /health answers 503
+    "draining" and new requests 503 + Retry-After while the admitted ones finish; exit once none
+    is left, or after `drain_timeout` seconds (those left then get 503). 2 if the model failed
+    to load."""
     import uvicorn
 
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=30)
-    server = uvicorn.Server(config)
+    state = app.state.engine
+
+    class Server(uvicorn.Server):
+        cancelled: float | None = None
+
+        def handle_exit(self, sig, frame):
+            if state.draining is None and sig in (signal.SIGTERM, signal.SIGINT) and state.ready:
+                state.draining = time.monotonic()
+                log.info("engine: %s received; draining (at most %g s)", signal.Signals(sig).name, drain_timeout)
+                return
+            super().handle_exit(sig, frame)
+
+        async def on_tick(self, counter: int) -> bool:
+            if state.draining is not None and not self.should_exit:
+                now = time.monotonic()
+                if state.active and now - state.draining > drain_timeout and self.cancelled is None:
+                    # Past the grace: what is left ends with 503 (SchedulerClosed) before the exit.
+                    log.info("engine: drain timeout; cancelling %d requests", state.active)
+                    self.cancelled = now
+                    if state.scheduler is not None:
+                        state.scheduler.close(wait=False, cancel=True)
+                if state.active == 0 or (self.cancelled is not None and now - self.cancelled > 2):
+                    log.info("engine: drained; exiting")
+                    self.should_exit = True
+            return await super().on_tick(counter)
+
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=1,
+                            access_log=False)   # ours: engine.serving.access, JSON lines
+    server = Server(config)
     app.state.uvicorn_server = server
     server.run()
     failed = app.state.engine.failed

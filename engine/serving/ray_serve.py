@@ -20,7 +20,10 @@ from ray import serve
 from starlette.requests import Request as HTTPRequest
 from starlette.responses import JSONResponse, Response
 
+from .errors import ApiError, body_too_large
+from .middleware import DEFAULT_MAX_BODY
 from .scheduler import MAX_IMAGES_PER_REQUEST, Scheduler, ServingError
+from .schema import MAX_JSON_DEPTH
 
 
 class GenerationFailed(ServingError):
@@ -42,11 +45,12 @@ class EngineDeployment:
     def __init__(self, checkpoint: str = "digits", load: dict | None = None, vae: str | None = None,
                  max_batch_images: int = 32, max_queue: int = 256,
                  max_images_per_request: int = MAX_IMAGES_PER_REQUEST, timeout: float | None = 300.0,
-                 threads: int | None = None, warmup: bool = True):
+                 threads: int | None = None, warmup: bool = True, max_body_bytes: int = DEFAULT_MAX_BODY,
+                 max_json_depth: int = MAX_JSON_DEPTH, model_name: str | None = None):
         import torch
 
         import engine
-        from .http import warm
+        from .generation import warm
 
         if threads:
             torch.set_num_threads(threads)
@@ -56,26 +60,45 @@ class EngineDeployment:
         self.scheduler = Scheduler(model, vae=decoder, max_batch_images=max_batch_images,
                                    max_queue=max_queue, max_images_per_request=max_images_per_request,
                                    default_timeout=timeout)
+        self.max_body_bytes, self.max_json_depth = int(max_body_bytes), int(max_json_depth)
+        self.model_name = model_name or str(checkpoint)
         if warmup:
             warm(self.scheduler)
 
     async def __call__(self, http: HTTPRequest) -> Response:
-        """HTTP through Ray Serve's proxy: POST a generation body; GET for health."""
-        from .http import describe, run_generation, wait_for_disconnect
+        """HTTP through Ray Serve's proxy, answered as engine.serving.http answers: POST
+        /v1/images/generations (or the route prefix itself) a generation body; GET /health,
+        /v1/models. Errors in the OpenAI shape (413 past max_body_bytes)."""
+        from .generation import describe, run_generation, wait_for_disconnect
 
-        if http.method == "GET":
-            return JSONResponse({"status": "ok", **describe(self.scheduler, "engine")})
-        status, payload, headers = await run_generation(self.scheduler, await http.body(),
-                                                        disconnected=wait_for_disconnect(http))
+        path = http.url.path.rstrip("/")
+        prefix = http.scope.get("root_path", "").rstrip("/")
+        route = path[len(prefix):] if prefix and path.startswith(prefix) else path
+        routes = {"/health": "GET", "/v1/models": "GET", "/v1/images/generations": "POST", "": "POST"}
+        try:
+            if route not in routes:
+                raise ApiError(404, f"no route {path[:200]!r}; POST /v1/images/generations")
+            if http.method != routes[route]:
+                raise ApiError(405, f"{http.method} is not allowed on {path[:200]!r}; use {routes[route]}")
+            if route == "/health":
+                return JSONResponse({"status": "ok", **describe(self.scheduler, self.model_name)})
+            if route == "/v1/models":
+                return JSONResponse({"object": "list", "data": [{"id": self.model_name, "object": "model",
+                                                                 "created": 0, "owned_by": "engine"}]})
+            body = await read_body(http, self.max_body_bytes)
+        except ApiError as err:
+            return JSONResponse(err.payload, status_code=err.status, headers=err.headers)
+        status, payload, headers = await run_generation(self.scheduler, body, disconnected=wait_for_disconnect(http),
+                                                        max_depth=self.max_json_depth)
         if status == 499:
             return Response(status_code=499)
         return JSONResponse(payload, status_code=status, headers=headers)
 
     async def generate(self, body: dict) -> dict:
         """For deployment handles: the response payload, or GenerationFailed(status, payload)."""
-        from .http import run_generation
+        from .generation import run_generation
 
-        status, payload, _ = await run_generation(self.scheduler, body)
+        status, payload, _ = await run_generation(self.scheduler, body, max_depth=self.max_json_depth)
         if status != 200:
             raise GenerationFailed(status, payload)
         return payload
@@ -90,11 +113,25 @@ class EngineDeployment:
             scheduler.close(wait=False, cancel=True)
 
 
+async def read_body(http: HTTPRequest, limit: int) -> bytes:
+    """The body, ApiError 413 once it passes `limit` bytes (not read further)."""
+    length = http.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise body_too_large(limit)
+    chunks, size = [], 0
+    async for chunk in http.stream():
+        size += len(chunk)
+        if size > limit:
+            raise body_too_large(limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def app(checkpoint: str = "digits", num_replicas: int = 1, ray_actor_options: dict | None = None,
         **kwargs):
     """The bound application: serve.run(app(...)). `kwargs` go to EngineDeployment (load=,
     vae=, max_batch_images=, max_queue=, max_images_per_request=, timeout=, threads=,
-    warmup=)."""
+    warmup=, max_body_bytes=, max_json_depth=, model_name=)."""
     options = {"num_replicas": int(num_replicas)}
     if ray_actor_options is not None:
         options["ray_actor_options"] = ray_actor_options
@@ -105,7 +142,8 @@ def build_app(args: dict):
     """Application builder for `serve run engine.serving.ray_serve:build_app checkpoint=digits
     num_replicas=2 num_cpus=1` (values arrive as strings)."""
     args = dict(args)
-    ints = ("num_replicas", "max_batch_images", "max_queue", "max_images_per_request", "threads")
+    ints = ("num_replicas", "max_batch_images", "max_queue", "max_images_per_request", "threads",
+            "max_body_bytes", "max_json_depth")
     for key in ints:
         if key in args:
             args[key] = int(args[key])

@@ -18,12 +18,22 @@ would be, so its tokens do not depend on what else is in flight: equal to
 `engine.generate(model, [label], generator=[torch.Generator().manual_seed(s + i)], ...)` (CPU
 float32: continuous tokens up to float rounding, ~1e-6 relative; discrete ones token for token).
 
+Admission: a request whose images fit the free image slots (and no request waits for room)
+joins the batch at the next step boundary without counting against the queue; `max_queue`
+bounds only the requests that wait for room. Waiting requests are admitted by priority (higher
+first; a request gains one level for every `priority_aging` seconds it waits, so none starves),
+then first come, first served. A refusal is a few comparisons under a lock the step loop never
+holds while it runs a step.
+
 Every submitted request ends, with its result or an error: `QueueFullError` at submission when
-`max_queue` requests already wait (nothing is queued then), `DeadlineExceeded` past its
-deadline, `concurrent.futures.CancelledError` after `future.cancel()` (its images leave at the
-next step), `WorkerError` when a step fails (the requests in flight at that step fail, the
-others carry on), `SchedulerClosed` when the scheduler shuts down without draining or its worker
-dies. Requests are checked when submitted: a bad field raises `RequestError` naming the field.
+`max_queue` requests already wait for room (nothing is queued then), `DeadlineExceeded` past
+its deadline, `concurrent.futures.CancelledError` after `future.cancel()` (its images leave at
+the next step), `WorkerError` when one of its images fails a step, `SchedulerClosed` when the
+scheduler shuts down without draining or its worker dies. A failed step is retried by groups of
+images at the same step shape, then image by image, each retry from the generators' states
+before the step (the batcher's step changes nothing when it raises): only the request whose
+image fails alone gets the error, the others go on with the images they would have had.
+Requests are checked when submitted: a bad field raises `RequestError` naming the field.
 """
 from __future__ import annotations
 
@@ -46,6 +56,8 @@ from ..core.plan import check_count
 
 MAX_SEED = 2 ** 63 - 1
 MAX_IMAGES_PER_REQUEST = 16     # default cap on `n` (Scheduler(max_images_per_request=...))
+MAX_PARTIAL_IMAGES = 3          # partial images a streamed request may ask for (OpenAI's bound)
+MAX_PRIORITY = 1000             # |priority| bound
 SETTINGS = ("num_iter", "cfg", "cfg_schedule", "temperature", "top_k", "top_p")   # Request fields
 
 
@@ -109,6 +121,8 @@ class Request:
     seed: int | None = None
     timeout: float | None = None
     request_id: str | None = None
+    priority: int = 0               # higher first among requests waiting for room
+    partial_images: int = 0         # previews to stream (Scheduler.submit(on_partial=...))
 
 
 @dataclass
@@ -130,14 +144,18 @@ class GenerationResult:
 
     def png(self) -> list[bytes]:
         """Each image as PNG bytes (of the "pil" output)."""
-        import io
+        return _png(self.images("pil"))
 
-        out = []
-        for image in self.images("pil"):
-            buf = io.BytesIO()
-            image.save(buf, format="PNG")
-            out.append(buf.getvalue())
-        return out
+
+def _png(images) -> list[bytes]:
+    import io
+
+    out = []
+    for image in images:
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        out.append(buf.getvalue())
+    return out
 
 
 class RequestFuture(concurrent.futures.Future):
@@ -162,6 +180,8 @@ class _Job:
     images: list = dataclasses.field(default_factory=list)   # finished images, by index
     slots: list = dataclasses.field(default_factory=list)   # its images in flight
     settled: bool = False
+    fits: bool = False            # took free slots at submission (not counted in the queue)
+    on_partial: object = None     # fn(image index, partial index, tokens) for streamed previews
 
 
 class Scheduler:
@@ -173,12 +193,13 @@ class Scheduler:
     decoder of latent-token models (engine.load_vae); text_encoder: for prompts (default: the
     model's). admit_wait: after waking from idle the worker starts once no request arrived for
     this long (at most 10 x admit_wait), so that requests sent together start together. bae: the
-    decoder of binary-token models that ship none (engine.load_bae)."""
+    decoder of binary-token models that ship none (engine.load_bae). priority_aging: seconds of
+    waiting that raise a request's priority by one (so a low priority never starves)."""
 
     def __init__(self, model, max_batch_images: int = 32, max_queue: int = 256,
                  max_images_per_request: int = MAX_IMAGES_PER_REQUEST,
                  default_timeout: float | None = None, vae=None, text_encoder=None,
-                 admit_wait: float = 0.002, start: bool = True, bae=None):
+                 admit_wait: float = 0.002, start: bool = True, bae=None, priority_aging: float = 10.0):
         if not callable(getattr(model, "batcher", None)):
             raise ServingError(f"the scheduler serves engine models (engine.load); got {type(model).__name__}")
         self.model = model
@@ -189,6 +210,9 @@ class Scheduler:
         self.vae, self.bae = vae, bae
         self.text_encoder = text_encoder
         self.admit_wait = float(admit_wait)
+        if not (isinstance(priority_aging, (int, float)) and priority_aging > 0):
+            raise ServingError(f"priority_aging must be > 0 seconds, got {priority_aging!r}")
+        self.priority_aging = float(priority_aging)
         self.text_model = model.conditioning == "text"
         # Without a decoder the results hold tokens only (GenerationResult.images raises).
         self.decodable = {"pixels": True, "vae": vae is not None,
@@ -197,7 +221,9 @@ class Scheduler:
         self._cv = threading.Condition()
         self._waiting: collections.deque[_Job] = collections.deque()
         self._active: list = []           # in-flight slots (worker thread only)
-        self._in_flight = 0               # images in flight (read by metrics)
+        self._in_flight = 0               # images in flight (read by metrics and submit)
+        self._reserved = 0                # images of fitting requests not yet started
+        self._room_waiters = 0            # requests waiting for room (the queue)
         self._closing = False
         self._abort = False
         self._alive = False
@@ -249,8 +275,14 @@ class Scheduler:
     # Observability -----------------------------------------------------------------------------
     @property
     def queue_depth(self) -> int:
-        """Requests waiting for their first image to start."""
-        return sum(1 for job in list(self._waiting) if job.admitted == 0)
+        """Requests waiting for room (those that fit the free slots do not count)."""
+        return self._room_waiters
+
+    @property
+    def full(self) -> bool:
+        """A request now would be refused with QueueFullError (whatever its size: no slot is
+        free to a newcomer while requests wait for room)."""
+        return self._room_waiters >= self.max_queue
 
     @property
     def images_in_flight(self) -> int:
@@ -278,23 +310,33 @@ class Scheduler:
         """The request with every setting checked and filled in (raises RequestError)."""
         return _resolve(self, request)
 
-    def submit(self, request: Request) -> RequestFuture:
+    def submit(self, request: Request, on_partial=None) -> RequestFuture:
         """Queue a request; returns its future (GenerationResult). Raises RequestError for a bad
-        field, QueueFullError when max_queue requests wait, SchedulerClosed after close()."""
+        field, QueueFullError when max_queue requests wait for room, SchedulerClosed after
+        close(). `on_partial(image index, partial index, tokens)` is called from the worker with
+        `request.partial_images` previews of each image at evenly spaced steps (the batcher's
+        `preview`: its tokens so far), never after its last step."""
         request = self.resolve(request)
         future = RequestFuture(request)
         now = time.monotonic()
         deadline = None if request.timeout is None else now + request.timeout
+        job = _Job(request, future, now, deadline, images=[None] * request.n, on_partial=on_partial)
         with self._cv:
             if self._closing or not self._alive:
                 self.counts["rejected_closed"] += 1
                 reason = f": worker stopped ({self._death!r})" if self._death else ""
                 raise SchedulerClosed(f"the scheduler is not taking requests{reason}")
-            if self.queue_depth >= self.max_queue:
+            free = self.max_batch_images - self._in_flight - self._reserved
+            if self._room_waiters == 0 and request.n <= free:
+                job.fits = True
+                self._reserved += request.n
+            elif self._room_waiters >= self.max_queue:
                 self.counts["rejected_full"] += 1
-                raise QueueFullError(f"the queue is full ({self.max_queue} requests waiting); "
+                raise QueueFullError(f"the queue is full ({self.max_queue} requests waiting for room); "
                                      "retry later", retry_after=self.retry_after())
-            self._waiting.append(_Job(request, future, now, deadline, images=[None] * request.n))
+            else:
+                self._room_waiters += 1
+            self._waiting.append(job)
             self._last_submit = now
             self.counts["submitted"] += 1
             self._cv.notify_all()
@@ -352,10 +394,21 @@ class Scheduler:
                 return
             time.sleep(self.admit_wait - quiet)
 
+    def _unqueue(self, job: _Job) -> None:
+        """The job leaves the waiting list (started in full, or ended); the caller holds _cv."""
+        if job not in self._waiting:
+            return
+        self._waiting.remove(job)
+        if job.fits:
+            self._reserved -= job.request.n - job.admitted
+        else:
+            self._room_waiters -= 1
+
     def _fail_all(self, error: BaseException) -> None:
         with self._cv:
             jobs = list(self._waiting)
-            self._waiting.clear()
+            for job in jobs:
+                self._unqueue(job)
         jobs += [slot.job for slot in self._active if slot.job not in jobs]
         self._active = []
         self._in_flight = 0
@@ -398,8 +451,7 @@ class Scheduler:
             if not (cancelled or expired):
                 continue
             with self._cv:
-                if job in self._waiting:
-                    self._waiting.remove(job)
+                self._unqueue(job)
             self._drop(job)
             if cancelled:
                 self._settle(job, status="cancelled")
@@ -408,43 +460,57 @@ class Scheduler:
                     f"the request passed its deadline ({job.request.timeout:g} s) with "
                     f"{job.finished} of {job.request.n} images done"), status="deadline")
 
+    def _next_job(self) -> _Job | None:
+        """The waiting job to start next: one that took free slots at submission, then one
+        partly started, then the highest priority (aged: +1 per priority_aging seconds waited),
+        then the oldest. The caller holds _cv."""
+        if not self._waiting:
+            return None
+        now = time.monotonic()
+        return min(self._waiting, key=lambda job: (
+            not job.fits, job.admitted == 0,
+            -(job.request.priority + (now - job.submitted) / self.priority_aging), job.submitted))
+
     def _admit(self) -> None:
-        """Waiting images join, first come first served, while there is room."""
+        """Waiting images join while there is room (see _next_job for the order)."""
         while len(self._active) < self.max_batch_images:
             with self._cv:
-                if not self._waiting:
+                job = self._next_job()
+                if job is None:
                     return
-                job = self._waiting[0]
+            request, started = job.request, 0
             try:
-                request = job.request
                 if job.condition is None:
                     job.condition = self._condition(request)
                     job.settings = self.model.resolve_settings(**{k: getattr(request, k) for k in SETTINGS})
                 while job.admitted < request.n and len(self._active) < self.max_batch_images:
                     seed = (request.seed + job.admitted) % (MAX_SEED + 1)
                     label, texts = job.condition
-                    image = self.batcher.add(label=label, texts=texts, settings=job.settings,
-                                             generator=torch.Generator().manual_seed(seed))
-                    slot = _Slot(job, job.admitted, image)
+                    generator = torch.Generator().manual_seed(seed)
+                    image = self.batcher.add(label=label, texts=texts, settings=job.settings, generator=generator)
+                    slot = _Slot(job, job.admitted, image, generator, _preview_steps(image, request.partial_images))
                     job.slots.append(slot)
                     self._active.append(slot)
                     job.admitted += 1
+                    started += 1
             except Exception as err:   # noqa: BLE001 - this request fails, the others go on
                 with self._cv:
-                    if job in self._waiting:
-                        self._waiting.remove(job)
+                    if job.fits:
+                        self._reserved -= started
+                    self._unqueue(job)
+                    self._in_flight = len(self._active)
                 self._drop(job)
                 if isinstance(err, SamplingError):
                     field = "prompt" if job.request.prompt is not None else "request"
                     err = RequestError(field, str(err))
                 self._settle(job, error=err, status="error")
                 continue
-            finally:
+            with self._cv:    # the reservation becomes images in flight in one move
+                if job.fits:
+                    self._reserved -= started
+                if job.admitted == request.n:
+                    self._unqueue(job)
                 self._in_flight = len(self._active)
-            if job.admitted == request.n:
-                with self._cv:
-                    if self._waiting and self._waiting[0] is job:
-                        self._waiting.popleft()
 
     def _condition(self, request: Request) -> tuple:
         """(label, texts) of the request's images (a prompt encoded once, here)."""
@@ -465,28 +531,35 @@ class Scheduler:
         groups = len({s.image.shape_key for s in slots})   # transformer passes this iteration
         rows = sum(getattr(s.image, "predicting", 1) for s in slots)
         start = time.perf_counter()
+        states = [s.generator.get_state() for s in slots]
         try:
             finished = self.batcher.step([s.image for s in slots])
-        except Exception as err:   # noqa: BLE001 - fail the requests in flight, keep serving
-            error = WorkerError(f"a sampling step failed: {type(err).__name__}: {err}")
-            error.__cause__ = err
-            for job in dict.fromkeys(s.job for s in slots):
-                self._drop(job)
-                with self._cv:
-                    if job in self._waiting:
-                        self._waiting.remove(job)
-                self._settle(job, error=error, status="error")
-            return
+            failed = []
+        except Exception as err:   # noqa: BLE001 - find the image that fails; the others go on
+            for slot, state in zip(slots, states):
+                slot.generator.set_state(state)
+            finished, failed = self._isolate(slots, err)
         seconds = time.perf_counter() - start
         for fn in self._step_listeners:
             _call(fn, seconds, len(slots), rows, groups)
+        for slot, err in failed:
+            job = slot.job
+            if job.settled:
+                continue
+            error = WorkerError(f"a sampling step failed: {type(err).__name__}: {err}")
+            error.__cause__ = err
+            with self._cv:
+                self._unqueue(job)
+            self._drop(job)
+            self._settle(job, error=error, status="error")
         done = {id(image) for image in finished}
-        if not done:
-            return
         keep = []
         for slot in self._active:
             if id(slot.image) not in done:
                 keep.append(slot)
+                slot.steps += 1
+                if slot.steps in slot.previews and slot.job.on_partial is not None:
+                    self._preview(slot)
                 continue
             job = slot.job
             job.images[slot.index] = slot.image
@@ -496,6 +569,49 @@ class Scheduler:
                 self._complete(job)
         self._active = keep
         self._in_flight = len(keep)
+
+    def _isolate(self, slots: list, first_error: BaseException) -> tuple[list, list]:
+        """Retry a failed step: each group of images at one step shape, then each image of a
+        group that failed (the batcher's step changes nothing when it raises; the generators
+        are restored here). Returns (finished images, [(slot, error)] of the images that fail
+        alone)."""
+        if len(slots) == 1:
+            return [], [(slots[0], first_error)]
+        groups: dict = {}
+        for slot in slots:
+            groups.setdefault(slot.image.shape_key, []).append(slot)
+        finished, failed = [], []
+        for members in groups.values():
+            if len(groups) > 1:      # one group alone is the step that failed
+                err = self._retry(members, finished)
+                if err is None:
+                    continue
+                if len(members) == 1:
+                    failed.append((members[0], err))
+                    continue
+            for slot in members:
+                err = self._retry([slot], finished)
+                if err is not None:
+                    failed.append((slot, err))
+        return finished, failed
+
+    def _retry(self, slots: list, finished: list):
+        """One step of these images; the error (their generators restored) or None."""
+        states = [s.generator.get_state() for s in slots]
+        try:
+            finished += self.batcher.step([s.image for s in slots])
+        except Exception as err:   # noqa: BLE001
+            for slot, state in zip(slots, states):
+                slot.generator.set_state(state)
+            return err
+        return None
+
+    def _preview(self, slot) -> None:
+        try:
+            tokens = self.batcher.preview([slot.image])
+        except Exception:   # noqa: BLE001 - a preview is best effort; the image goes on
+            return
+        _call(slot.job.on_partial, slot.index, slot.previews.index(slot.steps), tokens)
 
     def _complete(self, job: _Job) -> None:
         try:
@@ -507,6 +623,10 @@ class Scheduler:
         self._latency_ewma = latency if self._latency_ewma is None else 0.8 * self._latency_ewma + 0.2 * latency
         self.counts["images"] += job.request.n
         self._settle(job, result=GenerationResult(job.request, tokens, latency, self._decode))
+
+    def png(self, tokens: torch.Tensor) -> list[bytes]:
+        """PNG bytes of tokens (e.g. a preview's), as GenerationResult.png encodes images."""
+        return _png(self._decode(tokens, "pil"))
 
     def _decode(self, tokens: torch.Tensor, output_type: str = "np"):
         from ..images import OUTPUT_TYPES, convert_output
@@ -521,6 +641,17 @@ class _Slot:
     job: _Job
     index: int
     image: object
+    generator: torch.Generator
+    previews: tuple = ()          # steps after which the image is previewed
+    steps: int = 0                # steps done
+
+
+def _preview_steps(image, partial_images: int) -> tuple:
+    """`partial_images` steps evenly spaced inside the image's run (never its last step: then
+    the image is complete); fewer when it has fewer steps."""
+    total = image.num_steps
+    return tuple(sorted({round(total * j / (partial_images + 1)) for j in range(1, partial_images + 1)}
+                        & set(range(1, total))))
 
 
 def _call(fn, *args) -> None:
@@ -583,9 +714,15 @@ def _resolve(scheduler: Scheduler, request: Request) -> Request:
         seed = secrets.randbelow(MAX_SEED + 1)
     elif not _is_int(seed) or not 0 <= seed <= MAX_SEED:
         raise RequestError("seed", f"must be an integer in [0, {MAX_SEED}], got {seed!r}")
+    for name, bound in (("priority", MAX_PRIORITY), ("partial_images", MAX_PARTIAL_IMAGES)):
+        value = getattr(request, name)
+        low = -bound if name == "priority" else 0
+        if not _is_int(value) or not low <= value <= bound:
+            raise RequestError(name, f"must be an integer from {low} to {bound}, got {value!r}")
     timeout = request.timeout if request.timeout is not None else scheduler.default_timeout
     if timeout is not None:
         timeout = _check_timeout(timeout)
     filled = {k: v for k, v in settings.items() if k in SETTINGS}
     return dataclasses.replace(request, n=int(n), seed=int(seed), timeout=timeout, **filled,
+                               priority=int(request.priority), partial_images=int(request.partial_images),
                                label=None if request.label is None else int(request.label))

@@ -5,6 +5,7 @@ module outside engine/families spells a family's name."""
 import ast
 import base64
 import io
+import json
 import os
 import subprocess
 import sys
@@ -106,6 +107,46 @@ def test_scheduler_invariant_mixed_concurrent_requests(models, name):
     want = engine.generate(model, [r.label], generator=[torch.Generator().manual_seed(r.seed)], output_type="np",
                            cfg=r.cfg, temperature=r.temperature)
     assert np.abs(results[1].images("np")[:1] - want).max() <= 1e-4
+
+
+@pytest.mark.parametrize("name", BATCHED + ["digits"])
+def test_a_failing_image_fails_only_its_request_every_family(models, name):
+    """A step that fails whenever one request's image is in it (after every image given drew
+    from its generator): the scheduler retries by groups, then image by image, from the
+    generators' states before the step; that request fails, every other image equals its solo
+    run (the batchers step any subset of the images in flight)."""
+    from engine.serving import WorkerError
+
+    model = load(models, name)
+    bad_seed = 301
+    requests = [Request(label=i % 10, n=2, cfg=[1.0, 2.0][i % 2], seed=100 * i, num_iter=BUILTIN[name].get("num_iter"))
+                for i in range(1, 5)]
+    sched = Scheduler(model, max_batch_images=8, admit_wait=0.05, start=False)
+    real = sched.batcher.step
+
+    def step(images):
+        if any(im.generator.initial_seed() == bad_seed for im in images):
+            for im in images:
+                torch.rand(4, generator=im.generator)
+            raise RuntimeError("injected fault")
+        return real(images)
+    sched.batcher.step = step
+    with sched.start():
+        futures = [sched.submit(r) for r in requests]
+        with pytest.raises(WorkerError, match="injected fault"):
+            futures[2].result(300)
+        results = {i: futures[i].result(300) for i in (0, 1, 3)}
+    for i, result in results.items():
+        r = requests[i]
+        for k in range(r.n):
+            want = _solo(model, r.label, r.seed + k, dict(cfg=r.cfg, num_iter=r.num_iter))
+            got = result.tokens[k:k + 1]
+            if want.dtype == torch.int64:
+                assert torch.equal(got, want), (i, k)
+            else:
+                assert (got - want).abs().max() <= 1e-4 * max(1.0, want.abs().max()), (i, k)
+    if hasattr(sched.batcher, "pool"):
+        assert sched.batcher.pool.used == 0       # the failed request's rows were released
 
 
 def test_slots_are_reused_and_compacted(models):
@@ -244,6 +285,41 @@ def test_serve_every_family(models, name):
     assert len(data) == 2 and image.size == (w, h)
 
 
+@pytest.mark.parametrize("name", BUILTIN)
+def test_stream_partial_images_every_family(models, name):
+    """stream=true for every family: the partial images are the decodes of the batcher's
+    `preview` at evenly spaced steps (PNGs of the model's size, each different), and the
+    completed image is the non-streamed answer's PNG, byte for byte."""
+    from fastapi.testclient import TestClient
+    from PIL import Image
+
+    from engine.serving.http import create_app
+
+    model = load(models, name)
+    body = {"seed": 11, **BUILTIN[name]}
+    body.update({"prompt": "two fives"} if model.conditioning == "text" else {"class_label": 5})
+    with TestClient(create_app(model=model, max_batch_images=4, warmup=False)) as client:
+        deadline = time.monotonic() + 120
+        while client.get("/health").status_code != 200:
+            assert time.monotonic() < deadline, "never healthy"
+            time.sleep(0.05)
+        plain = client.post("/v1/images/generations", json=body).json()["data"][0]["b64_json"]
+        with client.stream("POST", "/v1/images/generations", json={**body, "stream": True, "partial_images": 2}) as r:
+            assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+            text = "".join(r.iter_text())
+    events = [(block.split("\n")[0][len("event: "):], json.loads(block.split("\n")[1][len("data: "):]))
+              for block in text.strip().split("\n\n")]
+    kinds = [kind for kind, _ in events]
+    assert kinds == ["image_generation.partial_image"] * 2 + ["image_generation.completed"], kinds
+    assert all(kind == data["type"] for kind, data in events)
+    assert [data["partial_image_index"] for _, data in events[:2]] == [0, 1]
+    assert events[-1][1]["b64_json"] == plain
+    h, w, c = model.image_shape(bae=getattr(model, "bae", None))
+    for _, data in events:
+        assert Image.open(io.BytesIO(base64.b64decode(data["b64_json"]))).size == (w, h)
+    assert len({data["b64_json"] for _, data in events}) == 3
+
+
 def test_no_module_outside_the_families_spells_a_family_name():
     """Shared code reaches a family through its protocol: a string constant equal to a family's
     name appears only under engine/families (docstrings and messages may mention them in text)."""
@@ -267,14 +343,14 @@ def _png(item) -> np.ndarray:
 
 @pytest.mark.parametrize("name", ["digits-elm-ar", "digits-elm-mlm"])
 def test_litserve_adapter_serves_discrete_families(models, name):
-    ls = pytest.importorskip("litserve")
+    pytest.importorskip("litserve")
     from fastapi.testclient import TestClient
     from litserve.utils import wrap_litserve_start
 
-    from engine.serving.litserve_api import EngineLitAPI
+    from engine.serving.litserve_api import EngineLitAPI, server as lit_server
 
     model = load(models, name)
-    server = ls.LitServer(EngineLitAPI(name, warmup=False), accelerator="cpu", timeout=120)
+    server = lit_server(EngineLitAPI(name, warmup=False), accelerator="cpu", timeout=120)
     with wrap_litserve_start(server) as server, TestClient(server.app) as client:
         r = client.post("/v1/images/generations", json={"class_label": 6, "seed": 3, "n": 2})
         assert r.status_code == 200, r.text
