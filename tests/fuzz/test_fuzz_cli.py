@@ -15,7 +15,7 @@ from engine import cli
 from engine.loading import BUILTIN_MODELS
 from fuzz_targets import SEEDS, no_hang
 
-EXAMPLES = int(os.environ.get("ENGINE_FUZZ_EXAMPLES", "25"))
+EXAMPLES = int(os.environ.get("ENGINE_FUZZ_EXAMPLES", "50"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
                 suppress_health_check=list(HealthCheck))
 

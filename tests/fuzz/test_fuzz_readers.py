@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import fuzz_targets as targets
 
-EXAMPLES = int(os.environ.get("ENGINE_FUZZ_EXAMPLES", "25"))
+EXAMPLES = int(os.environ.get("ENGINE_FUZZ_EXAMPLES", "50"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
                 suppress_health_check=list(HealthCheck))
 

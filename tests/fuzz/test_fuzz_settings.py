@@ -14,7 +14,7 @@ from engine.core.errors import EngineError
 from engine.loading import BUILTIN_MODELS
 from fuzz_targets import no_hang
 
-EXAMPLES = int(os.environ.get("ENGINE_FUZZ_EXAMPLES", "25"))
+EXAMPLES = int(os.environ.get("ENGINE_FUZZ_EXAMPLES", "50"))
 FUZZ = settings(max_examples=max(6, EXAMPLES // 2), deadline=None, derandomize=True, database=None,
                 suppress_health_check=list(HealthCheck))
 ARGUMENTS = ("num_iter", "cfg", "cfg_schedule", "temperature", "top_k", "top_p", "height", "width")
