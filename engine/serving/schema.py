@@ -51,6 +51,8 @@ class ImageGenerationRequest(BaseModel):
     cfg: Optional[float] = Field(default=None, strict=True)
     cfg_schedule: Optional[StrictStr] = Short
     temperature: Optional[float] = Field(default=None, strict=True)
+    top_k: Optional[Int] = None      # models with categorical tokens (their settings say which)
+    top_p: Optional[float] = Field(default=None, strict=True)
     timeout: Optional[float] = Field(default=None, strict=True)
     priority: Optional[Int] = Field(default=None, ge=-MAX_PRIORITY, le=MAX_PRIORITY)
 
@@ -123,7 +125,7 @@ def _errors(*codes) -> dict:
 
 
 def openapi(app_schema: dict, *, max_images: int, classes: int | None, text_model: bool, auth: bool,
-            max_num_iter: int, size: str | None = None) -> dict:
+            max_num_iter: int, size: str | None = None, settings: set | None = None) -> dict:
     """FastAPI's document with what the routes take raw filled in. Where the server's own bound
     depends on more than one field (cfg and temperature overflow float32 with some schedules
     and weights), the document states a range the server always accepts."""
@@ -140,6 +142,11 @@ def openapi(app_schema: dict, *, max_images: int, classes: int | None, text_mode
     if size is not None:
         props["size"] = {"anyOf": [{"enum": [size, "auto"]}, {"type": "null"}]}
     props["cfg_schedule"] = {"anyOf": [{"enum": ["linear", "constant"]}, {"type": "null"}]}
+    props["top_k"] = {"anyOf": [{"type": "integer", "minimum": 1, "maximum": 1 << 30}, {"type": "null"}]}
+    props["top_p"] = {"anyOf": [{"type": "number", "exclusiveMinimum": 0, "maximum": 1}, {"type": "null"}]}
+    for name in ("top_k", "top_p"):   # only the settings the served model takes (`settings`)
+        if settings is not None and name not in settings:
+            props.pop(name)
     if text_model:
         body["required"] = ["prompt"]
         props["prompt"] = {"type": "string", "minLength": 1, "maxLength": MAX_PROMPT, "pattern": r"\S"}

@@ -28,7 +28,7 @@ FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database
 PATH = "/v1/images/generations"
 FIELDS = ["prompt", "class_label", "n", "response_format", "output_format", "size", "model", "user",
           "stream", "partial_images", "seed", "num_iter", "cfg", "cfg_schedule", "temperature", "timeout",
-          "priority", "quality", "background", "output_compression"]
+          "priority", "quality", "background", "output_compression", "top_k", "top_p"]
 
 scalars = (st.none() | st.booleans() | st.integers(-3, 12) | st.integers(-2 ** 70, 2 ** 70)
            | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=20)
