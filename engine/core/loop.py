@@ -58,7 +58,7 @@ def run_step(model, plan, step, tokens, orders, context, cfg_scales, temperature
     z = z.reshape(-1, z.shape[-1])
     temperature_rows = temperatures[:, None].expand(bsz, n).reshape(-1)
     scale_rows = cfg_scales[:, None].expand(bsz, n).reshape(-1) if plan.use_cfg else None
-    out = model.backend.head_loop(model.head, z, x, noise, scale_rows, temperature_rows)
+    out = model.backend.head_loop(model.head_for(step.head_steps), z, x, noise, scale_rows, temperature_rows)
     scatter_tokens(tokens, predict[:bsz], out)
 
 
@@ -77,13 +77,14 @@ def run_steps(count: int, step, progress: bool = False, desc: str = "sampling", 
 @torch.no_grad()
 def sample(model, bsz: int, condition: Condition, grid: tuple[int, int], num_iter: int = 64,
            cfg=1.0, cfg_schedule="linear", temperature=1.0, progress: bool = False,
-           generator=None) -> torch.Tensor:
+           generator=None, fast=None) -> torch.Tensor:
     """Tokens [B, L, C] of any masked family. `cfg`, `cfg_schedule` and `temperature` are shared
     or one per image; `generator` is None (published global RNGs), one torch.Generator, or one
-    per image (see engine.rng). `grid` is the token grid (h, w)."""
+    per image (see engine.rng). `grid` is the token grid (h, w). `fast`: a checked FastMode
+    (engine.core.fast) or None (exact)."""
     device, dim = model.device, model.config.token_dim
     seq_len = grid[0] * grid[1]
-    plan = build_plan(bsz, num_iter, seq_len, cfg, cfg_schedule)
+    plan = build_plan(bsz, num_iter, seq_len, cfg, cfg_schedule, fast, model.head.num_steps)
     temperatures = per_image("temperature", temperature, plan.bsz, validate_temperature)
     generator = check_generator(generator, plan.bsz)
     cfg_images = [c != 1.0 for c in plan.cfgs]
@@ -93,7 +94,8 @@ def sample(model, bsz: int, condition: Condition, grid: tuple[int, int], num_ite
     runner = model.step_runner(plan, grid)
 
     def step(k: int) -> None:
-        x, noise = draw_step_inputs(model.head, plan, plan.steps[k], generator, device, dim, cfg_images)
+        x, noise = draw_step_inputs(model.head_for(plan.steps[k].head_steps), plan, plan.steps[k], generator,
+                                    device, dim, cfg_images)
         runner.run(k, x, noise)
 
     with runner.lock:   # a cached graph runner's static buffers serve one call at a time
@@ -150,12 +152,15 @@ class InFlightImage:
     generator, order, tokens [1, L, C], step context rows and step index `k`."""
 
     def __init__(self, model, condition: Condition, grid, num_iter: int, cfg, cfg_schedule,
-                 temperature, generator: torch.Generator):
+                 temperature, generator: torch.Generator, fast=None):
         check_image_generator(generator)
         device = model.device
         self.grid = tuple(grid)
         seq_len = self.grid[0] * self.grid[1]
-        self.plan = build_plan(1, num_iter, seq_len, cfg, cfg_schedule)
+        if fast is not None and fast.lazy is not None:
+            raise SamplingError("fast: 'lazy' keeps per-call caches and cannot run in a shared batch "
+                                "(serving); use 'disa' or 'exact' there")
+        self.plan = build_plan(1, num_iter, seq_len, cfg, cfg_schedule, fast, model.head.num_steps)
         self.temperature = validate_temperature(temperature)
         self.generator = generator
         self.use_cfg = self.plan.use_cfg
@@ -217,7 +222,6 @@ def advance(model, images: list) -> list:
     of one draws it (null-half noise only for images with CFG)."""
     if not images:
         return []
-    device, dim = model.device, model.config.token_dim
     groups: dict = {}
     for image in images:
         groups.setdefault(image.shape_key, []).append(image)
@@ -239,11 +243,29 @@ def advance(model, images: list) -> list:
             z_cond[id(m)], predicts[id(m)] = z[i], predict[i:i + 1]
         for j, m in enumerate(cfg_members):
             z_null[id(m)] = z[len(members) + j]
+    outs = {}
+    by_head: dict = {}   # fast "disa": images whose step runs a head of the same length share a call
+    for image in images:
+        by_head.setdefault(image.step.head_steps, []).append(image)
+    for head_steps, members in by_head.items():
+        outs.update(_head_call(model, model.head_for(head_steps), members, z_cond, z_null))
+    finished = []
+    for image in images:
+        scatter_tokens(image.tokens, predicts[id(image)], outs[id(image)])
+        image.k += 1
+        if image.done:
+            finished.append(image)
+    return finished
+
+
+def _head_call(model, head, images, z_cond, z_null) -> dict:
+    """One head loop over the predicted rows of `images`: {id(image): its tokens [n, C]}."""
+    device, dim = model.device, model.config.token_dim
     guided = any(image.use_cfg for image in images)
     xs, conds, nulls, zc, zn, scales, temps = [], [], [], [], [], [], []
     for image in images:
         n = image.step.num_predict
-        x, noise = _draw_one(model.head.num_steps, n, dim, image.use_cfg, image.generator, device)
+        x, noise = _draw_one(head.num_steps, n, dim, image.use_cfg, image.generator, device)
         xs.append(x)
         conds.append(noise[:, :n])
         zc.append(z_cond[id(image)])
@@ -256,13 +278,10 @@ def advance(model, images: list) -> list:
     noise = torch.cat(conds + nulls, dim=1)
     scale_rows = torch.tensor(scales, dtype=torch.float32, device=device) if guided else None
     temperature_rows = torch.tensor(temps, dtype=torch.float32, device=device)
-    out = model.backend.head_loop(model.head, z_rows, torch.cat(xs), noise, scale_rows, temperature_rows)
-    start, finished = 0, []
+    out = model.backend.head_loop(head, z_rows, torch.cat(xs), noise, scale_rows, temperature_rows)
+    start, outs = 0, {}
     for image in images:
         n = image.step.num_predict
-        scatter_tokens(image.tokens, predicts[id(image)], out[start:start + n])
+        outs[id(image)] = out[start:start + n]
         start += n
-        image.k += 1
-        if image.done:
-            finished.append(image)
-    return finished
+    return outs

@@ -84,7 +84,7 @@ class PlanSteps:
         self.temperatures = torch.ones(plan.bsz, device=device)
         self.context: tuple | None = None   # static copies, shaped by the first call's context
         self.x = [torch.zeros(plan.bsz * s.num_predict, dim, device=device) for s in plan.steps]
-        self.noise = [torch.zeros(model.head.num_steps, plan.bsz * s.num_predict * rows_mult, dim,
+        self.noise = [torch.zeros(model.head_for(s.head_steps).num_steps, plan.bsz * s.num_predict * rows_mult, dim,
                                   device=device) for s in plan.steps]
         self.lock = threading.Lock()   # threads sharing the model take turns on these buffers
         self.runner = CapturedSteps([functools.partial(self._step, k) for k in range(len(plan.steps))], capture)

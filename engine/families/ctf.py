@@ -296,15 +296,16 @@ class CTFModel(BAETokens):
     @torch.no_grad()
     def sample_tokens(self, bsz: int, labels=None, cfg=PAPER_SAMPLING["cfg"], cfg_schedule="constant",
                       temperature=PAPER_SAMPLING["temperature"], top_k=None, top_p=None, restrict: bool = True,
-                      generator=None, progress: bool = False) -> torch.Tensor:
-        """Fine codes [bsz, block_size, token_each] (ELM's token layout: a BAE decodes them)."""
+                      generator=None, progress: bool = False, fast="exact") -> torch.Tensor:
+        """Fine codes [bsz, block_size, token_each] (ELM's token layout: a BAE decodes them).
+        `fast`: "exact" or "speculative" (stage 1 by speculative Jacobi decoding; docs/fast.md)."""
         return self.sample(bsz, labels, cfg, cfg_schedule, temperature, top_k, top_p, restrict, generator,
-                           progress)[1]
+                           progress, fast)[1]
 
     @torch.no_grad()
     def sample(self, bsz: int, labels=None, cfg=PAPER_SAMPLING["cfg"], cfg_schedule="constant",
                temperature=PAPER_SAMPLING["temperature"], top_k=None, top_p=None, restrict: bool = True,
-               generator=None, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+               generator=None, progress: bool = False, fast="exact") -> tuple[torch.Tensor, torch.Tensor]:
         """(coarse labels [B, L], fine codes [B, L, token_each]). labels: one class per image, or
         None (the null class: unconditional). cfg / temperature: one value, one per image, or a
         tuple (stage 1, stage 2) of those; top_k / top_p: one value or a tuple per stage.
@@ -313,6 +314,7 @@ class CTFModel(BAETokens):
         depends on generator i alone: its stage-1 noise, then its stage-2 noise)."""
         c = self.config
         bsz = check_count("bsz", bsz, MAX_BATCH)
+        fast = self.check_fast(fast)
         labels = self._labels(labels, bsz)
         if not isinstance(restrict, bool):
             raise SamplingError(f"restrict must be True or False, got {restrict!r}")
@@ -401,9 +403,9 @@ class CTFModel(BAETokens):
             per_stage(value)
             return value
 
-        defaults = {"num_iter": None, "cfg_schedule": "constant", **PAPER_SAMPLING}
+        defaults = {"num_iter": None, "cfg_schedule": "constant", **PAPER_SAMPLING, "fast": "exact"}
         checks = {"num_iter": image_length, "cfg": pair, "temperature": pair, "top_k": pair, "top_p": pair,
-                  "cfg_schedule": _check_schedule}
+                  "cfg_schedule": _check_schedule, "fast": self.check_fast}
         settings = resolve_settings(given, defaults, checks, sampling_from_json(self.sampling_defaults))
         del settings["num_iter"]   # checked only: stage 1 always samples the whole grid
         return settings

@@ -51,6 +51,8 @@ from .mar import depth_of, shape_of
 from .slots import SlotPool, StepImage
 
 FAMILY_NAME = "elm-ar"
+# fast= modes (engine.core.fast): speculative Jacobi decoding (the distribution is kept).
+FAST_MODES = ("speculative",)
 # The published GPT_models presets (llama/ar_model.py): layers, heads, width.
 PRESETS: dict[str, dict] = {
     name: dict(n_layer=layers, n_head=heads, dim=dim)
@@ -293,8 +295,9 @@ class ELMModel(BAETokens):
     `sample_tokens` is the engine's idiom (per-image settings and generators, top-p)."""
 
     family = FAMILY_NAME
+    fast_modes = FAST_MODES
     DEFAULTS = {"num_iter": None, "cfg": 1.0, "cfg_schedule": "constant", "temperature": 1.0, "top_k": None,
-                "top_p": None}
+                "top_p": None, "fast": "exact"}
 
     def __init__(self, module, backend="auto", cuda_graphs: bool = True, precision: str = "fp32"):
         """backend: where the categorical draw runs (the transformer is PyTorch either way):
@@ -386,7 +389,7 @@ class ELMModel(BAETokens):
     @torch.no_grad()
     def sample_tokens(self, bsz: int, labels=None, num_iter: int | None = None, cfg=1.0,
                       cfg_schedule="constant", temperature=1.0, top_k=None, top_p=None,
-                      generator=None, progress: bool = False) -> torch.Tensor:
+                      generator=None, progress: bool = False, fast="exact") -> torch.Tensor:
         """Sub-token indices [bsz, num_iter, token_each] (num_iter defaults to block_size: one
         image). labels: one class per image, or None for unconditional samples (the null class).
         `cfg`, `cfg_schedule` and `temperature` take one value or one per image; top_k / top_p
@@ -520,7 +523,7 @@ class ELMModel(BAETokens):
 
         checks = {"num_iter": image_length, "cfg": lambda v: _check_number("cfg", v),
                   "cfg_schedule": _check_schedule, "temperature": lambda v: _check_number("temperature", v, True),
-                  "top_k": check_top_k, "top_p": check_top_p}
+                  "top_k": check_top_k, "top_p": check_top_p, "fast": self.check_fast}
         return resolve_settings(given, self.DEFAULTS, checks, self.sampling_defaults)
 
     def batcher(self, max_images: int = 32) -> "ELMBatcher":
