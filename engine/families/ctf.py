@@ -45,6 +45,8 @@ from .elm import (CFG_SCHEDULES, ARBatcher, ARImage, ClassGrid, LlamaSizes, _che
                   cfg_at, check_draws, draw)
 
 FAMILY_NAME = "ctf"
+# fast= modes (engine.core.fast): speculative Jacobi decoding of the first (coarse AR) stage.
+FAST_MODES = ("speculative",)
 CTF_FORMAT = "engine-ctf"
 CTF_FORMAT_VERSION = 1
 MAX_CODE_BITS = 24          # cluster_of has 2 ** (token_each * code_dim) entries: at most 16M
@@ -218,6 +220,7 @@ class CTFModel(BAETokens):
     """A loaded CTF model: both stages, the cluster map and the two-stage sampler."""
 
     family = FAMILY_NAME
+    fast_modes = FAST_MODES
 
     def __init__(self, module, backend="auto", cuda_graphs: bool = True, precision: str = "fp32"):
         if backend not in ("auto", "reference"):
@@ -335,7 +338,7 @@ class CTFModel(BAETokens):
             self._need_null()
             scale2 = self._per_image_tensor(cfg2)
         with self._lock:
-            coarse, ok = self._stage1(labels, table, self._per_image_tensor(t1), k1, p1, generator, progress)
+            coarse, ok = self._stage1(labels, table, self._per_image_tensor(t1), k1, p1, generator, progress, fast)
             rows = torch.cat([labels, torch.full_like(labels, c.num_classes)]) if scale2 is not None else labels
             noise = self._stage2_noise(bsz, restrict, generator)
             fine, _, probs = self.refine(coarse, rows, scale2, self._per_image_tensor(t2), k2, p2, noise, restrict)
@@ -352,12 +355,19 @@ class CTFModel(BAETokens):
             cache = self._cache = self.module.stage1.new_cache(batch)
         return cache
 
-    def _stage1(self, labels, table, temperature, top_k, top_p, generator, progress):
+    def _stage1(self, labels, table, temperature, top_k, top_p, generator, progress, fast=None):
         c, device = self.config, self.device
         bsz = labels.shape[0]
         use_cfg = table is not None
         rows = torch.cat([labels, torch.full_like(labels, c.num_classes)]) if use_cfg else labels
         cache = self.cache_for(rows.shape[0])
+        if fast is not None and fast.speculative is not None:   # engine/families/speculative.py
+            from .speculative import speculative_sample
+
+            tokens, self.last_passes = speculative_sample(self.module.stage1, rows, bsz, c.block_size, table,
+                                                          temperature, top_k, top_p, generator,
+                                                          fast.speculative.window, cache, progress)
+            return tokens[..., 0], torch.ones((), dtype=torch.bool, device=device)
         logits = self.module.stage1.prefill(rows, None, cache)
         input_pos = torch.zeros(1, dtype=torch.int64, device=device)
         state = {"ok": torch.ones((), dtype=torch.bool, device=device)}

@@ -396,9 +396,12 @@ class ELMModel(BAETokens):
         are shared. Random numbers: generator None draws torch's global RNG as generate_cfg
         (same tokens for the same settings, with CFG); one torch.Generator drives the batch; a
         list gives image i its own, drawn as a batch of one would draw them. When no image
-        uses CFG (every cfg 1) the null half is not run (ELM always runs it)."""
+        uses CFG (every cfg 1) the null half is not run (ELM always runs it). `fast`: "exact"
+        or "speculative" (speculative Jacobi decoding: the same distribution, other tokens;
+        docs/fast.md)."""
         c = self.config
         bsz = check_count("bsz", bsz, MAX_BATCH)
+        fast = self.check_fast(fast)
         labels = self._labels(labels, bsz, allow_null=False)
         num_iter = self._num_iter(c.block_size if num_iter is None else num_iter, None)
         cfgs = per_image("cfg", cfg, bsz, lambda v: _check_number("cfg", v))
@@ -419,7 +422,22 @@ class ELMModel(BAETokens):
             temperature = float(temperatures[0])
         else:
             temperature = torch.tensor(temperatures, dtype=torch.float32, device=self.device)
+        if fast.speculative is not None:
+            return self._speculative(labels, num_iter, table, temperature, top_k, top_p, generator,
+                                     fast.speculative.window, progress)
         tokens, _ = self._run(labels, None, num_iter, table, temperature, top_k, top_p, generator, progress)
+        return tokens
+
+    def _speculative(self, labels, num_iter, table, temperature, top_k, top_p, generator, window, progress):
+        """fast="speculative": engine/families/speculative.py over this model's KV cache."""
+        from .speculative import speculative_sample
+
+        rows = labels if table is None else torch.cat([labels, torch.full_like(labels, self.config.num_classes)])
+        with self._lock:
+            cache = self.cache_for(rows.shape[0])
+            tokens, self.last_passes = speculative_sample(self.module, rows, labels.shape[0], num_iter, table,
+                                                          temperature, top_k, top_p, generator, window, cache,
+                                                          progress)
         return tokens
 
     # The KV-cached loop ---------------------------------------------------------------------
