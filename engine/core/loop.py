@@ -46,20 +46,75 @@ def scatter_tokens(tokens, predict, out) -> None:
     tokens.scatter_(1, index, out.reshape(bsz, n, tokens.shape[-1]).to(tokens.dtype))
 
 
-def run_step(model, plan, step, tokens, orders, context, cfg_scales, temperatures, x, noise) -> None:
+def run_step(model, plan, step, tokens, orders, context, cfg_scales, temperatures, x, noise,
+             lazy=None) -> None:
     """One plan step, in place on `tokens [B, L, C]`: gather known and predicted positions,
     transformer pass, the backend's head loop, scatter. `cfg_scales` and `temperatures` are [B]
     (per image; expanded to the image's predicted rows). Static shapes, no host synchronisation:
-    this is what torch.compile(fullgraph=True) traces and what a CUDA graph captures."""
+    this is what torch.compile(fullgraph=True) traces and what a CUDA graph captures. `lazy`:
+    the call's LazyCache (fast "lazy" with CFG), else None."""
     bsz, n = plan.bsz, step.num_predict
     known, predict = plan.indices(step, orders)
-    tokens_in = torch.cat([tokens, tokens]) if plan.use_cfg else tokens
-    z = transformer_pass(model, tokens_in, known, predict, context)
+    if lazy is not None and (step.lazy or step.refresh):
+        z = lazy_pass(model, plan, step, tokens, orders, context, lazy)
+    else:
+        tokens_in = torch.cat([tokens, tokens]) if plan.use_cfg else tokens
+        z = transformer_pass(model, tokens_in, known, predict, context)
     z = z.reshape(-1, z.shape[-1])
     temperature_rows = temperatures[:, None].expand(bsz, n).reshape(-1)
     scale_rows = cfg_scales[:, None].expand(bsz, n).reshape(-1) if plan.use_cfg else None
     out = model.backend.head_loop(model.head_for(step.head_steps), z, x, noise, scale_rows, temperature_rows)
     scatter_tokens(tokens, predict[:bsz], out)
+
+
+class LazyCache:
+    """fast="lazy"'s static buffer of one call (with CFG): the guidance difference z_null - z_cond
+    of every position, [B, L, D] float32, written at each full step followed by a lazy one
+    (LazyMAR's condition redundancy). Memory: B * L * D * 4 bytes (MAR-B at batch 16: 16 * 256 *
+    768 * 4 = 12.6 MB)."""
+
+    def __init__(self, bsz: int, seq_len: int, dim: int, device):
+        self.diff = torch.zeros(bsz, seq_len, dim, device=device)
+
+    @staticmethod
+    def wanted(model, plan) -> bool:
+        return plan.use_cfg and plan.fast is not None and plan.fast.lazy is not None \
+            and any(s.lazy for s in plan.steps)
+
+    @classmethod
+    def of(cls, model, plan) -> "LazyCache | None":
+        if not cls.wanted(model, plan):
+            return None
+        return cls(plan.bsz, plan.seq_len, model.head.cond_weight.shape[1], model.device)
+
+
+def _rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    return torch.gather(x, 1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def lazy_pass(model, plan, step, tokens, orders, context, lazy: LazyCache) -> torch.Tensor:
+    """z [2B, n, D] of a guided step under fast="lazy" (LazyMAR, github:feihongyan1/LazyMAR).
+
+    A lazy step runs the transformer on the conditional half only; the unconditional rows are
+    the conditional ones plus the difference cached at the last full step. A full step followed
+    by a lazy one runs both halves over every still-unknown position (this step's and every later
+    step's: the cache then covers whatever a lazy step predicts) and caches their difference.
+    Static shapes: the counts are the plan's."""
+    bsz = plan.bsz
+    known = torch.sort(orders[:, step.unknown_before:], dim=1).values
+    predict = torch.sort(orders[:, step.unknown_after:step.unknown_before], dim=1).values
+    if step.lazy:
+        cond = tuple(t[:bsz] if t.shape[0] == 2 * bsz else t for t in context)
+        z_cond = transformer_pass(model, tokens, known, predict, cond)
+        return torch.cat([z_cond, z_cond + _rows(lazy.diff, predict)])
+    unknown = torch.sort(orders[:, :step.unknown_before], dim=1).values
+    z = transformer_pass(model, torch.cat([tokens, tokens]), known.repeat(2, 1), unknown.repeat(2, 1), context)
+    z_cond, z_null = z.chunk(2)
+    dim = z.shape[-1]
+    lazy.diff.scatter_(1, unknown.unsqueeze(-1).expand(-1, -1, dim), z_null - z_cond)
+    full = torch.zeros(2 * bsz, plan.seq_len, dim, device=z.device, dtype=z.dtype)
+    full.scatter_(1, unknown.repeat(2, 1).unsqueeze(-1).expand(-1, -1, dim), z)
+    return _rows(full, predict.repeat(2, 1))
 
 
 def run_steps(count: int, step, progress: bool = False, desc: str = "sampling", unit: str = "step") -> None:
@@ -127,13 +182,14 @@ class EagerRunner:
     def start(self, orders, context, cfg_table, temperatures):
         self.orders, self.context = orders, context
         self.cfg_table, self.temperatures = cfg_table, temperatures
+        self.lazy = LazyCache.of(self.model, self.plan)
         self.tokens = torch.zeros(self.plan.bsz, self.plan.seq_len, self.model.config.token_dim,
                                   device=orders.device)
         return self.tokens
 
     def run(self, k, x, noise):
         run_step(self.model, self.plan, self.plan.steps[k], self.tokens, self.orders, self.context,
-                 self.cfg_table[k], self.temperatures, x, noise)
+                 self.cfg_table[k], self.temperatures, x, noise, self.lazy)
 
     def finish(self):
         tokens, self.tokens = self.tokens, None

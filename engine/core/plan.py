@@ -4,6 +4,7 @@ scale and schedule, temperature) become per-row tensors; they never change a ste
 images with different settings share the plan, its compiled steps and its CUDA graphs."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ class PlanStep:
     cfg_scales: tuple     # guidance scale of each image at this step (float32-exact; 1.0 w/o CFG)
     head_steps: int | None = None   # diffusion steps of this step's head (fast "disa"); None: the model's
     lazy: bool = False    # fast "lazy": reuse the cached features of the previous full step
+    refresh: bool = False  # fast "lazy": a full step whose next step is lazy (it fills the caches)
 
     @property
     def num_predict(self) -> int:
@@ -189,4 +191,6 @@ def _build_plan(bsz, num_iter, seq_len, cfgs, schedules, fast=None, model_steps=
         # A lazy step reuses the previous step's caches: never the first step of a plan.
         lazy = bool(fast is not None and fast.lazy is not None and steps and not fast.lazy.fresh(s, num_iter))
         steps.append(PlanStep(s, before, after, mask_len, scales, head_steps, lazy))
+    steps = [dataclasses.replace(st, refresh=True) if not st.lazy and i + 1 < len(steps) and steps[i + 1].lazy
+             else st for i, st in enumerate(steps)]
     return SamplingPlan(bsz, num_iter, seq_len, cfgs, schedules, tuple(steps), fast)
