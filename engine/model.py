@@ -125,6 +125,10 @@ class Model:
         """`fast=` parsed, refused when it names a mode this family does not have."""
         return check_fast(fast, self.family, self.fast_modes)
 
+    def fast_setting(self, fast):
+        """The `fast` setting of resolve_settings: checked, in its JSON-able form (a name or a dict)."""
+        return check_fast(fast, self.family, self.fast_modes).spec
+
     @property
     def decoder(self) -> str:
         return "pixels" if self.config.tokenizer == "pixels" else "vae"
@@ -136,7 +140,7 @@ class Model:
     def setting_checks(self) -> dict:
         return {"num_iter": lambda v: check_count("num_iter", v, MAX_NUM_ITER), "cfg": each(check_cfg),
                 "cfg_schedule": each(check_schedule), "temperature": each(validate_temperature),
-                "fast": self.check_fast}
+                "fast": self.fast_setting}
 
     def resolve_settings(self, **given) -> dict:
         return resolve_settings(given, self.DEFAULTS, self.setting_checks(), self.sampling_defaults)

@@ -110,6 +110,17 @@ class FastMode:
     def name(self) -> str:
         return "+".join(self.methods) or "exact"
 
+    @property
+    def spec(self):
+        """The JSON-able form that parses back to this mode: the name when every method has its
+        defaults ("disa+lazy"), else a dict of each method's parameters."""
+        import dataclasses
+
+        params = {m: dataclasses.asdict(getattr(self, m)) for m in self.methods}
+        if all(params[m] == dataclasses.asdict(type(getattr(self, m))()) for m in params):
+            return self.name
+        return params
+
     def __str__(self) -> str:
         return self.name
 
@@ -163,6 +174,11 @@ def parse_fast(value) -> FastMode:
     if bad:
         raise SamplingError(f"fast: unknown mode {bad[0]!r}; expected one of {', '.join(METHODS)}")
     return FastMode(**{name: _method(name, params) for name, params in value.items()})
+
+
+def fast_setting(value, family: str, supported: tuple):
+    """A `fast` setting checked for `family` (resolve_settings), kept in its JSON-able form."""
+    return check_fast(value, family, supported).spec
 
 
 def check_fast(value, family: str, supported: tuple) -> FastMode:

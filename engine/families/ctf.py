@@ -42,7 +42,7 @@ from ..core.rng import check_generator
 from .record import Family
 from .discrete import BAETokens
 from .elm import (CFG_SCHEDULES, ARBatcher, ARImage, ClassGrid, LlamaSizes, _check_number, _check_schedule,
-                  cfg_at, check_draws, draw)
+                  cfg_at, check_draws, draw, refuse_speculative)
 
 FAMILY_NAME = "ctf"
 # fast= modes (engine.core.fast): speculative Jacobi decoding of the first (coarse AR) stage.
@@ -415,7 +415,7 @@ class CTFModel(BAETokens):
 
         defaults = {"num_iter": None, "cfg_schedule": "constant", **PAPER_SAMPLING, "fast": "exact"}
         checks = {"num_iter": image_length, "cfg": pair, "temperature": pair, "top_k": pair, "top_p": pair,
-                  "cfg_schedule": _check_schedule, "fast": self.check_fast}
+                  "cfg_schedule": _check_schedule, "fast": self.fast_setting}
         settings = resolve_settings(given, defaults, checks, sampling_from_json(self.sampling_defaults))
         del settings["num_iter"]   # checked only: stage 1 always samples the whole grid
         return settings
@@ -527,6 +527,7 @@ class CTFBatcher(ARBatcher):
 
     def add(self, label=None, texts=None, settings=None, generator=None) -> CTFImage:
         model, s = self.model, settings
+        refuse_speculative(model, s)
         row = int(model._labels(None if label is None else [label], 1)[0])
         stages = {name: per_stage(s[name]) for name in ("cfg", "temperature", "top_k", "top_p")}
         cfg1, cfg2 = (float(_check_number("cfg", v)) for v in stages["cfg"])

@@ -24,6 +24,10 @@ class BAETokens:
         """`fast=` parsed, refused when it names a mode this family does not have."""
         return check_fast(fast, self.family, self.fast_modes)
 
+    def fast_setting(self, fast):
+        """The `fast` setting of resolve_settings: checked, in its JSON-able form (a name or a dict)."""
+        return check_fast(fast, self.family, self.fast_modes).spec
+
     @property
     def num_classes(self) -> int:
         return self.config.num_classes

@@ -541,7 +541,7 @@ class ELMModel(BAETokens):
 
         checks = {"num_iter": image_length, "cfg": lambda v: _check_number("cfg", v),
                   "cfg_schedule": _check_schedule, "temperature": lambda v: _check_number("temperature", v, True),
-                  "top_k": check_top_k, "top_p": check_top_p, "fast": self.check_fast}
+                  "top_k": check_top_k, "top_p": check_top_p, "fast": self.fast_setting}
         return resolve_settings(given, self.DEFAULTS, checks, self.sampling_defaults)
 
     def batcher(self, max_images: int = 32) -> "ELMBatcher":
@@ -771,6 +771,14 @@ def draw(images: list, logits: list, n_draws: int, vocab: int, device) -> None:
             im.k += 1
 
 
+def refuse_speculative(model, settings) -> None:
+    """A batcher's images advance one token per step in a shared pass: fast="speculative" (a
+    window per image, verified and redrafted) cannot join it."""
+    if not model.check_fast(settings.get("fast")).exact:
+        raise SamplingError(f"fast: {settings.get('fast')!r} cannot run in a shared batch (serving): "
+                            f"{model.family} images in flight advance one token per step; use fast='exact'")
+
+
 def check_draws(images: list) -> None:
     """One host sync for finished images: non-finite probabilities are never returned silently."""
     if not all(bool(im.ok) for im in images if im.ok is not None):
@@ -783,6 +791,7 @@ class ELMBatcher(ARBatcher):
 
     def add(self, label=None, texts=None, settings=None, generator=None) -> ARImage:
         model, s = self.model, settings
+        refuse_speculative(model, s)
         row = model._labels(None if label is None else [label], 1, allow_null=False)
         num_iter, cfg = s["num_iter"], float(s["cfg"])
         scales = None

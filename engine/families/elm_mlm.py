@@ -425,7 +425,7 @@ class ELMMLMModel(BAETokens):
                   "cfg": lambda v: v if isinstance(v, (list, tuple)) else _check_number("cfg", v),
                   "cfg_schedule": lambda v: v if isinstance(v, (list, tuple)) else _check_schedule(v),
                   "temperature": lambda v: v if isinstance(v, (list, tuple)) else _check_number("temperature", v, 0),
-                  "top_k": check_top_k, "top_p": check_top_p, "fast": self.check_fast}
+                  "top_k": check_top_k, "top_p": check_top_p, "fast": self.fast_setting}
         return resolve_settings(given, self.DEFAULTS, checks, self.sampling_defaults)
 
     def batcher(self, max_images: int = 32) -> "MLMBatcher":

@@ -46,7 +46,7 @@ from ..core.plan import check_count
 
 MAX_SEED = 2 ** 63 - 1
 MAX_IMAGES_PER_REQUEST = 16     # default cap on `n` (Scheduler(max_images_per_request=...))
-SETTINGS = ("num_iter", "cfg", "cfg_schedule", "temperature", "top_k", "top_p")   # Request fields
+SETTINGS = ("num_iter", "cfg", "cfg_schedule", "temperature", "top_k", "top_p", "fast")   # Request fields
 
 
 class ServingError(EngineError):
@@ -106,6 +106,10 @@ class Request:
     temperature: float | None = None
     top_k: int | None = None        # binary-token families
     top_p: float | None = None
+    # fast= mode (engine.core.fast; None: the model's default, exact). Per request: "disa"
+    # images share batches with exact ones (grouped by head length); "lazy" and "speculative"
+    # keep per-call state and are refused by the batcher (docs/fast.md).
+    fast: object = None
     seed: int | None = None
     timeout: float | None = None
     request_id: str | None = None
