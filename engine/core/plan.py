@@ -168,6 +168,8 @@ def build_plan(bsz: int, num_iter: int, seq_len: int, cfg=1.0, cfg_schedule="lin
         fast = None
     if fast is not None and fast.disa is not None and model_steps is None:
         raise SamplingError("fast: disa needs the model's diffusion step count (model_steps)")
+    if fast is None or fast.disa is None:
+        model_steps = None   # an exact plan is the same object whatever head it runs
     return _build_plan(bsz, num_iter, int(seq_len), cfgs, schedules, fast, model_steps)
 
 

@@ -181,7 +181,7 @@ def test_speculative_is_the_fast_mode_of_elm_ar_and_others_are_refused():
         model.sample_tokens(1, labels=[0], fast={"speculative": {"window": 0}})
     with pytest.raises(SamplingError, match="fast: speculative has no parameter 'size'"):
         model.sample_tokens(1, labels=[0], fast={"speculative": {"size": 3}})
-    assert model.resolve_settings(fast="speculative")["fast"].name == "speculative"
+    assert model.resolve_settings(fast="speculative")["fast"] == "speculative"
     exact = model.sample_tokens(2, labels=[0, 1], generator=torch.Generator().manual_seed(0), fast="exact")
     default = model.sample_tokens(2, labels=[0, 1], generator=torch.Generator().manual_seed(0))
     assert torch.equal(exact, default)
