@@ -69,6 +69,8 @@ class Model:
         head = self._heads.get(steps)
         if head is None:
             head = self._heads[steps] = self.head.retimed(make_tables(str(steps)))
+            self.backend.prepare(head)   # bound now, not inside a traced or captured step
+            self.backend.prepare(self.head)
         return head
 
     @property

@@ -86,6 +86,9 @@ class TritonBackend(HeadBackend):
                                                                "table": vec(head.table), "steps": head.num_steps}))
             self._w, self._head = variants[id(head)][1], head
             return
+        if getattr(self, "_base", None) is head:   # packed already: back from a retimed head
+            self._w, self._head = self._base_w, head
+            return
         d = head.depth
         self._w = SimpleNamespace(
             cond_w=mat(head.cond_weight), cond_b=vec(head.cond_bias),
