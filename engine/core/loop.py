@@ -97,9 +97,9 @@ def lazy_pass(model, plan, step, tokens, orders, context, lazy: LazyCache) -> to
 
     A lazy step runs the transformer on the conditional half only; the unconditional rows are
     the conditional ones plus the difference cached at the last full step. A full step followed
-    by a lazy one runs both halves over every still-unknown position (this step's and every later
-    step's: the cache then covers whatever a lazy step predicts) and caches their difference.
-    Static shapes: the counts are the plan's."""
+    by lazy ones runs both halves over its own positions and those the lazy steps will predict
+    (`step.cache_after`: a contiguous span of the order) and caches their difference. Static
+    shapes: the counts are the plan's."""
     bsz = plan.bsz
     known = torch.sort(orders[:, step.unknown_before:], dim=1).values
     predict = torch.sort(orders[:, step.unknown_after:step.unknown_before], dim=1).values
@@ -107,7 +107,7 @@ def lazy_pass(model, plan, step, tokens, orders, context, lazy: LazyCache) -> to
         cond = tuple(t[:bsz] if t.shape[0] == 2 * bsz else t for t in context)
         z_cond = transformer_pass(model, tokens, known, predict, cond)
         return torch.cat([z_cond, z_cond + _rows(lazy.diff, predict)])
-    unknown = torch.sort(orders[:, :step.unknown_before], dim=1).values
+    unknown = torch.sort(orders[:, step.cache_after:step.unknown_before], dim=1).values
     z = transformer_pass(model, torch.cat([tokens, tokens]), known.repeat(2, 1), unknown.repeat(2, 1), context)
     z_cond, z_null = z.chunk(2)
     dim = z.shape[-1]

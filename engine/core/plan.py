@@ -31,6 +31,7 @@ class PlanStep:
     head_steps: int | None = None   # diffusion steps of this step's head (fast "disa"); None: the model's
     lazy: bool = False    # fast "lazy": reuse the cached features of the previous full step
     refresh: bool = False  # fast "lazy": a full step whose next step is lazy (it fills the caches)
+    cache_after: int = 0   # refresh steps: unknown_after of the last lazy step they fill the cache for
 
     @property
     def num_predict(self) -> int:
@@ -193,6 +194,10 @@ def _build_plan(bsz, num_iter, seq_len, cfgs, schedules, fast=None, model_steps=
         # A lazy step reuses the previous step's caches: never the first step of a plan.
         lazy = bool(fast is not None and fast.lazy is not None and steps and not fast.lazy.fresh(s, num_iter))
         steps.append(PlanStep(s, before, after, mask_len, scales, head_steps, lazy))
-    steps = [dataclasses.replace(st, refresh=True) if not st.lazy and i + 1 < len(steps) and steps[i + 1].lazy
-             else st for i, st in enumerate(steps)]
+    for i, st in enumerate(steps):   # a full step before lazy ones caches what they will read
+        if not st.lazy and i + 1 < len(steps) and steps[i + 1].lazy:
+            j = i + 1
+            while j + 1 < len(steps) and steps[j + 1].lazy:
+                j += 1
+            steps[i] = dataclasses.replace(st, refresh=True, cache_after=steps[j].unknown_after)
     return SamplingPlan(bsz, num_iter, seq_len, cfgs, schedules, tuple(steps), fast)
