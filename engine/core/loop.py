@@ -73,8 +73,9 @@ class LazyCache:
     (LazyMAR's condition redundancy). Memory: B * L * D * 4 bytes (MAR-B at batch 16: 16 * 256 *
     768 * 4 = 12.6 MB)."""
 
-    def __init__(self, bsz: int, seq_len: int, dim: int, device):
+    def __init__(self, bsz: int, seq_len: int, dim: int, device, encoder=None):
         self.diff = torch.zeros(bsz, seq_len, dim, device=device)
+        self.encoder = encoder   # the family's encoder cache (token redundancy), None without one
 
     @staticmethod
     def wanted(model, plan) -> bool:
@@ -85,7 +86,9 @@ class LazyCache:
     def of(cls, model, plan) -> "LazyCache | None":
         if not cls.wanted(model, plan):
             return None
-        return cls(plan.bsz, plan.seq_len, model.head.cond_weight.shape[1], model.device)
+        new_cache = getattr(model.mar, "new_encoder_cache", None)
+        encoder = None if new_cache is None else new_cache(plan.bsz, model.device)
+        return cls(plan.bsz, plan.seq_len, model.head.cond_weight.shape[1], model.device, encoder)
 
 
 def _rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -103,18 +106,37 @@ def lazy_pass(model, plan, step, tokens, orders, context, lazy: LazyCache) -> to
     bsz = plan.bsz
     known = torch.sort(orders[:, step.unknown_before:], dim=1).values
     predict = torch.sort(orders[:, step.unknown_after:step.unknown_before], dim=1).values
+    cond = tuple(t[:bsz] if t.shape[0] == 2 * bsz else t for t in context)
     if step.lazy:
-        cond = tuple(t[:bsz] if t.shape[0] == 2 * bsz else t for t in context)
-        z_cond = transformer_pass(model, tokens, known, predict, cond)
+        if lazy.encoder is not None:   # token redundancy: the encoder on the newly known tokens only
+            new = torch.sort(orders[:, step.unknown_before:step.unknown_before + step.new_known], dim=1).values
+            z_cond = _autocast_pass(model, tokens, lambda m: m.decode(
+                m.encode_cached(tokens, known, new, cond[0], lazy.encoder), known, predict))
+        else:
+            z_cond = transformer_pass(model, tokens, known, predict, cond)
         return torch.cat([z_cond, z_cond + _rows(lazy.diff, predict)])
     unknown = torch.sort(orders[:, step.cache_after:step.unknown_before], dim=1).values
-    z = transformer_pass(model, torch.cat([tokens, tokens]), known.repeat(2, 1), unknown.repeat(2, 1), context)
+    if lazy.encoder is not None:   # the conditional half's encoder fills the cache
+        null = tuple(t[bsz:] if t.shape[0] == 2 * bsz else t for t in context)
+        z = _autocast_pass(model, tokens, lambda m: m.decode(
+            torch.cat([m.encode_cached(tokens, known, known, cond[0], lazy.encoder),
+                       m.encode(tokens, known, null[0])]), known.repeat(2, 1), unknown.repeat(2, 1)))
+    else:
+        z = transformer_pass(model, torch.cat([tokens, tokens]), known.repeat(2, 1), unknown.repeat(2, 1), context)
     z_cond, z_null = z.chunk(2)
     dim = z.shape[-1]
     lazy.diff.scatter_(1, unknown.unsqueeze(-1).expand(-1, -1, dim), z_null - z_cond)
     full = torch.zeros(2 * bsz, plan.seq_len, dim, device=z.device, dtype=z.dtype)
     full.scatter_(1, unknown.repeat(2, 1).unsqueeze(-1).expand(-1, -1, dim), z)
     return _rows(full, predict.repeat(2, 1))
+
+
+def _autocast_pass(model, tokens, fn) -> torch.Tensor:
+    """fn(model.mar) under the model's autocast, as transformer_pass runs the family's step."""
+    autocast = model.autocast_dtype
+    with torch.autocast(tokens.device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
+        z = fn(model.mar)
+    return z.float()
 
 
 def run_steps(count: int, step, progress: bool = False, desc: str = "sampling", unit: str = "step") -> None:

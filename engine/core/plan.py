@@ -32,6 +32,7 @@ class PlanStep:
     lazy: bool = False    # fast "lazy": reuse the cached features of the previous full step
     refresh: bool = False  # fast "lazy": a full step whose next step is lazy (it fills the caches)
     cache_after: int = 0   # refresh steps: unknown_after of the last lazy step they fill the cache for
+    new_known: int = 0     # lazy steps: tokens that became known at the previous step
 
     @property
     def num_predict(self) -> int:
@@ -200,4 +201,6 @@ def _build_plan(bsz, num_iter, seq_len, cfgs, schedules, fast=None, model_steps=
             while j + 1 < len(steps) and steps[j + 1].lazy:
                 j += 1
             steps[i] = dataclasses.replace(st, refresh=True, cache_after=steps[j].unknown_after)
+        if st.lazy:
+            steps[i] = dataclasses.replace(st, new_known=steps[i - 1].num_predict)
     return SamplingPlan(bsz, num_iter, seq_len, cfgs, schedules, tuple(steps), fast)

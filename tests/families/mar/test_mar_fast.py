@@ -37,17 +37,52 @@ def test_exact_and_default_give_the_same_tokens(digits):
     assert torch.equal(images, engine.generate(digits, [1, 2], num_iter=4, generator=gens(2), output_type="pt"))
 
 
+def restated_encoder(mar, tokens, known, rows, class_emb, cache):
+    """LazyMAR's encoder re-stated with masks over all buffer + L rows: the rows `rows`
+    (positions) and the buffer are computed and their keys / values / outputs written into
+    `cache`; every row attends to the cached keys of the buffer and the `known` positions.
+    Returns the output rows of the buffer and `known`, the others read from the cache."""
+    c = mar.config
+    buf, length, e, heads = c.buffer_size, c.seq_len, c.encoder_embed_dim, c.encoder_num_heads
+    b, hd = tokens.shape[0], e // heads
+    pos = mar.encoder_pos_embed_learned
+    x = mar.z_proj_ln(torch.cat([class_emb[:, None] + pos[:, :buf], mar.z_proj(tokens) + pos[:, buf:]], 1))
+    compute = torch.zeros(b, buf + length, dtype=torch.bool)
+    compute[:, :buf] = True
+    compute.scatter_(1, rows + buf, True)
+    visible = torch.zeros_like(compute)
+    visible[:, :buf] = True
+    visible.scatter_(1, known + buf, True)
+    if not cache:
+        cache.update(k=[torch.zeros(b, heads, buf + length, hd) for _ in mar.encoder_blocks],
+                     v=[torch.zeros(b, heads, buf + length, hd) for _ in mar.encoder_blocks],
+                     out=torch.zeros(b, buf + length, e))
+    for i, block in enumerate(mar.encoder_blocks):
+        q, k, v = block.attn.qkv(block.norm1(x)).reshape(b, -1, 3, heads, hd).permute(2, 0, 3, 1, 4)
+        cache["k"][i] = torch.where(compute[:, None, :, None], k, cache["k"][i])
+        cache["v"][i] = torch.where(compute[:, None, :, None], v, cache["v"][i])
+        scores = (q @ cache["k"][i].transpose(-1, -2)) * hd ** -0.5
+        attn = torch.softmax(scores.masked_fill(~visible[:, None, None, :], float("-inf")), -1)
+        x = x + block.attn.proj((attn @ cache["v"][i]).transpose(1, 2).reshape(b, -1, e))
+        x = x + block.mlp(block.norm2(x))
+    cache["out"] = torch.where(compute[..., None], mar.encoder_norm(x), cache["out"])
+    keep = torch.cat([torch.arange(buf).expand(b, -1), known + buf], 1)
+    return torch.gather(cache["out"], 1, keep[..., None].expand(-1, -1, e))
+
+
 def restated_sample(model, labels, num_iter, cfg, generator, disa=None, lazy=None):
     """MAR's masked loop written out with DiSA's per-step head (DiffLoss.sample: the step's
     respacing `str(steps)`, p_sample_loop) and LazyMAR's condition redundancy (lazy steps: the
-    conditional half only; null = cond + the difference cached at the last full step, cached
-    for every position). One generator, the engine's draw order."""
+    conditional half only, its encoder on the buffer and the tokens predicted at the step
+    before, over keys / values cached at the last full step; null = cond + the difference
+    cached at the last full step, for every position). One generator, the engine's draw order."""
     bsz, dim, seq_len = len(labels), model.config.token_dim, model.config.seq_len
     plan = build_plan(bsz, num_iter, seq_len, cfg)
     orders = sample_orders(bsz, seq_len, generator, "cpu")
     condition = Condition.labels(labels, bsz, model.config.class_num, "cpu")
     context = model.mar.step_context(condition, bsz, True, model.mar.grid())
     tokens = torch.zeros(bsz, seq_len, dim)
+    cache, previous = {}, None
     diff = torch.zeros(bsz, seq_len, model.config.decoder_embed_dim)
     clip = model.config.clip_range if model.config.clip_denoised else None
     for step in plan.steps:
@@ -59,11 +94,17 @@ def restated_sample(model, labels, num_iter, cfg, generator, disa=None, lazy=Non
         everything = torch.sort(orders[:, :step.unknown_before], 1).values
         is_lazy = lazy is not None and s > 0 and not lazy.fresh(s, num_iter)
         if is_lazy:
-            zc = transformer_pass(model, tokens, known, predict, (context[0][:bsz],))
+            x_cond = restated_encoder(model.mar, tokens, known, previous, context[0][:bsz], cache)
+            zc = model.mar.decode(x_cond, known, predict)
             zn = zc + torch.gather(diff, 1, predict[..., None].expand(-1, -1, diff.shape[-1]))
+        elif lazy is not None:
+            x = torch.cat([restated_encoder(model.mar, tokens, known, known, context[0][:bsz], cache),
+                           model.mar.encode(tokens, known, context[0][bsz:])])
+            z_all = model.mar.decode(x, known.repeat(2, 1), everything.repeat(2, 1))
         else:
             z_all = transformer_pass(model, torch.cat([tokens, tokens]), known.repeat(2, 1),
                                      everything.repeat(2, 1), context)
+        if not is_lazy:
             zc_all, zn_all = z_all.chunk(2)
             diff.scatter_(1, everything[..., None].expand(-1, -1, diff.shape[-1]), zn_all - zc_all)
             pick = lambda z: torch.stack([z[b][torch.isin(everything[b], predict[b])] for b in range(bsz)])  # noqa: E731
@@ -73,6 +114,7 @@ def restated_sample(model, labels, num_iter, cfg, generator, disa=None, lazy=Non
         scales = torch.tensor(step.cfg_scales).repeat_interleave(step.num_predict)
         out = model.backend.head_loop(head, z, x, noise, scales, 1.0)
         tokens.scatter_(1, predict[..., None].expand(-1, -1, dim), out.view(bsz, -1, dim))
+        previous = predict
     return model.mar.unpatchify(tokens, model.mar.grid())
 
 
