@@ -59,7 +59,8 @@ def load(name):
 def conditions(model, n):
     if model.conditioning == "text":
         from engine.builtin.geneval import default_prompts
-        prompts = default_prompts(max(1, n // 4), 0)[:n]
+        prompts = default_prompts(n, 0)[:n]   # n per category: at least n in all
+        assert len(prompts) == n
         return {"prompts": prompts}
     return {"labels": [i % 10 for i in range(n)]}
 
@@ -190,6 +191,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="fewer images and repeats (a smoke run)")
     p.add_argument("--skip-mar-b", action="store_true")
+    p.add_argument("--mar-b-only", action="store_true",
+                   help="run the MAR-B cases only and add them to an existing results file (--out)")
+    p.add_argument("--mar-b-threads", type=int, default=None, help="threads of the MAR-B cases (default --threads)")
     p.add_argument("--only", nargs="+", default=None, choices=sorted(MODES))
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=str(RESULTS / "fast_modes.json"))
@@ -198,7 +202,9 @@ def main(argv=None):
     n, reps, single = (20, 1, 3) if args.quick else (100, 3, 10)
     per_class, per_category = (10, 10) if args.quick else (100, 50)
     report = {"stamp": machine_stamp(), "protocol": __doc__, "models": {}, "mar_b": []}
-    for name in args.only or MODES:
+    if args.mar_b_only:
+        report = json.loads(Path(args.out).read_text())
+    for name in ([] if args.mar_b_only else args.only or MODES):
         model = load(name)
         modes = MODES[name]
         print(f"{name} ({model.family}, backend {model.backend_name}, settings {model.sampling_defaults})", flush=True)
@@ -218,8 +224,9 @@ def main(argv=None):
                   f"{q}", flush=True)
         report["models"][name] = entry
     if not args.skip_mar_b:
-        for bsz in (1, 16):
-            report["mar_b"].append(mar_b_case(bsz, ["exact", "disa", "lazy", "disa+lazy"]))
+        torch.set_num_threads(args.mar_b_threads or args.threads)
+        report["mar_b_stamp"] = machine_stamp()
+        report["mar_b"] = [mar_b_case(bsz, ["exact", "disa", "lazy", "disa+lazy"]) for bsz in (1, 16)]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1) + "\n")
