@@ -158,7 +158,7 @@ def plot(report, path):
 
     fig, (ax_acc, ax_fd) = plt.subplots(1, 2, figsize=(11, 4.2))
     for name, r in report["models"].items():
-        pts = [(m["speedup"], m.get("quality", {}), mode) for mode, m in r["modes"].items()]
+        pts = sorted(((m["speedup"], m.get("quality", {}), mode) for mode, m in r["modes"].items()), key=lambda t: t[0])
         if name == "digits-text":
             xs = [p[0] for p in pts]
             ys = [100 * p[1].get("geneval_overall", float("nan")) for p in pts]
@@ -194,11 +194,18 @@ def main(argv=None):
     p.add_argument("--mar-b-only", action="store_true",
                    help="run the MAR-B cases only and add them to an existing results file (--out)")
     p.add_argument("--mar-b-threads", type=int, default=None, help="threads of the MAR-B cases (default --threads)")
+    p.add_argument("--replot", action="store_true", help="only redraw the plot and table from --out")
     p.add_argument("--only", nargs="+", default=None, choices=sorted(MODES))
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=str(RESULTS / "fast_modes.json"))
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.replot:
+        report = json.loads(Path(args.out).read_text())
+        plot(report, PLOT)
+        Path(args.out).with_suffix(".md").write_text(table(report))
+        print(table(report))
+        return
     n, reps, single = (20, 1, 3) if args.quick else (100, 3, 10)
     per_class, per_category = (10, 10) if args.quick else (100, 50)
     report = {"stamp": machine_stamp(), "protocol": __doc__, "models": {}, "mar_b": []}
