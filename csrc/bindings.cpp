@@ -20,6 +20,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            pybind11::arg("noise"), pybind11::arg("cfg_scale"), pybind11::arg("temperature"),
            pybind11::call_guard<pybind11::gil_scoped_release>())
       .def("chunk_steps", &engine_native::HeadPlan::chunk_steps)
+      .def("retimed", &engine_native::HeadPlan::retimed, pybind11::arg("time_emb"), pybind11::arg("table"))
       .def("describe", &engine_native::HeadPlan::describe)
       .def_property_readonly("width", &engine_native::HeadPlan::width)
       .def_property_readonly("depth", &engine_native::HeadPlan::depth)

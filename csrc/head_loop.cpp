@@ -330,6 +330,20 @@ std::string HeadPlan::describe() const {
   return s.str();
 }
 
+HeadPlan HeadPlan::retimed(const at::Tensor& time_emb, const at::Tensor& table) const {
+  HeadPlan plan = *this;
+  plan.time_emb_ = time_emb.detach().to(at::kFloat).contiguous();
+  plan.table_ = table.detach().to(at::kFloat).contiguous();
+  TORCH_CHECK(plan.time_emb_.device().is_cpu() && plan.table_.device().is_cpu(),
+              "engine native: retimed tables must be on the CPU");
+  TORCH_CHECK(plan.table_.dim() == 2 && plan.table_.size(1) == 7, "engine native: table must be [T, 7]");
+  plan.num_steps_ = plan.table_.size(0);
+  TORCH_CHECK(plan.time_emb_.dim() == 2 && plan.time_emb_.size(0) == plan.num_steps_ &&
+                  plan.time_emb_.size(1) == width_,
+              "engine native: time_emb must be [T, w]");
+  return plan;
+}
+
 at::Tensor HeadPlan::run(const at::Tensor& z_in, const at::Tensor& x_in, const at::Tensor& noise_in,
                          const std::optional<at::Tensor>& cfg_in, const at::Tensor& temp_in) const {
   TORCH_CHECK(z_in.device().is_cpu() && x_in.device().is_cpu() && noise_in.device().is_cpu(),

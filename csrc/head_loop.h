@@ -83,6 +83,9 @@ class HeadPlan {
   int64_t token_dim() const { return token_dim_; }
   int64_t num_steps() const { return num_steps_; }
   int64_t chunk_steps(int64_t rows) const;
+  // The same packed weights (shared: the Gemms hold tensor handles) with another respacing's
+  // time rows [T', w] and coefficient table [T', 7] (DiSA's per-step diffusion schedules).
+  HeadPlan retimed(const at::Tensor& time_emb, const at::Tensor& table) const;
 
  private:
   template <typename T>

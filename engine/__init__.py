@@ -124,7 +124,8 @@ def sampling_settings(model, **given) -> dict:
 def generate(model: Model, labels=None, vae=None, num_images: int | None = None, num_iter=None,
              cfg=None, cfg_schedule=None, temperature=None, generator=None, progress: bool = False,
              output_type: str = "pil", prompts=None, text_encoder=None, texts=None,
-             height: int | None = None, width: int | None = None, bae=None, top_k=None, top_p=None):
+             height: int | None = None, width: int | None = None, bae=None, top_k=None, top_p=None,
+             fast=None):
     """Images for `labels` (class-conditional models; labels=None with `num_images` for
     unconditional ones) or for `prompts` (text-to-image models: encoded by `text_encoder`, or
     the model's own; or pass the encoder output as `texts`).
@@ -135,13 +136,15 @@ def generate(model: Model, labels=None, vae=None, num_images: int | None = None,
     channels] in [0, 1]; "pt": float tensor [N, channels, H, W] in [0, 1]. `vae` decodes
     latent-token models (engine.load_vae); pixel models need none. Models with binary tokens
     (ELM's, CTF) decode with `bae=engine.load_bae(path)` (or the one they ship) and also take
-    `top_k` / `top_p`."""
+    `top_k` / `top_p`. `fast`: "exact" (the default: the published tokens) or an approximate
+    mode the family has ("disa", "lazy", "speculative", joined by "+", or a dict of their
+    parameters; docs/fast.md)."""
     from .images import OUTPUT_TYPES, convert_output
 
     if output_type not in OUTPUT_TYPES:
         raise SamplingError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
     settings = {"num_iter": num_iter, "cfg": cfg, "cfg_schedule": cfg_schedule, "temperature": temperature,
-                "top_k": top_k, "top_p": top_p}
+                "top_k": top_k, "top_p": top_p, "fast": fast}
     images = model.generate_images(labels=labels, num_images=num_images, generator=generator, progress=progress,
                                    vae=vae, bae=bae, prompts=prompts, texts=texts, text_encoder=text_encoder,
                                    height=height, width=width, **settings)

@@ -86,3 +86,19 @@ def add_setting_arguments(parser) -> None:
     parser.add_argument("--temperature", type=float, default=None, help="(default: the model's, or 1)")
     parser.add_argument("--top-k", type=int, default=None, help="top-k of the categorical draw (binary-token models)")
     parser.add_argument("--top-p", type=float, default=None, help="top-p of the categorical draw (binary-token models)")
+    parser.add_argument("--fast", type=fast_argument, default=None,
+                        help="approximate sampling: exact (default), disa, lazy, speculative, joined by '+', "
+                             "or a JSON object of their parameters, e.g. '{\"disa\": {\"lower\": 8}}' "
+                             "(docs/fast.md; each family has its own)")
+
+
+def fast_argument(value: str):
+    """--fast: a mode string, or a JSON object {method: {parameter: value}}."""
+    import json
+
+    if value.strip().startswith("{"):
+        try:
+            return json.loads(value)
+        except ValueError:
+            pass   # refused by the family's check, one line naming fast
+    return value

@@ -57,7 +57,8 @@ def _sample(args) -> int:
             else "binary tokens: pass --bae (ELM's binaryae_ema.th)"
         raise EngineError(f"this model generates {what}, or --out x.npz to save the tokens")
     settings = model.resolve_settings(num_iter=args.num_iter, cfg=args.cfg, cfg_schedule=args.cfg_schedule,
-                                      temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+                                      temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                      fast=args.fast)
     if text_model:
         encoder = engine.load_text_encoder(args.text_encoder, max_length=model.config.max_length,
                                            device=args.device) if args.text_encoder else None

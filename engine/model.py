@@ -7,6 +7,7 @@ import torch
 from .backends import get_backend
 from .core.conditioning import Condition
 from .core.protocol import each, labels_and_batch, resolve_settings
+from .core.fast import check_fast
 from .core.errors import ConfigError, SamplingError
 from .ops.diffusion import make_tables
 from .ops.head import PackedHead
@@ -58,6 +59,19 @@ class Model:
                 and self.precision in ("fp32", "bf16"))
         self.mar.pack_linears(PRECISIONS[self.precision] if pack else None)
         self._graph_cache = {}  # captured plans hold the old weights and backend: drop them
+        self._heads = {}        # retimed heads of fast "disa", by diffusion step count
+
+    def head_for(self, steps: int | None):
+        """The head of a plan step: the model's own (steps None), or its weights with the
+        respacing of `steps` uniform steps (DiSA's `create_diffusion(timestep_respacing=str(steps))`)."""
+        if steps is None or steps == self.head.num_steps:
+            return self.head
+        head = self._heads.get(steps)
+        if head is None:
+            head = self._heads[steps] = self.head.retimed(make_tables(str(steps)))
+            self.backend.prepare(head)   # bound now, not inside a traced or captured step
+            self.backend.prepare(self.head)
+        return head
 
     @property
     def device(self) -> torch.device:
@@ -105,7 +119,17 @@ class Model:
 
     # The family protocol (engine/core/protocol.py) --------------------------------------------
     conditioning = "class"
-    DEFAULTS = {"num_iter": 64, "cfg": 1.0, "cfg_schedule": "linear", "temperature": 1.0}
+    DEFAULTS = {"num_iter": 64, "cfg": 1.0, "cfg_schedule": "linear", "temperature": 1.0, "fast": "exact"}
+    # The fast modes (engine.core.fast) the family takes: each family's module sets its own.
+    fast_modes: tuple = ()
+
+    def check_fast(self, fast):
+        """`fast=` parsed, refused when it names a mode this family does not have."""
+        return check_fast(fast, self.family, self.fast_modes)
+
+    def fast_setting(self, fast):
+        """The `fast` setting of resolve_settings: checked, in its JSON-able form (a name or a dict)."""
+        return check_fast(fast, self.family, self.fast_modes).spec
 
     @property
     def decoder(self) -> str:
@@ -117,7 +141,8 @@ class Model:
 
     def setting_checks(self) -> dict:
         return {"num_iter": lambda v: check_count("num_iter", v, MAX_NUM_ITER), "cfg": each(check_cfg),
-                "cfg_schedule": each(check_schedule), "temperature": each(validate_temperature)}
+                "cfg_schedule": each(check_schedule), "temperature": each(validate_temperature),
+                "fast": self.fast_setting}
 
     def resolve_settings(self, **given) -> dict:
         return resolve_settings(given, self.DEFAULTS, self.setting_checks(), self.sampling_defaults)
@@ -181,7 +206,7 @@ class MaskedBatcher:
         s, model = settings, self.model
         condition = model.condition_of(label, texts)
         return InFlightImage(model, condition, model.mar.grid(), s["num_iter"], s["cfg"], s["cfg_schedule"],
-                             s["temperature"], generator)
+                             s["temperature"], generator, model.check_fast(s.get("fast")))
 
     def step(self, images: list) -> list:
         return advance(self.model, images)

@@ -31,6 +31,10 @@ def run(argv):
     (["--height", "32"], "--height / --width are for text-to-image models"),
     (["--classes", "10"], "label 10 is out of range"),
     (["--checkpoint", "/nonexistent.pth"], "checkpoint not found"),
+    (["--fast", "warp"], "fast: unknown mode 'warp'"),
+    (["--fast", "speculative"], "fast: mar models cannot use 'speculative'"),
+    (["--fast", "{\"disa\": {\"lower\": 0}}"], "fast: disa lower must be an integer"),
+    (["--fast", "{bad json"], "fast: unknown mode '{bad json'"),
 ])
 def test_user_errors_are_one_line(tmp_path, argv, message):
     argv = ["sample", *argv]
@@ -75,3 +79,18 @@ def test_images_do_not_depend_on_the_batch_size(tmp_path):
                                generator=[torch.Generator().manual_seed(6)])
     assert np.allclose(outs[0]["tokens"][1:2], want.numpy(), rtol=1e-5, atol=1e-5)
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []   # no temporaries left
+
+
+def test_fast_on_sample_and_evaluate(tmp_path):
+    out = tmp_path / "fast.npz"
+    assert main(["sample", "--classes", "1", "2", "--num-iter", "4", "--backend", "reference", "--seed", "3",
+                 "--fast", '{"disa": {"upper": 20}}', "--out", str(out)]) == 0
+    model = engine.load("digits", backend="reference")
+    want = model.sample_tokens(1, num_iter=4, labels=[2], cfg=model.sampling_defaults["cfg"],
+                               generator=[torch.Generator().manual_seed(4)], fast={"disa": {"upper": 20}})
+    assert np.allclose(np.load(out)["tokens"][1:2], want.numpy(), rtol=1e-5, atol=1e-5)
+    from engine.builtin.evaluate import run_sweep
+    report = run_sweep("digits", samples_per_class=1, cfgs=[2.0], num_iters=[2], backends=["reference"],
+                       log=None, fast="disa+lazy")
+    assert report["fast"] == "disa+lazy" and report["results"][0]["fast"] == "disa+lazy"
+    assert report["results"][0]["backend"] == "reference fast=disa+lazy"

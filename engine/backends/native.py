@@ -132,6 +132,7 @@ class NativeBackend(HeadBackend):
         self._plan_lock = threading.Lock()
         self._plan_id = 0
         self._release = None  # weakref.finalize dropping _PLANS[_plan_id]
+        self._retimed: dict = {}  # (base plan id, steps) -> (retimed head, plan id): fast "disa"
 
     # Availability ----------------------------------------------------------------------------
     def _build_error(self) -> str | None:
@@ -182,6 +183,8 @@ class NativeBackend(HeadBackend):
         self.plan_for(head)
 
     def plan_for(self, head):
+        if head.base is not None:
+            return self._retimed_plan(head)
         with self._plan_lock:
             if self._plan is None or self._plan_head is not head:
                 # Free the superseded plan before building the new one (lower peak memory).
@@ -195,13 +198,38 @@ class NativeBackend(HeadBackend):
                 self._plan, self._plan_head = plan, head
             return self._plan
 
+    def _retimed_plan(self, head):
+        """The plan of a retimed head (fast "disa"): the base plan's packed weights, shared, with
+        the head's own tables; one per step count, kept while the base plan lives."""
+        base = self.plan_for(head.base)
+        with self._plan_lock:
+            key = (self._plan_id, head.num_steps)
+            found = self._retimed.get(key)
+            if found is None or found[0] is not head:
+                plan = base.retimed(head.time_emb.detach().float().cpu(), head.table.detach().float().cpu())
+                plan_id = next(_next_plan_id)
+                _PLANS[plan_id] = plan
+                weakref.finalize(self, _PLANS.pop, plan_id, None)
+                found = self._retimed[key] = (head, plan_id)
+            return _PLANS[found[1]]
+
+    def _plan_id_of(self, head) -> int:
+        if head.base is None:
+            if self._plan_head is not head:  # bound in prepare(); traced calls skip the lock
+                self.plan_for(head)
+            return self._plan_id
+        found = self._retimed.get((self._plan_id, head.num_steps)) if self._plan_head is head.base else None
+        if found is None or found[0] is not head:
+            self._retimed_plan(head)
+            found = self._retimed[(self._plan_id, head.num_steps)]
+        return found[1]
+
     def head_loop(self, head, z, x, noise, cfg_scale, temperature):
-        if self._plan_head is not head:  # bound in prepare(); traced calls skip the lock
-            self.plan_for(head)
+        plan_id = self._plan_id_of(head)
         n = x.shape[0]  # numbers become [n] tensors: the same float32 value for every row
         cfg = row_param(cfg_scale, "cfg_scale", n, z.device, optional=True, as_tensor=True)
         temp = row_param(temperature, "temperature", n, z.device, as_tensor=True)
-        return native_head_loop(self._plan_id, z, x, noise, cfg, temp)
+        return native_head_loop(plan_id, z, x, noise, cfg, temp)
 
     def describe(self, head=None) -> str:
         if head is not None:

@@ -76,6 +76,19 @@ class TritonBackend(HeadBackend):
         def vec(t):
             return t.detach().float().contiguous()
 
+        base = head.weights
+        if head is not base:   # a retimed head (fast "disa"): the base's packed weights, its own tables
+            if getattr(self, "_base", None) is not base:
+                self.prepare(base)
+            variants = self._variants
+            if id(head) not in variants or variants[id(head)][0] is not head:
+                variants[id(head)] = (head, SimpleNamespace(**{**vars(self._base_w), "time_emb": vec(head.time_emb),
+                                                               "table": vec(head.table), "steps": head.num_steps}))
+            self._w, self._head = variants[id(head)][1], head
+            return
+        if getattr(self, "_base", None) is head:   # packed already: back from a retimed head
+            self._w, self._head = self._base_w, head
+            return
         d = head.depth
         self._w = SimpleNamespace(
             cond_w=mat(head.cond_weight), cond_b=vec(head.cond_bias),
@@ -91,7 +104,8 @@ class TritonBackend(HeadBackend):
         self._ops = SimpleNamespace(linear=linear_epilogue, silu=PRO_SILU, resblock=resblock,
                                     final=final_ddpm)
         ticket_counters(head.in_weight.device)   # not lazily inside a CUDA-graph capture
-        self._head = head
+        self._head = self._base = head
+        self._base_w, self._variants = self._w, {}
 
     # The loop ------------------------------------------------------------------------------
     @torch.no_grad()

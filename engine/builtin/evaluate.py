@@ -28,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .digits import NUM_CLASSES, load_split, per_class_subset
+from ..arguments import fast_argument
 from ..core.errors import EngineError
 
 CLASSIFIER_VERSION = 2  # 2: always trained on one thread (v1 depended on the thread count)
@@ -217,10 +218,11 @@ class SweepResult:
     fd: float = 0.0
     seconds: float = 0.0
     count: int = 0
+    fast: object = "exact"      # the fast= mode sampled with (engine.core.fast; a name or a dict)
 
 
 def generate_digits(model, samples_per_class: int, cfg: float, num_iter: int, temperature: float = 1.0,
-                    seed: int = 0, batch_size: int = 250, classes=None) -> tuple[torch.Tensor, torch.Tensor]:
+                    seed: int = 0, batch_size: int = 250, classes=None, fast="exact") -> tuple[torch.Tensor, torch.Tensor]:
     """(images [N, 1, S, S] in [-1, 1], labels [N]): `samples_per_class` of every class, class-major,
     drawn in fixed batches from one generator seeded with `seed`."""
     classes = list(range(NUM_CLASSES)) if classes is None else list(classes)
@@ -232,10 +234,10 @@ def generate_digits(model, samples_per_class: int, cfg: float, num_iter: int, te
         if getattr(model, "bae", None) is not None:   # BAE-token models: images in [0, 1] from their BAE
             import engine
             chunks.append(engine.generate(model, batch, num_iter=num_iter, cfg=cfg, temperature=temperature,
-                                          generator=generator, output_type="pt") * 2 - 1)
+                                          generator=generator, output_type="pt", fast=fast) * 2 - 1)
             continue
         chunks.append(model.sample_tokens(len(batch), num_iter=num_iter, cfg=cfg, labels=batch,
-                                          temperature=temperature, generator=generator).float().cpu())
+                                          temperature=temperature, generator=generator, fast=fast).float().cpu())
     return torch.cat(chunks).clamp(-1, 1), torch.tensor(labels)
 
 
@@ -262,7 +264,7 @@ def _load_model(checkpoint, backend: str, device: str, precision: str = "fp32"):
 
 def run_sweep(checkpoint="digits", samples_per_class: int = 20, cfgs=(1.0, 2.0, 4.0), num_iters=None,
               backends=None, temperature=None, seed: int = 0, device: str = "cpu", log=print,
-              precision: str = "fp32") -> dict:
+              precision: str = "fp32", fast="exact") -> dict:
     """Every (backend, cfg, num_iter); returns the report dict (also what --json writes).
     With a reduced `precision` the backends are labelled e.g. "native-bf16"."""
     from ..backends import available_backends
@@ -272,6 +274,7 @@ def run_sweep(checkpoint="digits", samples_per_class: int = 20, cfgs=(1.0, 2.0, 
         backends = available_backends(device) if hasattr(first, "head") else [first.backend_name]
         first = _load_model(checkpoint, backends[0], device, precision)
     backends = list(backends)
+    fast = first.fast_setting(fast)   # refused here, before any sampling, when the family lacks it
     defaults = first.sampling_defaults
     num_iters = list(num_iters) if num_iters else [int(defaults.get("num_iter", 16))]
     temperature = float(defaults.get("temperature", 1.0)) if temperature is None else float(temperature)
@@ -286,23 +289,24 @@ def run_sweep(checkpoint="digits", samples_per_class: int = 20, cfgs=(1.0, 2.0, 
     results = []
     for backend in backends:
         model = first if backend == backends[0] else _load_model(checkpoint, backend, device, precision)
-        label = model.backend_name + ("" if precision == "fp32" else f"-{precision}")
+        label = model.backend_name + ("" if precision == "fp32" else f"-{precision}") \
+            + ("" if fast == "exact" else f" fast={fast if isinstance(fast, str) else json.dumps(fast)}")
         for num_iter in num_iters:
             for cfg in cfgs:
                 start = time.time()
                 images, labels = generate_digits(model, samples_per_class, float(cfg), int(num_iter),
-                                                 temperature, seed)
+                                                 temperature, seed, fast=fast)
                 seconds = time.time() - start
                 m = evaluate_samples(ref, images, labels)
                 r = SweepResult(label, float(cfg), int(num_iter), temperature, m["accuracy"],
-                                m["per_class"], m["fd"], round(seconds, 2), len(labels))
+                                m["per_class"], m["fd"], round(seconds, 2), len(labels), fast)
                 results.append(r)
                 if log:
                     log(f"  {r.backend:>14s}  num_iter {r.num_iter:3d}  cfg {r.cfg:4.1f}  accuracy "
                         f"{r.accuracy:6.1%}  FD {r.fd:7.2f}  ({r.seconds:.1f}s)")
     return {
         "checkpoint": str(checkpoint), "samples_per_class": samples_per_class, "seed": seed,
-        "precision": precision,
+        "precision": precision, "fast": fast,
         "temperature": temperature, "sampling_defaults": defaults,
         "num_sampling_steps": getattr(first.config, "num_sampling_steps", None), "image_size": size,
         "classifier": ref.classifier_info, "real_vs_real_fd": ref.real_vs_real_fd,
@@ -395,7 +399,7 @@ def plot_report(report: dict, path) -> Path:
 def _run(args) -> int:
     torch.set_num_threads(args.threads) if args.threads else None
     report = run_sweep(args.checkpoint, args.samples_per_class, args.cfg, args.num_iter, args.backends,
-                       args.temperature, args.seed, args.device, precision=args.precision)
+                       args.temperature, args.seed, args.device, precision=args.precision, fast=args.fast)
     print()
     print(format_table(report))
     print()
@@ -430,6 +434,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
                    help="sampling precision of every backend (see engine.load)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--fast", type=fast_argument, default="exact",
+                   help="approximate sampling mode (docs/fast.md): exact (default), disa, lazy, speculative, "
+                        "joined by '+', or a JSON object of their parameters")
     p.add_argument("--out", default="report.png", help="PNG plot (accuracy and FD vs cfg)")
     p.add_argument("--json", default=None, help="also write the full report as JSON")
     p.set_defaults(func=_run)

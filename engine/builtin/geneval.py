@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from .digits_text import CATEGORIES, SLOT, Scene, parse_prompt, random_scene
+from ..arguments import fast_argument
 from ..core.errors import EngineError
 
 EMPTY_FRACTION = 0.3
@@ -98,7 +99,7 @@ def default_prompts(per_category: int, seed: int = 0) -> list[str]:
 
 
 def generate_canvases(model, prompts: list[str], cfg: float, num_iter: int, seed: int = 0,
-                      batch_size: int = 200, temperature=None) -> torch.Tensor:
+                      batch_size: int = 200, temperature=None, fast="exact") -> torch.Tensor:
     """[N, 1, 16, 32] in [-1, 1]; image i from its own generator seeded seed + i."""
     import engine
 
@@ -107,7 +108,8 @@ def generate_canvases(model, prompts: list[str], cfg: float, num_iter: int, seed
         batch = prompts[k:k + batch_size]
         generators = [torch.Generator().manual_seed(seed + k + i) for i in range(len(batch))]
         chunks.append(engine.generate(model, prompts=batch, cfg=cfg, num_iter=num_iter,
-                                      temperature=temperature, generator=generators, output_type="pt"))
+                                      temperature=temperature, generator=generators, output_type="pt",
+                                      fast=fast))
     return torch.cat(chunks) * 2 - 1
 
 
@@ -137,11 +139,12 @@ def _load(checkpoint, backend, device, precision):
 
 def run_report(checkpoint="digits-text", per_category: int = 50, cfgs=None, num_iters=None,
                backends=None, seed: int = 0, device="cpu", precision="fp32", prompts=None,
-               log=print) -> dict:
+               log=print, fast="exact") -> dict:
     from ..backends import available_backends
 
     backends = list(backends) if backends else available_backends(device)
     first = _load(checkpoint, backends[0], device, precision)
+    fast = first.fast_setting(fast)   # refused before sampling when the family lacks it
     defaults = first.sampling_defaults
     cfgs = list(cfgs) if cfgs else [float(defaults.get("cfg", 1.0))]
     num_iters = list(num_iters) if num_iters else [int(defaults.get("num_iter", 8))]
@@ -152,11 +155,12 @@ def run_report(checkpoint="digits-text", per_category: int = 50, cfgs=None, num_
     results = []
     for backend in backends:
         model = first if backend == backends[0] else _load(checkpoint, backend, device, precision)
-        label = model.backend_name + ("" if precision == "fp32" else f"-{precision}")
+        label = model.backend_name + ("" if precision == "fp32" else f"-{precision}") \
+            + ("" if fast == "exact" else f" fast={fast}")
         for num_iter in num_iters:
             for cfg in cfgs:
                 start = time.time()
-                images = generate_canvases(model, prompts, float(cfg), int(num_iter), seed)
+                images = generate_canvases(model, prompts, float(cfg), int(num_iter), seed, fast=fast)
                 r = {"backend": label, "cfg": float(cfg), "num_iter": int(num_iter),
                      **score(judge, images, prompts), "seconds": round(time.time() - start, 2)}
                 results.append(r)
@@ -165,7 +169,7 @@ def run_report(checkpoint="digits-text", per_category: int = 50, cfgs=None, num_
                     log(f"  {label:>14s}  num_iter {num_iter:3d}  cfg {cfg:4.1f}  overall "
                         f"{r['overall']:.3f}  ({cats})  {r['seconds']:.1f}s")
     return {"checkpoint": str(checkpoint), "per_category": per_category, "seed": seed,
-            "precision": precision, "sampling_defaults": defaults, "prompts": prompts,
+            "precision": precision, "fast": fast, "sampling_defaults": defaults, "prompts": prompts,
             "empty_below_ink": judge.empty_below, "faintest_real_ink": judge.faintest_real_ink,
             "classifier": judge.classifier_info, "results": results}
 
@@ -227,7 +231,7 @@ def _run(args) -> int:
     if args.per_category < 1:
         raise EngineError(f"--per-category must be positive, got {args.per_category}")
     report = run_report(args.checkpoint, args.per_category, args.cfg, args.num_iter, args.backends,
-                        args.seed, args.device, args.precision, prompts)
+                        args.seed, args.device, args.precision, prompts, fast=args.fast)
     print()
     print(format_table(report))
     if args.json:
@@ -256,6 +260,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--fast", type=fast_argument, default="exact",
+                   help="approximate sampling mode (docs/fast.md): exact (default), disa, lazy, disa+lazy, "
+                        "or a JSON object of their parameters")
     p.add_argument("--out", default=None, help="PNG plot of the scores against cfg")
     p.add_argument("--json", default=None, help="write the full report as JSON")
     p.add_argument("--markdown", default=None, help="write the table as markdown")

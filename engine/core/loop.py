@@ -46,20 +46,97 @@ def scatter_tokens(tokens, predict, out) -> None:
     tokens.scatter_(1, index, out.reshape(bsz, n, tokens.shape[-1]).to(tokens.dtype))
 
 
-def run_step(model, plan, step, tokens, orders, context, cfg_scales, temperatures, x, noise) -> None:
+def run_step(model, plan, step, tokens, orders, context, cfg_scales, temperatures, x, noise,
+             lazy=None) -> None:
     """One plan step, in place on `tokens [B, L, C]`: gather known and predicted positions,
     transformer pass, the backend's head loop, scatter. `cfg_scales` and `temperatures` are [B]
     (per image; expanded to the image's predicted rows). Static shapes, no host synchronisation:
-    this is what torch.compile(fullgraph=True) traces and what a CUDA graph captures."""
+    this is what torch.compile(fullgraph=True) traces and what a CUDA graph captures. `lazy`:
+    the call's LazyCache (fast "lazy" with CFG), else None."""
     bsz, n = plan.bsz, step.num_predict
     known, predict = plan.indices(step, orders)
-    tokens_in = torch.cat([tokens, tokens]) if plan.use_cfg else tokens
-    z = transformer_pass(model, tokens_in, known, predict, context)
+    if lazy is not None and (step.lazy or step.refresh):
+        z = lazy_pass(model, plan, step, tokens, orders, context, lazy)
+    else:
+        tokens_in = torch.cat([tokens, tokens]) if plan.use_cfg else tokens
+        z = transformer_pass(model, tokens_in, known, predict, context)
     z = z.reshape(-1, z.shape[-1])
     temperature_rows = temperatures[:, None].expand(bsz, n).reshape(-1)
     scale_rows = cfg_scales[:, None].expand(bsz, n).reshape(-1) if plan.use_cfg else None
-    out = model.backend.head_loop(model.head, z, x, noise, scale_rows, temperature_rows)
+    out = model.backend.head_loop(model.head_for(step.head_steps), z, x, noise, scale_rows, temperature_rows)
     scatter_tokens(tokens, predict[:bsz], out)
+
+
+class LazyCache:
+    """fast="lazy"'s static buffer of one call (with CFG): the guidance difference z_null - z_cond
+    of every position, [B, L, D] float32, written at each full step followed by a lazy one
+    (LazyMAR's condition redundancy). Memory: B * L * D * 4 bytes (MAR-B at batch 16: 16 * 256 *
+    768 * 4 = 12.6 MB)."""
+
+    def __init__(self, bsz: int, seq_len: int, dim: int, device, encoder=None):
+        self.diff = torch.zeros(bsz, seq_len, dim, device=device)
+        self.encoder = encoder   # the family's encoder cache (token redundancy), None without one
+
+    @staticmethod
+    def wanted(model, plan) -> bool:
+        return plan.use_cfg and plan.fast is not None and plan.fast.lazy is not None \
+            and any(s.lazy for s in plan.steps)
+
+    @classmethod
+    def of(cls, model, plan) -> "LazyCache | None":
+        if not cls.wanted(model, plan):
+            return None
+        new_cache = getattr(model.mar, "new_encoder_cache", None)
+        encoder = None if new_cache is None else new_cache(plan.bsz, model.device)
+        return cls(plan.bsz, plan.seq_len, model.head.cond_weight.shape[1], model.device, encoder)
+
+
+def _rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    return torch.gather(x, 1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def lazy_pass(model, plan, step, tokens, orders, context, lazy: LazyCache) -> torch.Tensor:
+    """z [2B, n, D] of a guided step under fast="lazy" (LazyMAR, github:feihongyan1/LazyMAR).
+
+    A lazy step runs the transformer on the conditional half only; the unconditional rows are
+    the conditional ones plus the difference cached at the last full step. A full step followed
+    by lazy ones runs both halves over its own positions and those the lazy steps will predict
+    (`step.cache_after`: a contiguous span of the order) and caches their difference. Static
+    shapes: the counts are the plan's."""
+    bsz = plan.bsz
+    known = torch.sort(orders[:, step.unknown_before:], dim=1).values
+    predict = torch.sort(orders[:, step.unknown_after:step.unknown_before], dim=1).values
+    cond = tuple(t[:bsz] if t.shape[0] == 2 * bsz else t for t in context)
+    if step.lazy:
+        if lazy.encoder is not None:   # token redundancy: the encoder on the newly known tokens only
+            new = torch.sort(orders[:, step.unknown_before:step.unknown_before + step.new_known], dim=1).values
+            z_cond = _autocast_pass(model, tokens, lambda m: m.decode(
+                m.encode_cached(tokens, known, new, cond[0], lazy.encoder), known, predict))
+        else:
+            z_cond = transformer_pass(model, tokens, known, predict, cond)
+        return torch.cat([z_cond, z_cond + _rows(lazy.diff, predict)])
+    unknown = torch.sort(orders[:, step.cache_after:step.unknown_before], dim=1).values
+    if lazy.encoder is not None:   # the conditional half's encoder fills the cache
+        null = tuple(t[bsz:] if t.shape[0] == 2 * bsz else t for t in context)
+        z = _autocast_pass(model, tokens, lambda m: m.decode(
+            torch.cat([m.encode_cached(tokens, known, known, cond[0], lazy.encoder),
+                       m.encode(tokens, known, null[0])]), known.repeat(2, 1), unknown.repeat(2, 1)))
+    else:
+        z = transformer_pass(model, torch.cat([tokens, tokens]), known.repeat(2, 1), unknown.repeat(2, 1), context)
+    z_cond, z_null = z.chunk(2)
+    dim = z.shape[-1]
+    lazy.diff.scatter_(1, unknown.unsqueeze(-1).expand(-1, -1, dim), z_null - z_cond)
+    full = torch.zeros(2 * bsz, plan.seq_len, dim, device=z.device, dtype=z.dtype)
+    full.scatter_(1, unknown.repeat(2, 1).unsqueeze(-1).expand(-1, -1, dim), z)
+    return _rows(full, predict.repeat(2, 1))
+
+
+def _autocast_pass(model, tokens, fn) -> torch.Tensor:
+    """fn(model.mar) under the model's autocast, as transformer_pass runs the family's step."""
+    autocast = model.autocast_dtype
+    with torch.autocast(tokens.device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
+        z = fn(model.mar)
+    return z.float()
 
 
 def run_steps(count: int, step, progress: bool = False, desc: str = "sampling", unit: str = "step") -> None:
@@ -77,13 +154,14 @@ def run_steps(count: int, step, progress: bool = False, desc: str = "sampling", 
 @torch.no_grad()
 def sample(model, bsz: int, condition: Condition, grid: tuple[int, int], num_iter: int = 64,
            cfg=1.0, cfg_schedule="linear", temperature=1.0, progress: bool = False,
-           generator=None) -> torch.Tensor:
+           generator=None, fast=None) -> torch.Tensor:
     """Tokens [B, L, C] of any masked family. `cfg`, `cfg_schedule` and `temperature` are shared
     or one per image; `generator` is None (published global RNGs), one torch.Generator, or one
-    per image (see engine.rng). `grid` is the token grid (h, w)."""
+    per image (see engine.rng). `grid` is the token grid (h, w). `fast`: a checked FastMode
+    (engine.core.fast) or None (exact)."""
     device, dim = model.device, model.config.token_dim
     seq_len = grid[0] * grid[1]
-    plan = build_plan(bsz, num_iter, seq_len, cfg, cfg_schedule)
+    plan = build_plan(bsz, num_iter, seq_len, cfg, cfg_schedule, fast, model.head.num_steps)
     temperatures = per_image("temperature", temperature, plan.bsz, validate_temperature)
     generator = check_generator(generator, plan.bsz)
     cfg_images = [c != 1.0 for c in plan.cfgs]
@@ -93,7 +171,8 @@ def sample(model, bsz: int, condition: Condition, grid: tuple[int, int], num_ite
     runner = model.step_runner(plan, grid)
 
     def step(k: int) -> None:
-        x, noise = draw_step_inputs(model.head, plan, plan.steps[k], generator, device, dim, cfg_images)
+        x, noise = draw_step_inputs(model.head_for(plan.steps[k].head_steps), plan, plan.steps[k], generator,
+                                    device, dim, cfg_images)
         runner.run(k, x, noise)
 
     with runner.lock:   # a cached graph runner's static buffers serve one call at a time
@@ -125,13 +204,14 @@ class EagerRunner:
     def start(self, orders, context, cfg_table, temperatures):
         self.orders, self.context = orders, context
         self.cfg_table, self.temperatures = cfg_table, temperatures
+        self.lazy = LazyCache.of(self.model, self.plan)
         self.tokens = torch.zeros(self.plan.bsz, self.plan.seq_len, self.model.config.token_dim,
                                   device=orders.device)
         return self.tokens
 
     def run(self, k, x, noise):
         run_step(self.model, self.plan, self.plan.steps[k], self.tokens, self.orders, self.context,
-                 self.cfg_table[k], self.temperatures, x, noise)
+                 self.cfg_table[k], self.temperatures, x, noise, self.lazy)
 
     def finish(self):
         tokens, self.tokens = self.tokens, None
@@ -150,12 +230,15 @@ class InFlightImage:
     generator, order, tokens [1, L, C], step context rows and step index `k`."""
 
     def __init__(self, model, condition: Condition, grid, num_iter: int, cfg, cfg_schedule,
-                 temperature, generator: torch.Generator):
+                 temperature, generator: torch.Generator, fast=None):
         check_image_generator(generator)
         device = model.device
         self.grid = tuple(grid)
         seq_len = self.grid[0] * self.grid[1]
-        self.plan = build_plan(1, num_iter, seq_len, cfg, cfg_schedule)
+        if fast is not None and fast.lazy is not None:
+            raise SamplingError("fast: 'lazy' keeps per-call caches and cannot run in a shared batch "
+                                "(serving); use 'disa' or 'exact' there")
+        self.plan = build_plan(1, num_iter, seq_len, cfg, cfg_schedule, fast, model.head.num_steps)
         self.temperature = validate_temperature(temperature)
         self.generator = generator
         self.use_cfg = self.plan.use_cfg
@@ -223,7 +306,6 @@ def advance(model, images: list) -> list:
     (only the generators have drawn)."""
     if not images:
         return []
-    device, dim = model.device, model.config.token_dim
     groups: dict = {}
     for image in images:
         groups.setdefault(image.shape_key, []).append(image)
@@ -245,11 +327,29 @@ def advance(model, images: list) -> list:
             z_cond[id(m)], predicts[id(m)] = z[i], predict[i:i + 1]
         for j, m in enumerate(cfg_members):
             z_null[id(m)] = z[len(members) + j]
+    outs = {}
+    by_head: dict = {}   # fast "disa": images whose step runs a head of the same length share a call
+    for image in images:
+        by_head.setdefault(image.step.head_steps, []).append(image)
+    for head_steps, members in by_head.items():
+        outs.update(_head_call(model, model.head_for(head_steps), members, z_cond, z_null))
+    finished = []
+    for image in images:
+        scatter_tokens(image.tokens, predicts[id(image)], outs[id(image)])
+        image.k += 1
+        if image.done:
+            finished.append(image)
+    return finished
+
+
+def _head_call(model, head, images, z_cond, z_null) -> dict:
+    """One head loop over the predicted rows of `images`: {id(image): its tokens [n, C]}."""
+    device, dim = model.device, model.config.token_dim
     guided = any(image.use_cfg for image in images)
     xs, conds, nulls, zc, zn, scales, temps = [], [], [], [], [], [], []
     for image in images:
         n = image.step.num_predict
-        x, noise = _draw_one(model.head.num_steps, n, dim, image.use_cfg, image.generator, device)
+        x, noise = _draw_one(head.num_steps, n, dim, image.use_cfg, image.generator, device)
         xs.append(x)
         conds.append(noise[:, :n])
         zc.append(z_cond[id(image)])
@@ -262,13 +362,10 @@ def advance(model, images: list) -> list:
     noise = torch.cat(conds + nulls, dim=1)
     scale_rows = torch.tensor(scales, dtype=torch.float32, device=device) if guided else None
     temperature_rows = torch.tensor(temps, dtype=torch.float32, device=device)
-    out = model.backend.head_loop(model.head, z_rows, torch.cat(xs), noise, scale_rows, temperature_rows)
-    start, finished = 0, []
+    out = model.backend.head_loop(head, z_rows, torch.cat(xs), noise, scale_rows, temperature_rows)
+    start, outs = 0, {}
     for image in images:
         n = image.step.num_predict
-        scatter_tokens(image.tokens, predicts[id(image)], out[start:start + n])
+        outs[id(image)] = out[start:start + n]
         start += n
-        image.k += 1
-        if image.done:
-            finished.append(image)
-    return finished
+    return outs

@@ -4,6 +4,7 @@ scale and schedule, temperature) become per-row tensors; they never change a ste
 images with different settings share the plan, its compiled steps and its CUDA graphs."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass
@@ -27,6 +28,11 @@ class PlanStep:
     unknown_after: int    # unknown tokens per image after it (0 at the last step)
     mask_len: int         # the published mask_len (>= 1 even at the last step): sets linear CFG
     cfg_scales: tuple     # guidance scale of each image at this step (float32-exact; 1.0 w/o CFG)
+    head_steps: int | None = None   # diffusion steps of this step's head (fast "disa"); None: the model's
+    lazy: bool = False    # fast "lazy": reuse the cached features of the previous full step
+    refresh: bool = False  # fast "lazy": a full step whose next step is lazy (it fills the caches)
+    cache_after: int = 0   # refresh steps: unknown_after of the last lazy step they fill the cache for
+    new_known: int = 0     # lazy steps: tokens that became known at the previous step
 
     @property
     def num_predict(self) -> int:
@@ -48,6 +54,7 @@ class SamplingPlan:
     cfgs: tuple           # per image
     cfg_schedules: tuple  # per image
     steps: tuple[PlanStep, ...]
+    fast: object = None   # the FastMode the plan was built for (engine.core.fast); None: exact
 
     @property
     def use_cfg(self) -> bool:
@@ -65,7 +72,10 @@ class SamplingPlan:
     @property
     def shape_key(self) -> tuple:
         """What fixes every step's shapes: compiled steps and CUDA graphs are keyed by it."""
-        return (self.bsz, self.num_iter, self.seq_len, self.use_cfg)
+        key = (self.bsz, self.num_iter, self.seq_len, self.use_cfg)
+        if self.fast is not None and not self.fast.exact:   # per-step head lengths / lazy steps
+            key += (tuple((s.head_steps, s.lazy) for s in self.steps),)
+        return key
 
     def known_count(self, step: PlanStep) -> int:
         return self.seq_len - step.unknown_before
@@ -145,19 +155,28 @@ def per_image(name: str, value, bsz: int, check) -> tuple:
     return (check(value),) * bsz
 
 
-def build_plan(bsz: int, num_iter: int, seq_len: int, cfg=1.0, cfg_schedule="linear") -> SamplingPlan:
+def build_plan(bsz: int, num_iter: int, seq_len: int, cfg=1.0, cfg_schedule="linear", fast=None,
+               model_steps: int | None = None) -> SamplingPlan:
     """Plan of the published loop; `cfg` and `cfg_schedule` are shared or one per image. Steps
     that would predict nothing (num_iter > seq_len; the published code crashes on them) are
-    dropped: they draw no random numbers."""
+    dropped: they draw no random numbers. `fast` (an engine.core.fast.FastMode): "disa" gives
+    each step its diffusion-step count (capped at `model_steps`, the head's own), "lazy" marks
+    the steps that reuse cached features; each step keeps static shapes."""
     bsz = check_count("bsz", bsz, MAX_BATCH)
     num_iter = check_count("num_iter", num_iter, MAX_NUM_ITER)
     cfgs = per_image("cfg", cfg, bsz, check_cfg)
     schedules = per_image("cfg_schedule", cfg_schedule, bsz, check_schedule)
-    return _build_plan(bsz, num_iter, int(seq_len), cfgs, schedules)
+    if fast is not None and fast.exact:
+        fast = None
+    if fast is not None and fast.disa is not None and model_steps is None:
+        raise SamplingError("fast: disa needs the model's diffusion step count (model_steps)")
+    if fast is None or fast.disa is None:
+        model_steps = None   # an exact plan is the same object whatever head it runs
+    return _build_plan(bsz, num_iter, int(seq_len), cfgs, schedules, fast, model_steps)
 
 
 @functools.lru_cache(maxsize=256)
-def _build_plan(bsz, num_iter, seq_len, cfgs, schedules) -> SamplingPlan:
+def _build_plan(bsz, num_iter, seq_len, cfgs, schedules, fast=None, model_steps=None) -> SamplingPlan:
     use_cfg = any(c != 1.0 for c in cfgs)
     steps = []
     for s, (before, after, mask_len) in enumerate(mask_schedule(seq_len, num_iter)):
@@ -169,5 +188,19 @@ def _build_plan(bsz, num_iter, seq_len, cfgs, schedules) -> SamplingPlan:
         bad = [c for c, scale in zip(cfgs, scales) if not math.isfinite(scale)]
         if bad:
             raise SamplingError(f"cfg={bad[0]!r} with its schedule overflows float32 at step {s}")
-        steps.append(PlanStep(s, before, after, mask_len, scales))
-    return SamplingPlan(bsz, num_iter, seq_len, cfgs, schedules, tuple(steps))
+        head_steps = lazy = None
+        if fast is not None and fast.disa is not None:
+            head_steps = fast.disa.steps(s, num_iter, model_steps)
+            head_steps = None if head_steps == model_steps else head_steps
+        # A lazy step reuses the previous step's caches: never the first step of a plan.
+        lazy = bool(fast is not None and fast.lazy is not None and steps and not fast.lazy.fresh(s, num_iter))
+        steps.append(PlanStep(s, before, after, mask_len, scales, head_steps, lazy))
+    for i, st in enumerate(steps):   # a full step before lazy ones caches what they will read
+        if not st.lazy and i + 1 < len(steps) and steps[i + 1].lazy:
+            j = i + 1
+            while j + 1 < len(steps) and steps[j + 1].lazy:
+                j += 1
+            steps[i] = dataclasses.replace(st, refresh=True, cache_after=steps[j].unknown_after)
+        if st.lazy:
+            steps[i] = dataclasses.replace(st, new_known=steps[i - 1].num_predict)
+    return SamplingPlan(bsz, num_iter, seq_len, cfgs, schedules, tuple(steps), fast)

@@ -22,7 +22,7 @@ import threading
 
 import torch
 
-from .loop import run_step
+from .loop import LazyCache, run_step
 
 
 def capture_graphs(steps) -> list:
@@ -84,8 +84,9 @@ class PlanSteps:
         self.temperatures = torch.ones(plan.bsz, device=device)
         self.context: tuple | None = None   # static copies, shaped by the first call's context
         self.x = [torch.zeros(plan.bsz * s.num_predict, dim, device=device) for s in plan.steps]
-        self.noise = [torch.zeros(model.head.num_steps, plan.bsz * s.num_predict * rows_mult, dim,
+        self.noise = [torch.zeros(model.head_for(s.head_steps).num_steps, plan.bsz * s.num_predict * rows_mult, dim,
                                   device=device) for s in plan.steps]
+        self.lazy = LazyCache.of(model, plan)   # fast "lazy": the guidance-difference buffer
         self.lock = threading.Lock()   # threads sharing the model take turns on these buffers
         self.runner = CapturedSteps([functools.partial(self._step, k) for k in range(len(plan.steps))], capture)
 
@@ -99,7 +100,7 @@ class PlanSteps:
 
     def _step(self, k: int) -> None:
         run_step(self.model, self.plan, self.plan.steps[k], self.tokens, self.orders, self.context,
-                 self.cfg_table[k], self.temperatures, self.x[k], self.noise[k])
+                 self.cfg_table[k], self.temperatures, self.x[k], self.noise[k], self.lazy)
 
     def start(self, orders, context, cfg_table, temperatures) -> torch.Tensor:
         if self.context is None:

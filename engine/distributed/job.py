@@ -96,6 +96,7 @@ class Request:
     temperature: float | None = None
     top_k: int | None = None
     top_p: float | None = None
+    fast: object = None                  # --fast: a mode string or a dict (engine.core.fast)
     steps: str | None = None
     backend: str = "auto"
     device: str = "auto"
@@ -223,7 +224,8 @@ def resolve(request: Request, model) -> Job:
     from ..core.conditioning import Condition
 
     settings = model.resolve_settings(num_iter=request.num_iter, cfg=request.cfg, cfg_schedule=request.cfg_schedule,
-                                      temperature=request.temperature, top_k=request.top_k, top_p=request.top_p)
+                                      temperature=request.temperature, top_k=request.top_k, top_p=request.top_p,
+                                      fast=request.fast)
     prompts = request.read_prompts()
     if model.conditioning == "text":
         if request.classes is not None:
@@ -268,7 +270,10 @@ def make_spec(job: Job, num_sampling_steps: str | None, weights: dict, env: dict
         conditions = {"kind": "prompt", "count": len(job.prompts),
                       "sha256": hashlib.sha256(text.encode()).hexdigest()}
     args = {"num_images": r.num_images, "seed": r.seed, "group_size": r.group_size,
-            "conditions": conditions, **{k: list(v) if isinstance(v, tuple) else v for k, v in job.settings.items()},
+            "conditions": conditions,
+            # fast "exact" (the default) is left out: specs of exact runs stay as they were
+            **{k: list(v) if isinstance(v, tuple) else v for k, v in job.settings.items()
+               if not (k == "fast" and v == "exact")},
             "num_sampling_steps": None if num_sampling_steps is None else str(num_sampling_steps),
             "height": r.height, "width": r.width, "precision": r.precision,
             **({"config": sorted(r.config)} if r.config else {})}

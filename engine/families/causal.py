@@ -45,6 +45,10 @@ from .mar import depth_of, head_and_mlp_sizes, shape_of
 from .slots import SlotPool
 
 FAMILY_NAME = "causal"
+# fast= modes (engine.core.fast): DiSA anneals the head's diffusion steps over the positions.
+# (No lazy: a causal step already computes one new position against a KV cache; no speculative:
+# see docs/fast.md.)
+FAST_MODES = ("disa",)
 
 
 def parse_order(name: str, value):
@@ -189,7 +193,8 @@ def infer_sizes(state: dict) -> dict:
 
 
 # The sampling plan: one token per step, fixed shapes ----------------------------------------------
-def causal_plan(bsz: int, seq_len: int, cfg=1.0, cfg_schedule="linear") -> SamplingPlan:
+def causal_plan(bsz: int, seq_len: int, cfg=1.0, cfg_schedule="linear", fast=None,
+                model_steps: int | None = None) -> SamplingPlan:
     """A SamplingPlan of L steps of one token each, with per-image cfg scales and schedules.
     Step s's `mask_len` is the tokens still unknown after it, L - s - 1, so MAR's linear
     schedule gives 1 + (cfg - 1) * (s + 1) / L (float32, engine.plan.cfg_scale)."""
@@ -204,8 +209,12 @@ def causal_plan(bsz: int, seq_len: int, cfg=1.0, cfg_schedule="linear") -> Sampl
                            for c, sch in zip(cfgs, schedules))
         if not all(math.isfinite(v) for v in scales):
             raise SamplingError(f"cfg={cfgs[0]!r} with its schedule overflows float32 at step {s}")
-        steps.append(PlanStep(s, seq_len - s, mask_len, mask_len, scales))
-    return SamplingPlan(bsz, seq_len, seq_len, cfgs, schedules, tuple(steps))
+        head_steps = None
+        if fast is not None and fast.disa is not None:   # DiSA's schedule over the L positions
+            head_steps = fast.disa.steps(s, seq_len, model_steps)
+            head_steps = None if head_steps == model_steps else head_steps
+        steps.append(PlanStep(s, seq_len - s, mask_len, mask_len, scales, head_steps))
+    return SamplingPlan(bsz, seq_len, seq_len, cfgs, schedules, tuple(steps), fast)
 
 
 class CausalModel(Model):
@@ -229,23 +238,28 @@ class CausalModel(Model):
         self._cache = None
         return super().to(device)
 
+    fast_modes = FAST_MODES
+
     @torch.no_grad()
     def sample_tokens(self, bsz: int, num_iter: int | None = None, cfg=1.0, cfg_schedule="linear",
-                      labels=None, temperature=1.0, progress: bool = False, generator=None, order=None):
+                      labels=None, temperature=1.0, progress: bool = False, generator=None, order=None,
+                      fast="exact"):
         """Sample [bsz, vae_embed_dim, h, w] tokens, one per step in `order` (default: the
         model's, raster unless it was trained otherwise). `num_iter` must be None or seq_len
         (an AR image takes one step per token). `cfg`, `cfg_schedule` ("linear" / "constant")
         and `temperature` take one value or one per image; `generator`: None (torch's global
-        RNG), one torch.Generator, or a list with one per image."""
+        RNG), one torch.Generator, or a list with one per image. `fast`: "exact" or "disa"
+        (docs/fast.md)."""
         c = self.config
         bsz = check_count("bsz", bsz, MAX_BATCH)
+        fast = self.check_fast(fast)
         if num_iter is not None and (isinstance(num_iter, bool) or num_iter != c.seq_len):
             raise SamplingError(f"a causal AR image takes one step per token: num_iter must be None or "
                                 f"seq_len = {c.seq_len}, got {num_iter!r}")
         condition = Condition.labels(labels, bsz, c.class_num, self.device)
         order = c.generation_order if order is None else check_order(
             parse_order_arg(order), c.seq_len, "order", SamplingError)
-        plan = causal_plan(bsz, c.seq_len, cfg, cfg_schedule)
+        plan = causal_plan(bsz, c.seq_len, cfg, cfg_schedule, fast, self.head.num_steps)
         temperatures = per_image("temperature", temperature, bsz, validate_temperature)
         generator = check_generator(generator, bsz)
         tokens = self._run(plan, condition, order, temperatures, generator, progress)
@@ -253,7 +267,7 @@ class CausalModel(Model):
         return self.mar.unpatchify(tokens)
 
     # The family protocol (engine/core/protocol.py) --------------------------------------------
-    DEFAULTS = {"num_iter": None, "cfg": 1.0, "cfg_schedule": "linear", "temperature": 1.0}
+    DEFAULTS = {"num_iter": None, "cfg": 1.0, "cfg_schedule": "linear", "temperature": 1.0, "fast": "exact"}
 
     def setting_checks(self) -> dict:
         seq_len = self.config.seq_len
@@ -314,8 +328,9 @@ class CausalModel(Model):
                     else:
                         input_pos.add_(1)
                         z = self.decode_step(fed["prev"], input_pos, cache, seq_pos, use_cfg)
-                x, noise = draw_step_inputs(self.head, plan, plan.steps[s], generator, device, dim, cfg_images)
-                fed["prev"] = self.backend.head_loop(self.head, z, x, noise, cfg_table[s] if use_cfg else None, temps)
+                head = self.head_for(plan.steps[s].head_steps)
+                x, noise = draw_step_inputs(head, plan, plan.steps[s], generator, device, dim, cfg_images)
+                fed["prev"] = self.backend.head_loop(head, z, x, noise, cfg_table[s] if use_cfg else None, temps)
                 out[:, s] = fed["prev"]
 
             run_steps(len(plan.steps), step, progress, unit="token")
@@ -340,6 +355,7 @@ class CausalImage:
         self.use_cfg = any(v != 1.0 for v in scales)
         self.out = torch.zeros(1, seq_len, dim, device=device)
         self.k, self.rows, self.prev = 0, [], None
+        self.head_steps = [None] * seq_len   # per step: its head's length (fast "disa"), None: the model's
 
     @property
     def done(self) -> bool:
@@ -374,11 +390,14 @@ class CausalBatcher:
     def add(self, label=None, texts=None, settings=None, generator=None) -> CausalImage:
         model, s, c = self.model, settings, self.model.config
         Condition.labels(None if label is None else [label], 1, c.class_num, model.device)
-        plan = causal_plan(1, c.seq_len, s["cfg"], s["cfg_schedule"])
+        plan = causal_plan(1, c.seq_len, s["cfg"], s["cfg_schedule"], model.check_fast(s.get("fast")),
+                           model.head.num_steps)
         check_image_generator(generator)
         scales = [step.cfg_scales[0] for step in plan.steps]
-        return CausalImage(label, scales, validate_temperature(s["temperature"]), generator, c.seq_len,
-                           c.token_dim, model.device)
+        image = CausalImage(label, scales, validate_temperature(s["temperature"]), generator, c.seq_len,
+                            c.token_dim, model.device)
+        image.head_steps = [step.head_steps for step in plan.steps]
+        return image
 
     def release(self, image) -> None:
         self.pool.release(image)
@@ -426,8 +445,18 @@ class CausalBatcher:
             if new:
                 prefilled = m.prefill(torch.cat(starts), self.seq_pos, pool.cache.rows(held, pool.used)).float()
         z_of = lambda r: decoded[r:r + 1] if r < held else prefilled[r - held:r - held + 1]  # noqa: E731
+        by_head: dict = {}   # fast "disa": images whose head has the same length share a call
+        for im in images:
+            by_head.setdefault(im.head_steps[im.k], []).append(im)
+        outs = {}
+        for head_steps, members in by_head.items():
+            outs.update(self._head_call(model.head_for(head_steps), members, z_of))
+        return torch.cat([outs[id(im)] for im in images])
+
+    def _head_call(self, head, images, z_of) -> dict:
+        model, device = self.model, self.model.device
         guided = any(im.use_cfg for im in images)
-        head, dim = model.head, model.config.token_dim
+        dim = model.config.token_dim
         xs, conds, nulls, zc, zn, scales, temps = [], [], [], [], [], [], []
         for im in images:
             x, noise = _draw_one(head.num_steps, 1, dim, im.use_cfg, im.generator, device)
@@ -440,8 +469,9 @@ class CausalBatcher:
                 scales.append(im.scales[im.k])
             temps.append(im.temperature)
         scale_rows = torch.tensor(scales, dtype=torch.float32, device=device) if guided else None
-        return model.backend.head_loop(head, torch.cat(zc + zn), torch.cat(xs), torch.cat(conds + nulls, dim=1),
-                                       scale_rows, torch.tensor(temps, dtype=torch.float32, device=device))
+        out = model.backend.head_loop(head, torch.cat(zc + zn), torch.cat(xs), torch.cat(conds + nulls, dim=1),
+                                      scale_rows, torch.tensor(temps, dtype=torch.float32, device=device))
+        return {id(im): out[i:i + 1] for i, im in enumerate(images)}
 
     def tokens(self, images: list) -> torch.Tensor:
         out = torch.cat([im.out for im in images])

@@ -42,9 +42,11 @@ from ..core.rng import check_generator
 from .record import Family
 from .discrete import BAETokens
 from .elm import (CFG_SCHEDULES, ARBatcher, ARImage, ClassGrid, LlamaSizes, _check_number, _check_schedule,
-                  append_draws, cfg_at, check_draws, draw)
+                  append_draws, cfg_at, check_draws, draw, refuse_speculative)
 
 FAMILY_NAME = "ctf"
+# fast= modes (engine.core.fast): speculative Jacobi decoding of the first (coarse AR) stage.
+FAST_MODES = ("speculative",)
 CTF_FORMAT = "engine-ctf"
 CTF_FORMAT_VERSION = 1
 MAX_CODE_BITS = 24          # cluster_of has 2 ** (token_each * code_dim) entries: at most 16M
@@ -221,6 +223,7 @@ class CTFModel(BAETokens):
     """A loaded CTF model: both stages, the cluster map and the two-stage sampler."""
 
     family = FAMILY_NAME
+    fast_modes = FAST_MODES
 
     def __init__(self, module, backend="auto", cuda_graphs: bool = True, precision: str = "fp32"):
         if backend not in ("auto", "reference"):
@@ -299,15 +302,16 @@ class CTFModel(BAETokens):
     @torch.no_grad()
     def sample_tokens(self, bsz: int, labels=None, cfg=PAPER_SAMPLING["cfg"], cfg_schedule="constant",
                       temperature=PAPER_SAMPLING["temperature"], top_k=None, top_p=None, restrict: bool = True,
-                      generator=None, progress: bool = False) -> torch.Tensor:
-        """Fine codes [bsz, block_size, token_each] (ELM's token layout: a BAE decodes them)."""
+                      generator=None, progress: bool = False, fast="exact") -> torch.Tensor:
+        """Fine codes [bsz, block_size, token_each] (ELM's token layout: a BAE decodes them).
+        `fast`: "exact" or "speculative" (stage 1 by speculative Jacobi decoding; docs/fast.md)."""
         return self.sample(bsz, labels, cfg, cfg_schedule, temperature, top_k, top_p, restrict, generator,
-                           progress)[1]
+                           progress, fast)[1]
 
     @torch.no_grad()
     def sample(self, bsz: int, labels=None, cfg=PAPER_SAMPLING["cfg"], cfg_schedule="constant",
                temperature=PAPER_SAMPLING["temperature"], top_k=None, top_p=None, restrict: bool = True,
-               generator=None, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+               generator=None, progress: bool = False, fast="exact") -> tuple[torch.Tensor, torch.Tensor]:
         """(coarse labels [B, L], fine codes [B, L, token_each]). labels: one class per image, or
         None (the null class: unconditional). cfg / temperature: one value, one per image, or a
         tuple (stage 1, stage 2) of those; top_k / top_p: one value or a tuple per stage.
@@ -316,6 +320,7 @@ class CTFModel(BAETokens):
         depends on generator i alone: its stage-1 noise, then its stage-2 noise)."""
         c = self.config
         bsz = check_count("bsz", bsz, MAX_BATCH)
+        fast = self.check_fast(fast)
         labels = self._labels(labels, bsz)
         if not isinstance(restrict, bool):
             raise SamplingError(f"restrict must be True or False, got {restrict!r}")
@@ -336,7 +341,7 @@ class CTFModel(BAETokens):
             self._need_null()
             scale2 = self._per_image_tensor(cfg2)
         with self._lock:
-            coarse, ok = self._stage1(labels, table, self._per_image_tensor(t1), k1, p1, generator, progress)
+            coarse, ok = self._stage1(labels, table, self._per_image_tensor(t1), k1, p1, generator, progress, fast)
             rows = torch.cat([labels, torch.full_like(labels, c.num_classes)]) if scale2 is not None else labels
             noise = self._stage2_noise(bsz, restrict, generator)
             fine, _, probs = self.refine(coarse, rows, scale2, self._per_image_tensor(t2), k2, p2, noise, restrict)
@@ -353,12 +358,19 @@ class CTFModel(BAETokens):
             cache = self._cache = self.module.stage1.new_cache(batch)
         return cache
 
-    def _stage1(self, labels, table, temperature, top_k, top_p, generator, progress):
+    def _stage1(self, labels, table, temperature, top_k, top_p, generator, progress, fast=None):
         c, device = self.config, self.device
         bsz = labels.shape[0]
         use_cfg = table is not None
         rows = torch.cat([labels, torch.full_like(labels, c.num_classes)]) if use_cfg else labels
         cache = self.cache_for(rows.shape[0])
+        if fast is not None and fast.speculative is not None:   # engine/families/speculative.py
+            from .speculative import speculative_sample
+
+            tokens, self.last_passes = speculative_sample(self.module.stage1, rows, bsz, c.block_size, table,
+                                                          temperature, top_k, top_p, generator,
+                                                          fast.speculative.window, cache, progress)
+            return tokens[..., 0], torch.ones((), dtype=torch.bool, device=device)
         logits = self.module.stage1.prefill(rows, None, cache)
         input_pos = torch.zeros(1, dtype=torch.int64, device=device)
         state = {"ok": torch.ones((), dtype=torch.bool, device=device)}
@@ -406,9 +418,10 @@ class CTFModel(BAETokens):
                 return value
             return check
 
-        defaults = {"num_iter": None, "cfg_schedule": "constant", **PAPER_SAMPLING}
+        defaults = {"num_iter": None, "cfg_schedule": "constant", **PAPER_SAMPLING, "fast": "exact"}
         checks = {"num_iter": image_length, "cfg": pair("cfg"), "temperature": pair("temperature"),
-                  "top_k": pair("top_k"), "top_p": pair("top_p"), "cfg_schedule": _check_schedule}
+                  "top_k": pair("top_k"), "top_p": pair("top_p"), "cfg_schedule": _check_schedule,
+                  "fast": self.fast_setting}
         settings = resolve_settings(given, defaults, checks, sampling_from_json(self.sampling_defaults))
         del settings["num_iter"]   # checked only: stage 1 always samples the whole grid
         return settings
@@ -524,6 +537,7 @@ class CTFBatcher(ARBatcher):
 
     def add(self, label=None, texts=None, settings=None, generator=None) -> CTFImage:
         model, s = self.model, settings
+        refuse_speculative(model, s)
         row = int(model._labels(None if label is None else [label], 1)[0])
         cfg1, cfg2 = per_stage("cfg", s["cfg"], lambda n, v: float(_check_number(n, v)))
         t1, t2 = per_stage("temperature", s["temperature"], lambda n, v: float(_check_number(n, v, positive=True)))

@@ -51,6 +51,8 @@ from .mar import depth_of, shape_of
 from .slots import SlotPool, StepImage
 
 FAMILY_NAME = "elm-ar"
+# fast= modes (engine.core.fast): speculative Jacobi decoding (the distribution is kept).
+FAST_MODES = ("speculative",)
 # The published GPT_models presets (llama/ar_model.py): layers, heads, width.
 PRESETS: dict[str, dict] = {
     name: dict(n_layer=layers, n_head=heads, dim=dim)
@@ -293,8 +295,9 @@ class ELMModel(BAETokens):
     `sample_tokens` is the engine's idiom (per-image settings and generators, top-p)."""
 
     family = FAMILY_NAME
+    fast_modes = FAST_MODES
     DEFAULTS = {"num_iter": None, "cfg": 1.0, "cfg_schedule": "constant", "temperature": 1.0, "top_k": None,
-                "top_p": None}
+                "top_p": None, "fast": "exact"}
 
     def __init__(self, module, backend="auto", cuda_graphs: bool = True, precision: str = "fp32"):
         """backend: where the categorical draw runs (the transformer is PyTorch either way):
@@ -386,16 +389,19 @@ class ELMModel(BAETokens):
     @torch.no_grad()
     def sample_tokens(self, bsz: int, labels=None, num_iter: int | None = None, cfg=1.0,
                       cfg_schedule="constant", temperature=1.0, top_k=None, top_p=None,
-                      generator=None, progress: bool = False) -> torch.Tensor:
+                      generator=None, progress: bool = False, fast="exact") -> torch.Tensor:
         """Sub-token indices [bsz, num_iter, token_each] (num_iter defaults to block_size: one
         image). labels: one class per image, or None for unconditional samples (the null class).
         `cfg`, `cfg_schedule` and `temperature` take one value or one per image; top_k / top_p
         are shared. Random numbers: generator None draws torch's global RNG as generate_cfg
         (same tokens for the same settings, with CFG); one torch.Generator drives the batch; a
         list gives image i its own, drawn as a batch of one would draw them. When no image
-        uses CFG (every cfg 1) the null half is not run (ELM always runs it)."""
+        uses CFG (every cfg 1) the null half is not run (ELM always runs it). `fast`: "exact"
+        or "speculative" (speculative Jacobi decoding: the same distribution, other tokens;
+        docs/fast.md)."""
         c = self.config
         bsz = check_count("bsz", bsz, MAX_BATCH)
+        fast = self.check_fast(fast)
         labels = self._labels(labels, bsz, allow_null=False)
         num_iter = self._num_iter(c.block_size if num_iter is None else num_iter, None)
         cfgs = per_image("cfg", cfg, bsz, lambda v: _check_number("cfg", v))
@@ -416,7 +422,22 @@ class ELMModel(BAETokens):
             temperature = float(temperatures[0])
         else:
             temperature = torch.tensor(temperatures, dtype=torch.float32, device=self.device)
+        if fast.speculative is not None:
+            return self._speculative(labels, num_iter, table, temperature, top_k, top_p, generator,
+                                     fast.speculative.window, progress)
         tokens, _ = self._run(labels, None, num_iter, table, temperature, top_k, top_p, generator, progress)
+        return tokens
+
+    def _speculative(self, labels, num_iter, table, temperature, top_k, top_p, generator, window, progress):
+        """fast="speculative": engine/families/speculative.py over this model's KV cache."""
+        from .speculative import speculative_sample
+
+        rows = labels if table is None else torch.cat([labels, torch.full_like(labels, self.config.num_classes)])
+        with self._lock:
+            cache = self.cache_for(rows.shape[0])
+            tokens, self.last_passes = speculative_sample(self.module, rows, labels.shape[0], num_iter, table,
+                                                          temperature, top_k, top_p, generator, window, cache,
+                                                          progress)
         return tokens
 
     # The KV-cached loop ---------------------------------------------------------------------
@@ -520,7 +541,7 @@ class ELMModel(BAETokens):
 
         checks = {"num_iter": image_length, "cfg": lambda v: _check_number("cfg", v),
                   "cfg_schedule": _check_schedule, "temperature": lambda v: _check_number("temperature", v, True),
-                  "top_k": check_top_k, "top_p": check_top_p}
+                  "top_k": check_top_k, "top_p": check_top_p, "fast": self.fast_setting}
         return resolve_settings(given, self.DEFAULTS, checks, self.sampling_defaults)
 
     def batcher(self, max_images: int = 32) -> "ELMBatcher":
@@ -783,6 +804,14 @@ def append_draws(images: list, drawn: list) -> None:
         im.k += 1
 
 
+def refuse_speculative(model, settings) -> None:
+    """A batcher's images advance one token per step in a shared pass: fast="speculative" (a
+    window per image, verified and redrafted) cannot join it."""
+    if not model.check_fast(settings.get("fast")).exact:
+        raise SamplingError(f"fast: {settings.get('fast')!r} cannot run in a shared batch (serving): "
+                            f"{model.family} images in flight advance one token per step; use fast='exact'")
+
+
 def check_draws(images: list) -> None:
     """One host sync for finished images: non-finite probabilities are never returned silently."""
     if not all(bool(im.ok) for im in images if im.ok is not None):
@@ -795,6 +824,7 @@ class ELMBatcher(ARBatcher):
 
     def add(self, label=None, texts=None, settings=None, generator=None) -> ARImage:
         model, s = self.model, settings
+        refuse_speculative(model, s)
         row = model._labels(None if label is None else [label], 1, allow_null=False)
         num_iter, cfg = s["num_iter"], float(s["cfg"])
         scales = None

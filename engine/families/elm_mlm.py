@@ -314,14 +314,16 @@ class ELMMLMModel(BAETokens):
     @torch.no_grad()
     def sample_tokens(self, bsz: int, labels=None, num_iter: int = 10, cfg=1.0, cfg_schedule="constant",
                       temperature=1.0, top_k=None, top_p=None, remask: bool = False, scale_pow=1.0,
-                      generator=None, progress: bool = False) -> torch.Tensor:
+                      generator=None, progress: bool = False, fast="exact") -> torch.Tensor:
         """Sub-token indices [bsz, block_size, token_each] after `num_iter` refinement steps.
         labels: one class per image, or None for unconditional samples (the null class).
         `cfg`, `cfg_schedule` and `temperature` (the confidence noise scale, as published) take
         one value or one per image; top_k / top_p filter the draw (engine additions, shared).
         generator None: the global RNGs as generate_cfg; one torch.Generator: it alone; a list:
-        image i from generator i alone (see the module docstring)."""
+        image i from generator i alone (see the module docstring). `fast`: "exact" only (a
+        masked discrete model has no fast mode yet; docs/fast.md)."""
         bsz = check_count("bsz", bsz, MAX_BATCH)
+        self.check_fast(fast)
         labels = self._labels(labels, bsz, allow_null=False)
         num_iter = check_count("num_iter", num_iter, MAX_NUM_ITER)
         cfgs = per_image("cfg", cfg, bsz, lambda v: _check_number("cfg", v))
@@ -415,7 +417,7 @@ class ELMMLMModel(BAETokens):
 
     # The family protocol (engine/core/protocol.py) ------------------------------------------------
     DEFAULTS = {"num_iter": 10, "cfg": 1.0, "cfg_schedule": "constant", "temperature": 1.0, "top_k": None,
-                "top_p": None}
+                "top_p": None, "fast": "exact"}
 
     def resolve_settings(self, **given) -> dict:
         """generate's settings (num_iter: refinement steps, generate_cfg's default 10)."""
@@ -423,7 +425,7 @@ class ELMMLMModel(BAETokens):
                   "cfg": lambda v: v if isinstance(v, (list, tuple)) else _check_number("cfg", v),
                   "cfg_schedule": lambda v: v if isinstance(v, (list, tuple)) else _check_schedule(v),
                   "temperature": lambda v: v if isinstance(v, (list, tuple)) else _check_number("temperature", v, 0),
-                  "top_k": check_top_k, "top_p": check_top_p}
+                  "top_k": check_top_k, "top_p": check_top_p, "fast": self.fast_setting}
         return resolve_settings(given, self.DEFAULTS, checks, self.sampling_defaults)
 
     def batcher(self, max_images: int = 32) -> "MLMBatcher":

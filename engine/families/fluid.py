@@ -30,6 +30,8 @@ PRESETS: dict[str, dict] = {
 }
 # FLUID constructor arguments that only matter for training: accepted and ignored.
 FAMILY_NAME = "fluid"
+# fast= modes (engine.core.fast): DiSA anneals the diffusion head's steps, LazyMAR caches features.
+FAST_MODES = ("disa", "lazy")
 TRAINING_ONLY = frozenset({"mask_ratio_min", "text_drop_prob", "attn_dropout", "proj_dropout",
                            "diffusion_batch_mul", "grad_checkpointing"})
 MAX_TEXT_LENGTH = 4096
@@ -180,10 +182,11 @@ class FluidModel(Model):
     """Text-to-image Fluid. `sample_tokens` has LightGen's signature and results."""
 
     family = FAMILY_NAME
+    fast_modes = FAST_MODES
 
     def sample_tokens(self, bsz: int, num_iter: int = 64, cfg=1.0, cfg_schedule="linear",
                       texts=None, temperature=1.0, height: int | None = None,
-                      width: int | None = None, progress: bool = False, generator=None):
+                      width: int | None = None, progress: bool = False, generator=None, fast="exact"):
         """Tokens [bsz, vae_embed_dim, height / vae_stride, width / vae_stride].
 
         `texts`: the text encoder's output [bsz, max_length, caption_channels] (T5's
@@ -194,11 +197,12 @@ class FluidModel(Model):
         Random numbers as MARModel.sample_tokens: after torch.manual_seed(s); np.random.seed(s)
         and no generator, LightGen's tokens."""
         bsz = check_count("bsz", bsz, MAX_BATCH)
+        fast = self.check_fast(fast)
         grid = self.mar.grid(height, width)
         c = self.config
         condition = Condition.text(texts, bsz, c.max_length, c.caption_channels, self.device)
         return self.sample(bsz, condition, grid, num_iter=num_iter, cfg=cfg, cfg_schedule=cfg_schedule,
-                           temperature=temperature, progress=progress, generator=generator)
+                           temperature=temperature, progress=progress, generator=generator, fast=fast)
 
     # The family protocol (engine/core/protocol.py) --------------------------------------------
     conditioning = "text"

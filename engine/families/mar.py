@@ -15,6 +15,8 @@ from ..core.plan import MAX_BATCH, check_count
 from .record import Family
 
 FAMILY_NAME = "mar"
+# fast= modes (engine.core.fast): DiSA anneals the diffusion head's steps, LazyMAR caches features.
+FAST_MODES = ("disa", "lazy")
 
 
 def shape_of(state: dict, key: str):
@@ -61,9 +63,10 @@ class MARModel(Model):
     """Class-conditional MAR. `sample_tokens` has the published signature and results."""
 
     family = FAMILY_NAME
+    fast_modes = FAST_MODES
 
     def sample_tokens(self, bsz: int, num_iter: int = 64, cfg=1.0, cfg_schedule="linear",
-                      labels=None, temperature=1.0, progress: bool = False, generator=None):
+                      labels=None, temperature=1.0, progress: bool = False, generator=None, fast="exact"):
         """Sample `[bsz, vae_embed_dim, h, w]` tokens (unpatchified latents, or pixels in [-1, 1]
         for pixel-token models).
 
@@ -72,12 +75,14 @@ class MARModel(Model):
         `torch.Generator`, that generator alone drives orders and noise (no global state read);
         with a list of one per image, image i depends on generator i alone. `cfg`,
         `cfg_schedule` and `temperature` may also be given per image. Steps of the published
-        schedule that would predict no token (num_iter > seq_len) are skipped."""
+        schedule that would predict no token (num_iter > seq_len) are skipped. `fast`: "exact"
+        (the published tokens), "disa", "lazy", "disa+lazy" or a dict (docs/fast.md)."""
         bsz = check_count("bsz", bsz, MAX_BATCH)
+        fast = self.check_fast(fast)
         condition = Condition.labels(labels, bsz, self.config.class_num, self.device)
         return self.sample(bsz, condition, self.mar.grid(), num_iter=num_iter, cfg=cfg,
                            cfg_schedule=cfg_schedule, temperature=temperature, progress=progress,
-                           generator=generator)
+                           generator=generator, fast=fast)
 
 
 # Drop-in use with an instance of the published MAR (and LightGen's FLUID, which shares it) ------

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .kv_cache import StaticKVCache, decode_attention, prefill_attention
+from .kv_cache import StaticKVCache, decode_attention, prefill_attention, window_attention
 
 
 def rope_table_2d(grid: int, head_dim: int, base: float, zero_rows: int) -> torch.Tensor:
@@ -135,10 +135,13 @@ class TransformerBlock(nn.Module):
         h = x + self.attention(self.attention_norm(x), freqs)
         return h + self.feed_forward(self.ffn_norm(h))
 
-    def cached(self, x, freqs, cache, layer, input_pos=None):
-        """The same block against a KV cache: prefill (input_pos None) or one-position decode."""
+    def cached(self, x, freqs, cache, layer, input_pos=None, window_start=None):
+        """The same block against a KV cache: prefill (input_pos None), one-position decode, or
+        a window of positions from `window_start` (an int; speculative decoding)."""
         q, k, v = self.attention.qkv(self.attention_norm(x), freqs)
-        if input_pos is None:
+        if window_start is not None:
+            o = window_attention(q, k, v, cache, layer, window_start)
+        elif input_pos is None:
             o = prefill_attention(q, k, v, cache, layer)
         else:
             o = decode_attention(q, k, v, cache, layer, input_pos)
@@ -224,6 +227,20 @@ class ELMTransformer(nn.Module):
         for i, layer in enumerate(self.layers):
             h = layer.cached(h, freqs, cache, i)
         return self.heads(h[:, -1:])[:, 0]
+
+    def decode_window(self, tokens: torch.Tensor, start, cache: StaticKVCache) -> torch.Tensor:
+        """tokens [B, W, token_each] at sequence positions start .. start + W - 1 (start >= 1: an
+        int, or an int64 tensor [B] with one start per row):
+        write them into the cache, return their logits [B, W, token_each, V] (speculative
+        decoding verifies a window of drafted tokens in this one pass)."""
+        h = self.embed_tokens(tokens)
+        if isinstance(start, int):
+            freqs = self.freqs_cis[start:start + tokens.shape[1]]
+        else:   # one start per row: [B, W, D // 2, 2]
+            freqs = self.freqs_cis[start[:, None] + torch.arange(tokens.shape[1], device=start.device)]
+        for i, layer in enumerate(self.layers):
+            h = layer.cached(h, freqs, cache, i, window_start=start)
+        return self.heads(h)
 
     def decode(self, tokens: torch.Tensor, input_pos: torch.Tensor, cache: StaticKVCache) -> torch.Tensor:
         """tokens [B, token_each] at sequence position input_pos ([1] int64 tensor, or [B]: one

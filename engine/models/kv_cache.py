@@ -57,6 +57,26 @@ class StaticKVCache:
         self.v[:, dst] = self.v[:, src]
 
 
+def window_attention(q, k, v, cache: StaticKVCache, layer: int, start) -> torch.Tensor:
+    """Positions start .. start + W - 1 at once (speculative decoding's verification pass):
+    write their keys / values, each attends causally to the cached positions <= its own.
+    `start`: a Python int shared by every row, or an int64 tensor [B], one per row."""
+    b, w = q.shape[0], q.shape[2]
+    if isinstance(start, int):
+        cache.k[layer][:, :, start:start + w] = k
+        cache.v[layer][:, :, start:start + w] = v
+        query_pos = torch.arange(start, start + w, device=q.device).expand(b, -1)
+    else:
+        query_pos = start[:, None] + torch.arange(w, device=q.device)            # [B, W]
+        index = query_pos[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
+        cache.k[layer].scatter_(2, index, k)
+        cache.v[layer].scatter_(2, index, v)
+    mask = (cache.positions[None, None, :] <= query_pos[:, :, None]).view(b, 1, w, -1)
+    n_head = q.shape[1]
+    keys, values = _repeat_kv(cache.k[layer], n_head), _repeat_kv(cache.v[layer], n_head)
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+
+
 def _repeat_kv(x: torch.Tensor, n_head: int) -> torch.Tensor:
     groups = n_head // x.shape[1]
     return x if groups == 1 else x.repeat_interleave(groups, dim=1)

@@ -227,6 +227,51 @@ class MAR(nn.Module):
             x = block(x)
         return self.encoder_norm(x)
 
+    # fast="lazy" (LazyMAR's token redundancy): the encoder over the rows that changed -------------
+    def new_encoder_cache(self, bsz: int, device, dtype=torch.float32) -> dict:
+        """Static buffers of one call: every encoder layer's keys and values [B, H, buf + L, hd]
+        and the encoder's output rows [B, buf + L, E], by row (buffer rows, then positions)."""
+        c = self.config
+        rows, e = c.buffer_size + c.seq_len, c.encoder_embed_dim
+        heads = c.encoder_num_heads
+        shape = (len(self.encoder_blocks), bsz, heads, rows, e // heads)
+        return {"k": torch.zeros(shape, device=device, dtype=dtype), "v": torch.zeros(shape, device=device, dtype=dtype),
+                "out": torch.zeros(bsz, rows, e, device=device, dtype=dtype)}
+
+    def encode_cached(self, tokens: torch.Tensor, known: torch.Tensor, new: torch.Tensor,
+                      class_emb: torch.Tensor, cache: dict) -> torch.Tensor:
+        """LazyMAR's encoder: only the buffer rows and the tokens `new [B, m]` (those that became
+        known since the cache was written; all of `known` to fill it) are computed, their keys,
+        values and outputs written into `cache`; they attend to the cached keys / values of every
+        known row. Returns the encoder output of the buffer and `known [B, k]` rows (the others
+        from the cache), as `encode` does."""
+        buf = self.config.buffer_size
+        b, e = class_emb.shape
+        pos = self.encoder_pos_embed_learned
+        buffer_rows = class_emb.unsqueeze(1) + pos[:, :buf]
+        new_rows = self.z_proj(gather_rows(tokens, new)) + gather_rows(pos[:, buf:].expand(b, -1, -1), new)
+        x = self.z_proj_ln(torch.cat([buffer_rows, new_rows], dim=1))
+        first = torch.arange(buf, device=known.device).expand(b, -1)
+        rows = torch.cat([first, new + buf], dim=1)
+        keys = torch.cat([first, known + buf], dim=1)
+        for i, block in enumerate(self.encoder_blocks):
+            attn = block.attn
+            heads = attn.num_heads
+            hd = e // heads
+            q, k, v = attn.qkv(block.norm1(x)).reshape(b, -1, 3, heads, hd).permute(2, 0, 3, 1, 4)
+            index = rows[:, None, :, None].expand(-1, heads, -1, hd)
+            cache["k"][i].scatter_(2, index, k.to(cache["k"].dtype))
+            cache["v"][i].scatter_(2, index, v.to(cache["v"].dtype))
+            kindex = keys[:, None, :, None].expand(-1, heads, -1, hd)
+            keys_i = torch.gather(cache["k"][i], 2, kindex).to(q.dtype)
+            values_i = torch.gather(cache["v"][i], 2, kindex).to(q.dtype)
+            out = attention(q, keys_i, values_i, native=attn.use_native_kernel)
+            x = x + attn.proj(out.transpose(1, 2).reshape(b, -1, e))
+            x = x + block.mlp(block.norm2(x))
+        x = self.encoder_norm(x)
+        cache["out"].scatter_(1, rows.unsqueeze(-1).expand(-1, -1, e), x.to(cache["out"].dtype))
+        return gather_rows(cache["out"], keys).to(x.dtype)
+
     def decode(self, x: torch.Tensor, known: torch.Tensor, predict: torch.Tensor) -> torch.Tensor:
         """Decoder over the full sequence; returns the head conditions of `predict [B, n]` only."""
         buf = self.config.buffer_size

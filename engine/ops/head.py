@@ -127,6 +127,23 @@ class PackedHead:
     out_weight: torch.Tensor       # [2C, w]
     out_bias: torch.Tensor
     clip_range: tuple[float, float] | None   # x0 clipped to this range before the posterior mean
+    base: "PackedHead | None" = None         # the head whose weights a retimed one shares
+
+    @property
+    def weights(self) -> "PackedHead":
+        """The head that owns these weights (itself, or the one `retimed` came from)."""
+        return self if self.base is None else self.base
+
+    @torch.no_grad()
+    def retimed(self, tables: DiffusionTables) -> "PackedHead":
+        """The same weights with another respacing's tables (DiSA's per-step schedules): the
+        weight tensors are shared, only the time rows and coefficient table are new."""
+        device = self.in_weight.device
+        timestep_map = torch.from_numpy(tables.timestep_map).to(device)
+        fields = {f: getattr(self, f) for f in self.__dataclass_fields__}
+        fields.update(tables=tables, table=tables.as_tensor(device), timestep_map=timestep_map,
+                      time_emb=self.net.time_embed(timestep_map).contiguous(), base=self.weights)
+        return PackedHead(**fields)
 
     @property
     def token_dim(self) -> int:

@@ -58,7 +58,7 @@ MAX_SEED = 2 ** 63 - 1
 MAX_IMAGES_PER_REQUEST = 16     # default cap on `n` (Scheduler(max_images_per_request=...))
 MAX_PARTIAL_IMAGES = 3          # partial images a streamed request may ask for (OpenAI's bound)
 MAX_PRIORITY = 1000             # |priority| bound
-SETTINGS = ("num_iter", "cfg", "cfg_schedule", "temperature", "top_k", "top_p")   # Request fields
+SETTINGS = ("num_iter", "cfg", "cfg_schedule", "temperature", "top_k", "top_p", "fast")   # Request fields
 
 
 class ServingError(EngineError):
@@ -118,6 +118,10 @@ class Request:
     temperature: float | None = None
     top_k: int | None = None        # binary-token families
     top_p: float | None = None
+    # fast= mode (engine.core.fast; None: the model's default, exact). Per request: "disa"
+    # images share batches with exact ones (grouped by head length); "lazy" and "speculative"
+    # keep per-call state and are refused by the batcher (docs/fast.md).
+    fast: object = None
     seed: int | None = None
     timeout: float | None = None
     request_id: str | None = None

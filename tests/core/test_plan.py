@@ -148,3 +148,44 @@ def test_every_distinct_fluid_step_compiles_fullgraph(cfg, texts):
             assert counter.host_syncs == 0
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert plan.steps[0].unknown_before == seq_len   # the first step: nothing known, empty encoder
+
+
+@pytest.mark.parametrize("backend", sorted({"reference", *(["native"] if "native" in available_backends("cpu") else [])}))
+def test_fast_disa_and_lazy_steps_compile_fullgraph_without_host_syncs(tiny_mar, backend):
+    """fast="disa+lazy": every step (full, refreshing the lazy cache, lazy; each with its own
+    head length) traces with fullgraph=True on the call's static buffers, no host sync, and
+    gives the eager step's tokens and cache."""
+    from engine.core.fast import parse_fast
+    from engine.core.loop import LazyCache
+
+    torch._dynamo.reset()
+    model = MARModel(tiny_mar, backend=backend)
+    model.set_sampling_steps("12")
+    bsz, seq_len, dim = 2, model.config.seq_len, model.config.token_dim
+    gen = torch.Generator().manual_seed(0)
+    plan = build_plan(bsz, 8, seq_len, [3.0, 2.0], fast=parse_fast({"disa": {"upper": 12, "lower": 2},
+                                                                   "lazy": {"start": 1, "every": 2}}),
+                      model_steps=model.head.num_steps)
+    assert any(s.lazy for s in plan.steps) and any(s.refresh for s in plan.steps)
+    orders = sample_orders(bsz, seq_len, gen, "cpu")
+    condition = Condition.labels(torch.tensor([0, 1]), bsz, model.config.class_num, "cpu")
+    context = model.mar.step_context(condition, bsz, True, model.mar.grid())
+    temperatures, cfg_table = torch.tensor([1.0, 0.9]), plan.cfg_table("cpu")
+    eager_cache, compiled_cache = LazyCache.of(model, plan), LazyCache.of(model, plan)
+    eager_tokens = torch.zeros(bsz, seq_len, dim)
+    compiled_tokens = eager_tokens.clone()
+    with torch._dynamo.config.patch(recompile_limit=64):
+        for k, step in enumerate(plan.steps):
+            x, noise = draw_step_inputs(model.head_for(step.head_steps), plan, step, gen, "cpu", dim)
+
+            def one_step(tokens, orders, scales, x, noise, cache, step=step):
+                run_step(model, plan, step, tokens, orders, context, scales, temperatures, x, noise, cache)
+                return tokens
+
+            compiled = torch.compile(one_step, fullgraph=True, backend="eager", dynamic=False)
+            compiled(compiled_tokens, orders, cfg_table[k], x, noise, compiled_cache)
+            _, counter = count_ops(one_step, eager_tokens, orders, cfg_table[k], x, noise, eager_cache)
+            assert counter.host_syncs == 0, step
+            assert not any("nonzero" in op or "item" in op for op in counter.counts)
+            torch.testing.assert_close(compiled_tokens, eager_tokens, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(compiled_cache.diff, eager_cache.diff, rtol=1e-5, atol=1e-5)
