@@ -13,7 +13,7 @@ import torch
 
 from .conditioning import Condition
 from .errors import SamplingError
-from .protocol import check_image_generator
+from .protocol import SettingError, check_image_generator
 from .plan import FLOAT32_MAX, PlanStep, build_plan, per_image
 from .rng import _draw_one, check_generator, draw_step_inputs, draw_step_noise, randn, sample_orders  # noqa: F401
 
@@ -236,8 +236,8 @@ class InFlightImage:
         self.grid = tuple(grid)
         seq_len = self.grid[0] * self.grid[1]
         if fast is not None and fast.lazy is not None:
-            raise SamplingError("fast: 'lazy' keeps per-call caches and cannot run in a shared batch "
-                                "(serving); use 'disa' or 'exact' there")
+            raise SettingError("fast", "'lazy' keeps per-call caches and cannot run in a shared batch "
+                                       "(serving); use 'disa' or 'exact' there")
         self.plan = build_plan(1, num_iter, seq_len, cfg, cfg_schedule, fast, model.head.num_steps)
         self.temperature = validate_temperature(temperature)
         self.generator = generator

@@ -41,7 +41,7 @@ from ..ops.categorical import check_top_k, check_top_p, exponential_noise, sampl
 from ..core.config import MAX_CLASSES, MAX_DEPTH, MAX_HEADS, MAX_PARAMS, MAX_SEQ_LEN, MAX_WIDTH, ConfigMixin
 from ..core.config import check_int_range as _check_range
 from ..core.errors import ConfigError, SamplingError
-from ..core.protocol import check_image_generator, resolve_settings
+from ..core.protocol import SettingError, check_image_generator, resolve_settings
 from ..core.plan import FLOAT32_MAX, MAX_BATCH, check_count, per_image
 from ..core.loop import run_steps
 from ..core.rng import check_generator
@@ -808,8 +808,8 @@ def refuse_speculative(model, settings) -> None:
     """A batcher's images advance one token per step in a shared pass: fast="speculative" (a
     window per image, verified and redrafted) cannot join it."""
     if not model.check_fast(settings.get("fast")).exact:
-        raise SamplingError(f"fast: {settings.get('fast')!r} cannot run in a shared batch (serving): "
-                            f"{model.family} images in flight advance one token per step; use fast='exact'")
+        raise SettingError("fast", f"{settings.get('fast')!r} cannot run in a shared batch (serving): "
+                                   f"{model.family} images in flight advance one token per step; use fast='exact'")
 
 
 def check_draws(images: list) -> None:

@@ -171,7 +171,7 @@ def to_request(body: ImageGenerationRequest, sched: Scheduler, request_id: str |
         raise RequestError("size", f"this model generates {image_size(sched)} images, got {body.size!r:.40}")
     return Request(label=label, prompt=prompt, n=body.n, num_iter=body.num_iter,
                    cfg=body.cfg, cfg_schedule=body.cfg_schedule, temperature=body.temperature,
-                   top_k=body.top_k, top_p=body.top_p, seed=body.seed, timeout=body.timeout, request_id=request_id,
+                   top_k=body.top_k, top_p=body.top_p, fast=body.fast, seed=body.seed, timeout=body.timeout, request_id=request_id,
                    priority=body.priority or 0, partial_images=(body.partial_images or 0) if body.stream else 0)
 
 
@@ -183,7 +183,7 @@ def image_size(sched: Scheduler) -> str:
 def settings_of(request: Request) -> dict:
     settings = {"num_iter": request.num_iter, "cfg": request.cfg, "cfg_schedule": request.cfg_schedule,
                 "temperature": request.temperature, "n": request.n}
-    settings.update({k: getattr(request, k) for k in ("top_k", "top_p") if getattr(request, k) is not None})
+    settings.update({k: getattr(request, k) for k in ("top_k", "top_p", "fast") if getattr(request, k) is not None})
     return settings
 
 

@@ -288,7 +288,8 @@ def create_app(model=None, *, loader=None, scheduler: Scheduler | None = None, v
                 classes=None if sched is None or sched.text_model else sched.model.num_classes,
                 text_model=bool(sched and sched.text_model), auth=bool(api_keys), max_num_iter=MAX_NUM_ITER,
                 size=image_size(sched) if sched is not None else None,
-                settings=set(sched.model.resolve_settings()) if sched is not None else None)
+                settings=set(sched.model.resolve_settings()) if sched is not None else None,
+                fast_modes=tuple(getattr(sched.model, "fast_modes", ())) if sched is not None else None)
             app._engine_spec_ready = state.ready
         return app.openapi_schema
     app.openapi = document

@@ -504,7 +504,9 @@ class Scheduler:
                     self._unqueue(job)
                     self._in_flight = len(self._active)
                 self._drop(job)
-                if isinstance(err, SamplingError):
+                if isinstance(err, SettingError):
+                    err = RequestError(err.setting, str(err))
+                elif isinstance(err, SamplingError):
                     field = "prompt" if job.request.prompt is not None else "request"
                     err = RequestError(field, str(err))
                 self._settle(job, error=err, status="error")

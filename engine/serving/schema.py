@@ -4,7 +4,7 @@ response, /metrics as Prometheus text)."""
 from __future__ import annotations
 
 import json
-from typing import Annotated, Literal, Optional
+from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
@@ -53,6 +53,8 @@ class ImageGenerationRequest(BaseModel):
     temperature: Optional[float] = Field(default=None, strict=True)
     top_k: Optional[Int] = None      # models with categorical tokens (their settings say which)
     top_p: Optional[float] = Field(default=None, strict=True)
+    # fast= modes (docs/fast.md): "exact", "disa", "disa+lazy", or {"disa": {"lower": 5}}
+    fast: Optional[Union[StrictStr, dict[str, Optional[dict[str, Any]]]]] = None
     timeout: Optional[float] = Field(default=None, strict=True)
     priority: Optional[Int] = Field(default=None, ge=-MAX_PRIORITY, le=MAX_PRIORITY)
 
@@ -100,7 +102,8 @@ def parse_body(raw, max_depth: int = MAX_JSON_DEPTH) -> ImageGenerationRequest:
         return ImageGenerationRequest.model_validate(raw)
     except ValidationError as err:
         first = err.errors(include_url=False, include_input=False)[0]
-        field = ".".join(str(p) for p in first.get("loc", ())) or None
+        loc = first.get("loc", ())
+        field = str(loc[0]) if loc else None   # the top-level field (a union's member names are not fields)
         message = first.get("msg", "invalid value")
         code = "invalid_value"
         if first.get("type") == "extra_forbidden":
@@ -125,7 +128,8 @@ def _errors(*codes) -> dict:
 
 
 def openapi(app_schema: dict, *, max_images: int, classes: int | None, text_model: bool, auth: bool,
-            max_num_iter: int, size: str | None = None, settings: set | None = None) -> dict:
+            max_num_iter: int, size: str | None = None, settings: set | None = None,
+            fast_modes: tuple | None = None) -> dict:
     """FastAPI's document with what the routes take raw filled in. Where the server's own bound
     depends on more than one field (cfg and temperature overflow float32 with some schedules
     and weights), the document states a range the server always accepts."""
@@ -144,7 +148,13 @@ def openapi(app_schema: dict, *, max_images: int, classes: int | None, text_mode
     props["cfg_schedule"] = {"anyOf": [{"enum": ["linear", "constant"]}, {"type": "null"}]}
     props["top_k"] = {"anyOf": [{"type": "integer", "minimum": 1, "maximum": 1 << 30}, {"type": "null"}]}
     props["top_p"] = {"anyOf": [{"type": "number", "exclusiveMinimum": 0, "maximum": 1}, {"type": "null"}]}
-    for name in ("top_k", "top_p"):   # only the settings the served model takes (`settings`)
+    props["fast"] = {"anyOf": [{"type": "string", "maxLength": 200}, {"type": "object"}, {"type": "null"}],
+                     "description": "opt-in approximate sampling: \"exact\" (default), the model's methods "
+                                    "joined by '+', or {method: {parameter: value}} (docs/fast.md)"}
+    if fast_modes is not None:
+        props["fast"]["anyOf"][0] = {"type": "string", "maxLength": 200, "description": "exact, or "
+                                     + (" / ".join(fast_modes) if fast_modes else "no other mode") + " joined by '+'"}
+    for name in ("top_k", "top_p", "fast"):   # only the settings the served model takes (`settings`)
         if settings is not None and name not in settings:
             props.pop(name)
     if text_model:

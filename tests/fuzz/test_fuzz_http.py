@@ -28,11 +28,12 @@ FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database
 PATH = "/v1/images/generations"
 FIELDS = ["prompt", "class_label", "n", "response_format", "output_format", "size", "model", "user",
           "stream", "partial_images", "seed", "num_iter", "cfg", "cfg_schedule", "temperature", "timeout",
-          "priority", "quality", "background", "output_compression", "top_k", "top_p"]
+          "priority", "quality", "background", "output_compression", "top_k", "top_p", "fast"]
 
 scalars = (st.none() | st.booleans() | st.integers(-3, 12) | st.integers(-2 ** 70, 2 ** 70)
            | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=20)
-           | st.sampled_from(["b64_json", "png", "8x8", "32x32", "auto", "linear", "bogus", "x" * 3000]))
+           | st.sampled_from(["b64_json", "png", "8x8", "32x32", "auto", "linear", "bogus", "x" * 3000, "disa",
+                              "disa+lazy", "speculative", "exact"]))
 json_values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3)
                            | st.dictionaries(st.text(max_size=6), inner, max_size=3), max_leaves=8)
 

@@ -64,3 +64,26 @@ def test_a_model_without_the_setting_refuses_it_and_its_document_omits_it(server
     _, srv = servers["digits-elm-ar"]
     props = srv.client.get("/openapi.json").json()["components"]["schemas"]["ImageGenerationRequest"]["properties"]
     assert props["top_k"]["anyOf"][0]["minimum"] == 1 and props["top_p"]["anyOf"][0]["maximum"] == 1
+
+
+def test_fast_disa_is_served_as_engine_generate_samples_it(servers):
+    model, srv = servers["digits"]
+    r = srv.client.post(PATH, json={"class_label": 5, "seed": 3, "fast": "disa"})
+    assert r.status_code == 200, r.text
+    want = engine.generate(model, [5], generator=[torch.Generator().manual_seed(3)], output_type="pil", fast="disa")[0]
+    assert np.abs(pixels(r.json()["data"][0]["b64_json"]) - np.asarray(want).astype(int)).max() <= 1
+    exact = srv.client.post(PATH, json={"class_label": 5, "seed": 3})
+    assert np.abs(pixels(exact.json()["data"][0]["b64_json"]) - np.asarray(want).astype(int)).max() > 1
+    r = srv.client.post(PATH, json={"class_label": 5, "seed": 3, "fast": {"disa": {"lower": 3}}})
+    assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize("name,fast,message", [
+    ("digits", "bogus", "fast"), ("digits", {"disa": {"lower": -1}}, "lower"),
+    ("digits", "speculative", "speculative"), ("digits-elm-ar", "disa", "disa"),
+    ("digits", 3, "fast"), ("digits", "lazy", "lazy")])
+def test_bad_or_unavailable_fast_modes_are_400_naming_fast(servers, name, fast, message):
+    _, srv = servers[name]
+    r = srv.client.post(PATH, json={"class_label": 5, "fast": fast})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "fast", r.text
+    assert message in r.json()["error"]["message"]
