@@ -12,8 +12,9 @@ PROBE = textwrap.dedent("""
     import resource, torch
     from engine.core.cpu_memory import keep_large_allocations
     applied = keep_large_allocations()
+    torch.set_num_threads(1)                 # one arena: the heap settles the same way every run
     x = torch.ones(16 << 20)                 # 64 MB: above glibc's largest default mmap threshold
-    for _ in range(8):   # glibc settles within a few (64-byte aligned blocks coalesce)
+    for _ in range(16):  # glibc settles within a few (64-byte aligned blocks coalesce)
         y = x * 2; del y
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(8):
