@@ -35,6 +35,9 @@ from dataclasses import dataclass
 from .errors import SamplingError
 
 METHODS = ("disa", "lazy", "speculative")
+# Methods whose state lives in the plan's steps, so images of different modes share a batch
+# (serving); the others keep per-call caches or windows and the batchers refuse them.
+BATCHABLE = ("disa",)
 DISA_SCHEDULES = ("linear", "cosine")
 DEFAULTS = {
     "disa": {"upper": 50, "lower": 5, "schedule": "linear"},

@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
+from ..core.fast import BATCHABLE
 from .errors import ApiError, brief
 from .scheduler import MAX_PARTIAL_IMAGES, MAX_PRIORITY, MAX_SEED
 
@@ -148,12 +149,10 @@ def openapi(app_schema: dict, *, max_images: int, classes: int | None, text_mode
     props["cfg_schedule"] = {"anyOf": [{"enum": ["linear", "constant"]}, {"type": "null"}]}
     props["top_k"] = {"anyOf": [{"type": "integer", "minimum": 1, "maximum": 1 << 30}, {"type": "null"}]}
     props["top_p"] = {"anyOf": [{"type": "number", "exclusiveMinimum": 0, "maximum": 1}, {"type": "null"}]}
-    props["fast"] = {"anyOf": [{"type": "string", "maxLength": 200}, {"type": "object"}, {"type": "null"}],
-                     "description": "opt-in approximate sampling: \"exact\" (default), the model's methods "
-                                    "joined by '+', or {method: {parameter: value}} (docs/fast.md)"}
-    if fast_modes is not None:
-        props["fast"]["anyOf"][0] = {"type": "string", "maxLength": 200, "description": "exact, or "
-                                     + (" / ".join(fast_modes) if fast_modes else "no other mode") + " joined by '+'"}
+    batchable = ["exact"] + [m for m in (fast_modes or ()) if m in BATCHABLE]
+    props["fast"] = {"anyOf": [{"enum": batchable}, {"type": "null"}],
+                     "description": "opt-in approximate sampling (docs/fast.md): the modes of this model that "
+                                    "share a batch; the object form {method: {parameter: value}} is accepted too"}
     for name in ("top_k", "top_p", "fast"):   # only the settings the served model takes (`settings`)
         if settings is not None and name not in settings:
             props.pop(name)

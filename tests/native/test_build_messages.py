@@ -1,5 +1,6 @@
 """The native build says what it does: "compiling" only when it compiles, "loading" from the cache."""
 import os
+import shutil
 import subprocess
 import sys
 
@@ -24,15 +25,21 @@ def test_what_load_does_follows_the_cache_state(tmp_path):
     assert build._what_load_does("ext", cache, src).startswith("waiting for another process")
 
 
-def test_a_cached_build_loads_without_claiming_to_compile(native_ext):
+def test_a_cached_build_loads_without_claiming_to_compile(native_ext, tmp_path):
     # Imported straight from the cache: silent (a user error stays one line); through torch's
-    # loader (its lock file gone stale, say) it says "loading", never "compiling".
+    # loader it says "loading", never "compiling". A private copy of the built cache, so no
+    # other process's build (or its lock) in the shared one can interfere.
+    built = build.build_dir()
+    private = tmp_path / "cache"
+    shutil.copytree(built, private / built.relative_to(build.cache_root()),
+                    ignore=shutil.ignore_patterns("lock"))
+    env = {**os.environ, "ENGINE_CACHE_DIR": str(private)}
     code = "from engine.native.build import load_extension; load_extension()"
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert proc.returncode == 0 and proc.stderr == "", proc.stderr
     code = ("import engine.native.build as b; b._import_built = lambda name, d: None; "
             "b.load_extension()")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr
     assert "loading the native CPU head loop from the cache" in proc.stderr
     assert "compiling" not in proc.stderr

@@ -314,7 +314,8 @@ def test_http_images_equal_generate(service):
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["seed"] == 123 and len(body["data"]) == 2 and isinstance(body["created"], int)
-    assert body["settings"] == {"num_iter": 3, "cfg": 2.5, "cfg_schedule": "constant", "temperature": 0.9, "n": 2}
+    assert body["settings"] == {"num_iter": 3, "cfg": 2.5, "cfg_schedule": "constant", "temperature": 0.9, "n": 2,
+                                "fast": "exact"}
     for i, item in enumerate(body["data"]):
         want = gen(service.model, 7, 123 + i, "pil", num_iter=3, cfg=2.5, cfg_schedule="constant", temperature=0.9)
         assert item["seed"] == 123 + i
