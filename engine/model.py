@@ -7,7 +7,7 @@ import torch
 from .backends import get_backend
 from .core.conditioning import Condition
 from .core.protocol import each, labels_and_batch, resolve_settings
-from .core.fast import check_fast
+from .core.fast import FastModes
 from .core.errors import ConfigError, SamplingError
 from .ops.diffusion import make_tables
 from .ops.head import PackedHead
@@ -18,7 +18,7 @@ from .core.loop import InFlightImage, advance, check_finite, sample, validate_te
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-class Model:
+class Model(FastModes):
     """What `engine.load` returns; each family's subclass gives `sample_tokens` the published
     signature and results. `mar` is the family's transformer module (MAR, FLUID, ...)."""
 
@@ -120,16 +120,6 @@ class Model:
     # The family protocol (engine/core/protocol.py) --------------------------------------------
     conditioning = "class"
     DEFAULTS = {"num_iter": 64, "cfg": 1.0, "cfg_schedule": "linear", "temperature": 1.0, "fast": "exact"}
-    # The fast modes (engine.core.fast) the family takes: each family's module sets its own.
-    fast_modes: tuple = ()
-
-    def check_fast(self, fast):
-        """`fast=` parsed, refused when it names a mode this family does not have."""
-        return check_fast(fast, self.family, self.fast_modes)
-
-    def fast_setting(self, fast):
-        """The `fast` setting of resolve_settings: checked, in its JSON-able form (a name or a dict)."""
-        return check_fast(fast, self.family, self.fast_modes).spec
 
     @property
     def decoder(self) -> str:

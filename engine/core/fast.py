@@ -193,3 +193,17 @@ def check_fast(value, family: str, supported: tuple) -> FastMode:
         raise SamplingError(f"fast: {family} models cannot use {missing[0]!r}; the fast modes of {family} "
                             f"are: {has}")
     return mode
+
+
+class FastModes:
+    """The fast= part of a loaded model (every family's model class inherits it)."""
+    # The fast modes (engine.core.fast) the family takes: each family's module sets its own.
+    fast_modes: tuple = ()
+
+    def check_fast(self, fast):
+        """`fast=` parsed, refused when it names a mode this family does not have."""
+        return check_fast(fast, self.family, self.fast_modes)
+
+    def fast_setting(self, fast):
+        """The `fast` setting of resolve_settings: checked, in its JSON-able form (a name or a dict)."""
+        return check_fast(fast, self.family, self.fast_modes).spec

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from ..core.fast import check_fast
+from ..core.fast import FastModes
 from ..core.protocol import labels_and_batch
 from ..core.errors import SamplingError
 
 
-class BAETokens:
+class BAETokens(FastModes):
     """Protocol pieces of a class-conditional model whose tokens a BAE decodes (engine.load_bae;
     a model directory may ship its own, `model.bae`). Needs `config.grid`, `config.token_each`,
     `config.code_dim`, `config.num_classes`."""
@@ -17,16 +17,6 @@ class BAETokens:
     conditioning = "class"
     decoder = "bae"
     bae = None
-    # The fast modes (engine.core.fast) the family takes: each family's module sets its own.
-    fast_modes: tuple = ()
-
-    def check_fast(self, fast):
-        """`fast=` parsed, refused when it names a mode this family does not have."""
-        return check_fast(fast, self.family, self.fast_modes)
-
-    def fast_setting(self, fast):
-        """The `fast` setting of resolve_settings: checked, in its JSON-able form (a name or a dict)."""
-        return check_fast(fast, self.family, self.fast_modes).spec
 
     @property
     def num_classes(self) -> int:
