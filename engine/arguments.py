@@ -33,12 +33,18 @@ def check_output(path: str) -> Path:
 
 
 def write_atomically(out: Path, write) -> None:
-    """`write(tmp_path)` to a temporary file beside `out`, then rename it into place."""
+    """`write(tmp_path)` to a temporary file beside `out`, flushed to disk with the usual
+    permissions, then renamed into place."""
     fd, tmp = tempfile.mkstemp(dir=out.parent if str(out.parent) else ".", prefix=f".{out.name}.",
                                suffix=out.suffix)
     os.close(fd)
     try:
         write(tmp)
+        with open(tmp, "rb+") as f:      # on disk before the rename makes it the output
+            os.fsync(f.fileno())
+        umask = os.umask(0o022)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)   # mkstemp's 0600 would otherwise become the output's mode
         os.replace(tmp, out)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

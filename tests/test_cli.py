@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -94,3 +95,18 @@ def test_fast_on_sample_and_evaluate(tmp_path):
                        log=None, fast="disa+lazy")
     assert report["fast"] == "disa+lazy" and report["results"][0]["fast"] == "disa+lazy"
     assert report["results"][0]["backend"] == "reference fast=disa+lazy"
+
+
+def test_outputs_have_the_usual_permissions(tmp_path):
+    # Written through a temporary file (mkstemp: 0600), renamed into place: the output must get
+    # the mode any other file gets under the umask, not stay private to its writer.
+    from engine.arguments import write_atomically
+
+    old = os.umask(0o022)
+    try:
+        out = tmp_path / "x.txt"
+        write_atomically(out, lambda tmp: Path(tmp).write_text("x"))
+    finally:
+        os.umask(old)
+    assert out.read_text() == "x" and (out.stat().st_mode & 0o777) == 0o644
+    assert [p.name for p in tmp_path.iterdir()] == ["x.txt"]

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
@@ -22,20 +21,6 @@ from .job import FORMAT, spec_diff, spec_hash
 PART_RE = re.compile(r"^part-(\d{9})-(\d{9})\.npz$")
 
 
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _finish(tmp) -> None:
-    """Flush a temporary file to disk and give it the usual permissions (mkstemp makes 0600)
-    before it is renamed into place."""
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.chmod(tmp, 0o666 & ~_umask())
-
-
 def _write_synced(out: Path, arrays: dict) -> None:
     """np.savez into a temporary file beside `out`, fsync, rename (engine.arguments.write_atomically)."""
     from ..arguments import write_atomically
@@ -43,7 +28,6 @@ def _write_synced(out: Path, arrays: dict) -> None:
     def write(tmp):
         with open(tmp, "wb") as f:
             np.savez(f, **arrays)
-        _finish(tmp)
     write_atomically(out, write)
 
 
@@ -214,7 +198,6 @@ class PartStore:
                 for name, arr in extra.items():
                     with zf.open(name + ".npy", "w", force_zip64=True) as f:
                         np.lib.format.write_array(f, arr, allow_pickle=False)
-            _finish(tmp)
         write_atomically(self.out, write)
         if not keep_parts:
             self.remove()
