@@ -10,8 +10,11 @@ HARNESS = Path(__file__).with_name("atheris_readers.py")
 
 def test_atheris_finds_no_crash_in_the_readers(tmp_path):
     runs = os.environ.get("ENGINE_FUZZ_RUNS", "1000")
-    # -report_slow_units: the first input may compile the native extension (a minute), not a finding
+    # -report_slow_units: the first input may compile the native extension (a minute), not a finding;
+    # -rss_limit_mb: torch alone can hold libFuzzer's default 2 GB; an input that takes more than
+    # 8 GB to read is a finding
     proc = subprocess.run([sys.executable, str(HARNESS), f"-runs={runs}", "-seed=1", "-report_slow_units=600",
+                           "-rss_limit_mb=8192",
                            f"-artifact_prefix={tmp_path}/"], capture_output=True, text=True, timeout=600,
                           cwd=HARNESS.parent)
     assert proc.returncode == 0, proc.stderr[-4000:]
