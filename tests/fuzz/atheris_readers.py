@@ -1,6 +1,6 @@
 """Coverage-guided byte-level fuzzing of the checkpoint readers with atheris (libFuzzer).
 
-    python tests/fuzz/atheris_readers.py -runs=100000 -artifact_prefix=/tmp/crash-   # by hand
+    python tests/fuzz/atheris_readers.py -runs=100000 -rss_limit_mb=8192 -artifact_prefix=/tmp/crash-   # by hand
     (tests/fuzz/test_fuzz_atheris.py runs a bounded number of inputs in CI)
 
 The first byte picks the reader (published .pth, an engine directory's weights or config.json,
