@@ -108,3 +108,20 @@ def alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+class Gate:
+    """Holds the scheduler's worker inside a step until released (patches the masked families'
+    batcher): requests pile up behind it in a known state."""
+
+    def __init__(self, monkeypatch):
+        from engine.model import MaskedBatcher
+
+        self.entered, self.release = threading.Event(), threading.Event()
+        real = MaskedBatcher.step
+
+        def step(batcher, images):
+            self.entered.set()
+            assert self.release.wait(30)
+            return real(batcher, images)
+        monkeypatch.setattr(MaskedBatcher, "step", step)

@@ -13,10 +13,9 @@ import pytest
 import torch
 
 import engine
-from engine.model import MaskedBatcher
 from engine.serving import Scheduler
 from engine.serving.http import create_app
-from servers import Server
+from servers import Gate, Server
 
 openai = pytest.importorskip("openai")
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -100,18 +99,6 @@ def test_authentication_error(server):
         bad.images.generate(model="digits", prompt="1")
 
 
-class Gate:
-    """Holds the worker inside a step until released."""
-
-    def __init__(self, monkeypatch):
-        self.entered, self.release = threading.Event(), threading.Event()
-        real = MaskedBatcher.step
-
-        def step(batcher, images):
-            self.entered.set()
-            assert self.release.wait(30)
-            return real(batcher, images)
-        monkeypatch.setattr(MaskedBatcher, "step", step)
 
 
 def test_rate_limit_error_with_retry_after(model, monkeypatch):

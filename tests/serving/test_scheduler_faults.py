@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import engine
-from engine.model import MaskedBatcher
+from servers import Gate
 from engine.serving import QueueFullError, Request, Scheduler, WorkerError
 from helpers import rel_err
 
@@ -24,18 +24,6 @@ def solo(model, label, seed, **settings):
                                **model.resolve_settings(**settings))
 
 
-class Gate:
-    """Holds the worker inside a step until released."""
-
-    def __init__(self, monkeypatch):
-        self.entered, self.release = threading.Event(), threading.Event()
-        real = MaskedBatcher.step
-
-        def step(batcher, images):
-            self.entered.set()
-            assert self.release.wait(30)
-            return real(batcher, images)
-        monkeypatch.setattr(MaskedBatcher, "step", step)
 
 
 def test_a_request_that_fits_free_slots_is_not_queued(model, monkeypatch):

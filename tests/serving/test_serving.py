@@ -19,7 +19,7 @@ from engine.serving import (DeadlineExceeded, QueueFullError, Request, RequestEr
                             SchedulerClosed)
 from engine.model import MaskedBatcher
 from helpers import rel_err
-from servers import Server
+from servers import Gate, Server
 
 httpx = pytest.importorskip("httpx")
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -39,18 +39,6 @@ def settings_of(r: Request) -> dict:
     return dict(num_iter=r.num_iter, cfg=r.cfg, cfg_schedule=r.cfg_schedule, temperature=r.temperature)
 
 
-class Gate:
-    """Holds the worker inside a step until released (patches the masked families' batcher)."""
-
-    def __init__(self, monkeypatch):
-        self.entered, self.release = threading.Event(), threading.Event()
-        real = MaskedBatcher.step
-
-        def step(batcher, images):
-            self.entered.set()
-            assert self.release.wait(30)
-            return real(batcher, images)
-        monkeypatch.setattr(MaskedBatcher, "step", step)
 
 
 @pytest.fixture
