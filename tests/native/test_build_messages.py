@@ -3,6 +3,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 from engine.native import build
 
@@ -33,6 +34,12 @@ def test_a_cached_build_loads_without_claiming_to_compile(native_ext, tmp_path):
     private = tmp_path / "cache"
     shutil.copytree(built, private / built.relative_to(build.cache_root()),
                     ignore=shutil.ignore_patterns("lock"))
+    # A fresh checkout's sources can be newer than a library cached by an earlier run (same
+    # contents, same key): then ninja would really recompile and "compiling" would be true. Make
+    # the copy newer than the sources so the test states the cached case whatever the clone's age.
+    now = time.time()
+    for path in private.rglob("*"):
+        os.utime(path, (now, now))
     env = {**os.environ, "ENGINE_CACHE_DIR": str(private)}
     code = "from engine.native.build import load_extension; load_extension()"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
