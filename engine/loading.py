@@ -44,6 +44,20 @@ def save_engine_dir(state: dict, config, out_dir, extra: dict | None = None):
     return checkpoints.save_engine_dir(state, config, out_dir, family_of_config(config), extra)
 
 
+def check_overrides(fam, overrides: dict) -> None:
+    """The caller's config overrides (engine.load's keywords, `--config KEY=VALUE`, `--steps`) must
+    be settings this family has: the error names the argument, not the checkpoint's config."""
+    names = fam.config_cls.field_names()
+    unknown = sorted(str(k) for k in overrides if k not in names and k not in fam.ignored_args)
+    if not unknown:
+        return
+    if "num_sampling_steps" in unknown:
+        raise ConfigError(f"num_sampling_steps (--steps) is a diffusion-head setting; the "
+                          f"{fam.name} model draws its tokens without a diffusion head")
+    raise ConfigError(f"the {fam.name} model has no setting {', '.join(map(repr, unknown))} "
+                      f"(its settings: {', '.join(sorted(names))})")
+
+
 def read_published(path: Path, ema: bool | None, overrides: dict, family: str | None = None):
     """ema: True -> 'model_ema', False -> 'model', None -> the family's default (MAR: the EMA
     weights its evaluation uses; Fluid: 'model', which LightGen's sampling scripts read)."""
@@ -79,6 +93,7 @@ def read_published(path: Path, ema: bool | None, overrides: dict, family: str | 
         raise CheckpointError(f"{path}: {key!r} is a {type(state).__name__}, not a state dict")
     state = {k.removeprefix("module."): v for k, v in state.items()}
     fam = detect_family(state, args, str(path), family)
+    check_overrides(fam, overrides)
     try:
         config = config_from_args(args, fam.infer_sizes(state), overrides, fam.config_cls,
                                   fam.presets, fam.head_fields, fam.ignored_args)
@@ -123,6 +138,10 @@ def read_engine_dir(path: Path, overrides: dict, family: str | None = None):
         fam = get_family(meta["family"]) if "family" in meta else family_of_format(meta["format"])
         if family is not None and family != fam.name:
             raise ConfigError(f"family={family!r} but the directory holds a {fam.name!r} model")
+    except ConfigError as err:
+        raise ConfigError(f"{cfg_file}: {err}") from None
+    check_overrides(fam, overrides)
+    try:
         values = {k: v for k, v in {**meta["config"], **overrides}.items() if k not in fam.ignored_args}
         config = fam.config_cls.from_dict(values)
     except (ConfigError, TypeError, AttributeError) as err:

@@ -99,3 +99,25 @@ def test_every_bad_load_argument_names_itself(name):
 def test_a_family_that_contradicts_the_directory_says_both():
     with pytest.raises(EngineError, match="family='mar' but the directory holds a 'ctf' model"):
         engine.load("digits-ctf", family="mar")
+
+
+@pytest.mark.parametrize("name", sorted(BUILTIN_MODELS))
+def test_a_setting_the_family_lacks_names_the_argument_not_the_config_file(name):
+    # engine.load's keywords are the caller's: the error says which one, never blames config.json.
+    with pytest.raises(EngineError) as err:
+        engine.load(name, colour=3)
+    assert "no setting 'colour'" in str(err.value) and "config.json" not in str(err.value)
+    if not hasattr(engine.load(name).config, "num_sampling_steps"):
+        with pytest.raises(EngineError, match=r"num_sampling_steps \(--steps\) is a diffusion-head "
+                                              "setting") as err:
+            engine.load(name, num_sampling_steps="10")
+        assert "config.json" not in str(err.value)
+
+
+def test_steps_on_a_model_without_a_diffusion_head_is_one_cli_line(capsys):
+    from engine.cli import main
+
+    assert main(["sample", "--checkpoint", "digits-elm-ar", "--steps", "10", "--out", "x.png"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: num_sampling_steps (--steps) is a diffusion-head setting; the elm-ar "
+                   "model draws its tokens without a diffusion head"]
