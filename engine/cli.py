@@ -6,6 +6,7 @@ traceback. Outputs are written to a temporary file and renamed, so no partial fi
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 from .arguments import (add_config_argument, add_family_argument, add_setting_arguments, check_output,  # noqa: F401
@@ -151,12 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_argument(c)
     c.set_defaults(func=_convert)
 
+    # Each imports its optional dependencies only when run (a missing one is an `error:` line
+    # naming the extra to install), so every command is always listed.
     for name in ("builtin.evaluate", "builtin.geneval", "builtin.train", "distributed", "serving"):
-        try:
-            module = __import__(f"engine.{name}", fromlist=["add_parser"])
-        except ImportError:
-            continue
-        module.add_parser(sub)
+        importlib.import_module(f"engine.{name}").add_parser(sub)
     return parser
 
 

@@ -110,3 +110,28 @@ def test_outputs_have_the_usual_permissions(tmp_path):
         os.umask(old)
     assert out.read_text() == "x" and (out.stat().st_mode & 0o777) == 0o644
     assert [p.name for p in tmp_path.iterdir()] == ["x.txt"]
+
+
+def test_every_command_is_listed_without_the_optional_dependencies(tmp_path):
+    # A core install (no serving, Ray, scikit-learn or text extras): every command is still in
+    # `engine --help`, and running one that needs an extra is one `error:` line naming it, exit 2.
+    code = (
+        "import sys\n"
+        "for m in ('fastapi', 'uvicorn', 'prometheus_client', 'litserve', 'ray', 'sklearn',\n"
+        "          'transformers', 'diffusers'):\n"
+        "    sys.modules[m] = None\n"
+        "from engine.cli import main\n"
+        f"sys.exit(main(sys.argv[1:]))\n")
+    def engine_cli(*argv):
+        return subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True,
+                              cwd=tmp_path, timeout=300)
+    listed = engine_cli("--help")
+    assert listed.returncode == 0
+    for command in ("sample", "convert", "evaluate", "geneval", "train", "generate", "serve"):
+        assert command in listed.stdout
+    for argv, extra in ((["serve"], "[serve]"), (["evaluate"], "engine[digits]"),
+                        (["generate", "--num-images", "2", "--out", "g", "--ray"], "engine[ray]")):
+        proc = engine_cli(*argv)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
+        assert extra in lines[0], (argv, lines)
