@@ -191,9 +191,16 @@ def companion_dir(path, name: str) -> Path | None:
 def convert(src, out_dir, ema: bool | None = None, family: str | None = None, force: bool = False,
             **overrides) -> Path:
     """Write a published checkpoint in the engine's format (validated first), atomically: a new
-    `out_dir` (its parent must exist; a non-empty one only with `force`), complete or absent."""
+    `out_dir` (its parent must exist; a non-empty one only with `force`), complete or absent. An
+    engine directory's sampling defaults and companions (its BAE, its text encoder) come along, so
+    the copy samples as the original does."""
     checkpoints.check_engine_dir_output(out_dir, force)   # before minutes of reading
-    state, config, _ = read_checkpoint(src, ema=ema, family=family, **overrides)
+    state, config, sampling = read_checkpoint(src, ema=ema, family=family, **overrides)
     check_state_dict(state, config, str(src))
-    return checkpoints.write_engine_dir(state, config, out_dir, family_of_config(config),
-                                        {"source": Path(src).name, "ema": ema}, force=force)
+    extra = {"source": Path(src).name, "ema": ema}
+    if sampling:
+        extra["sampling"] = sampling
+    companions = {name: found for name in (BAE_DIR, TEXT_ENCODER_DIR)
+                  if (found := companion_dir(src, name)) is not None}
+    return checkpoints.write_engine_dir(state, config, out_dir, family_of_config(config), extra,
+                                        force=force, companions=companions)

@@ -99,10 +99,11 @@ def check_engine_dir_output(out_dir, force: bool = False) -> Path:
 
 
 def write_engine_dir(state: dict, config, out_dir, family, extra: dict | None = None,
-                     force: bool = False) -> Path:
+                     force: bool = False, companions: dict | None = None) -> Path:
     """save_engine_dir, all or nothing: written into a temporary directory beside `out_dir`, then
     renamed into place, so a run killed at any moment leaves no directory or a complete one (never
-    new weights beside an old config). `force` replaces an existing non-empty directory."""
+    new weights beside an old config). `force` replaces an existing non-empty directory;
+    `companions` ({name: directory}) are copied in as OUT/name (a model's own BAE, text encoder)."""
     out = check_engine_dir_output(out_dir, force)
     parent = out.absolute().parent
     tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{out.name}.partial-"))
@@ -112,6 +113,8 @@ def write_engine_dir(state: dict, config, out_dir, family, extra: dict | None = 
         os.umask(umask)
         tmp.chmod(0o777 & ~umask)   # mkdtemp's 0700 would otherwise become the directory's mode
         save_engine_dir(state, config, tmp, family, extra)
+        for name, source in (companions or {}).items():
+            shutil.copytree(source, tmp / name)
         if out.is_dir():
             old = Path(tempfile.mkdtemp(dir=parent, prefix=f".{out.name}.replaced-"))
             os.rename(out, old / "dir")

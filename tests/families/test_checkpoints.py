@@ -186,3 +186,18 @@ def test_convert_cli_force_family_and_config(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "engine", "convert", str(CHECKPOINT),
                            str(tmp_path / "no" / "out")], capture_output=True, text=True)
     assert proc.returncode == 2 and "does not exist" in proc.stderr and not (tmp_path / "no").exists()
+
+
+@pytest.mark.parametrize("name", sorted(BUILTIN_MODELS))
+def test_a_converted_engine_directory_samples_as_the_original(tmp_path, name):
+    # Its companions (BAE, text encoder) and sampling defaults come along: the copy is complete.
+    out = engine.convert(name, tmp_path / "copy")
+    source = BUILTIN_MODELS[name]
+    for companion in ("bae", "text_encoder"):
+        assert (out / companion).is_dir() == (source / companion).is_dir()
+    meta, original = (json.loads((d / "config.json").read_text()) for d in (out, source))
+    assert meta.get("sampling") == original.get("sampling")
+    kwargs = {"prompts": ["a 3"]} if engine.load(name).conditioning == "text" else {"labels": [3, 7]}
+    images = [engine.generate(engine.load(str(d)), generator=torch.Generator().manual_seed(2),
+                              output_type="pt", **kwargs) for d in (out, source)]
+    assert torch.equal(*images)
