@@ -109,24 +109,28 @@ async def run_generation(sched: Scheduler | None, raw, metrics=None, disconnecte
     went away. `disconnected`: an awaitable that completes when the client goes away."""
     try:
         try:
-            _, _, future = admit(sched, raw, metrics=metrics, max_depth=max_depth, draining=draining,
-                                 request_id=request_id)
+            body, _, future = admit(sched, raw, metrics=metrics, max_depth=max_depth, draining=draining,
+                                    request_id=request_id)
             waiting, disconnected = disconnected, None
             result = await wait(future, waiting)
         except ApiError as err:
             return err.status, err.payload, err.headers
-        pngs = await asyncio.to_thread(result.png)
-        return 200, response_body(result, pngs), {}
+        output_format = body.output_format or "png"
+        encoded = await asyncio.to_thread(result.encode, output_format, body.output_compression)
+        return 200, response_body(result, encoded, output_format, image_size(sched)), {}
     finally:
         if asyncio.iscoroutine(disconnected):
             disconnected.close()   # never awaited: answered before waiting
 
 
-def response_body(result, pngs: list[bytes]) -> dict:
+def response_body(result, encoded: list[bytes], output_format: str = "png", size: str | None = None) -> dict:
+    """The OpenAI ImagesResponse (created, data, background, output_format, quality, size) plus
+    the engine's seed and resolved settings."""
     seed = result.request.seed
     return {"created": int(time.time()),
             "data": [{"b64_json": base64.b64encode(p).decode("ascii"), "seed": seed + i}
-                     for i, p in enumerate(pngs)],
+                     for i, p in enumerate(encoded)],
+            "background": "opaque", "output_format": output_format, "quality": "auto", "size": size,
             "seed": seed, "settings": settings_of(result.request)}
 
 

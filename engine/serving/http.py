@@ -258,14 +258,16 @@ def create_app(model=None, *, loader=None, scheduler: Scheduler | None = None, v
     async def stream(http, raw, request_id):
         queue, on_partial = streaming.partial_queue(asyncio.get_running_loop())
         sched = ready_scheduler()
-        _, request, future = admit(sched, raw, metrics=metrics, max_depth=max_json_depth,
-                                   draining=state.draining is not None, request_id=request_id,
-                                   on_partial=on_partial, streaming=True)
+        checked, request, future = admit(sched, raw, metrics=metrics, max_depth=max_json_depth,
+                                         draining=state.draining is not None, request_id=request_id,
+                                         on_partial=on_partial, streaming=True)
         state.active += 1
 
         async def body():
             try:
-                async for chunk in streaming.events(sched, request, future, queue, wait_for_disconnect(http)):
+                async for chunk in streaming.events(sched, request, future, queue, wait_for_disconnect(http),
+                                                      checked.output_format or "png",
+                                                      checked.output_compression):
                     yield chunk
             finally:
                 state.active -= 1

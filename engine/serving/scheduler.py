@@ -148,16 +148,33 @@ class GenerationResult:
 
     def png(self) -> list[bytes]:
         """Each image as PNG bytes (of the "pil" output)."""
-        return _png(self.images("pil"))
+        return encode_images(self.images("pil"))
+
+    def encode(self, output_format: str = "png", compression: int | None = None) -> list[bytes]:
+        """Each image as `output_format` bytes (see encode_images)."""
+        return encode_images(self.images("pil"), output_format, compression)
 
 
-def _png(images) -> list[bytes]:
+OUTPUT_FORMATS = ("png", "jpeg", "webp")
+
+
+def encode_images(images, output_format: str = "png", compression: int | None = None) -> list[bytes]:
+    """PIL images as PNG (lossless: the pixels engine.generate gives), JPEG or WebP bytes.
+    `compression` (0-100, the OpenAI field `output_compression`) is the JPEG / WebP quality
+    (default 100, WebP's lossless mode at 100); PNG ignores it."""
     import io
 
+    if output_format not in OUTPUT_FORMATS:
+        raise RequestError(f"output_format must be one of {list(OUTPUT_FORMATS)}, got {output_format!r}",
+                           "output_format")
+    quality = 100 if compression is None else int(compression)
+    options = {"png": {"format": "PNG"},
+               "jpeg": {"format": "JPEG", "quality": quality},
+               "webp": {"format": "WEBP", "quality": quality, "lossless": quality == 100}}[output_format]
     out = []
     for image in images:
         buf = io.BytesIO()
-        image.save(buf, format="PNG")
+        image.save(buf, **options)
         out.append(buf.getvalue())
     return out
 
@@ -632,7 +649,11 @@ class Scheduler:
 
     def png(self, tokens: torch.Tensor) -> list[bytes]:
         """PNG bytes of tokens (e.g. a preview's), as GenerationResult.png encodes images."""
-        return _png(self._decode(tokens, "pil"))
+        return encode_images(self._decode(tokens, "pil"))
+
+    def encode(self, tokens: torch.Tensor, output_format: str = "png", compression: int | None = None):
+        """`output_format` bytes of tokens (e.g. a preview's), as GenerationResult.encode gives."""
+        return encode_images(self._decode(tokens, "pil"), output_format, compression)
 
     def _decode(self, tokens: torch.Tensor, output_type: str = "np"):
         from ..images import OUTPUT_TYPES, convert_output

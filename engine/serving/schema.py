@@ -35,7 +35,7 @@ class ImageGenerationRequest(BaseModel):
     class_label: Optional[Int] = None
     n: Int = 1
     response_format: Literal["b64_json"] = "b64_json"
-    output_format: Optional[Literal["png"]] = None
+    output_format: Optional[Literal["png", "jpeg", "webp"]] = None
     background: Optional[Literal["auto", "opaque"]] = None
     size: Optional[StrictStr] = Short
     model: Optional[StrictStr] = Short
@@ -176,6 +176,8 @@ def openapi(app_schema: dict, *, max_images: int, classes: int | None, text_mode
         "b64_json": {"type": "string"}, "seed": {"type": "integer"}}}
     images = {"type": "object", "required": ["created", "data"], "properties": {
         "created": {"type": "integer"}, "data": {"type": "array", "items": image},
+        "background": {"const": "opaque"}, "output_format": {"enum": ["png", "jpeg", "webp"]},
+        "quality": {"const": "auto"}, "size": {"type": "string"},
         "seed": {"type": "integer"}, "settings": {"type": "object"}}}
     model = {"type": "object", "required": ["id", "object", "created", "owned_by"], "properties": {
         "id": {"type": "string"}, "object": {"const": "model"}, "created": {"type": "integer"},

@@ -10,7 +10,8 @@
 its tokens so far (the batcher's `preview`: masked families show the tokens unmasked so far,
 causal ones the prefix; the rest is the family's blank, see each family's `preview`). An image
 with fewer steps than that sends fewer previews (as the OpenAI API may). Then one
-`image_generation.completed` per image, in index order, whose PNG is the non-streamed answer's.
+`image_generation.completed` per image, in index order, whose bytes are the non-streamed answer's
+(PNG, or the request's `output_format`).
 Every event carries `image_index` (which of the `n` images) and `seed`. An error after the
 stream began is one `event: error` with the OpenAI error object, and the stream ends."""
 from __future__ import annotations
@@ -28,17 +29,18 @@ def sse(event: str, data: dict) -> bytes:
     return f"event: {event}\ndata: {json.dumps(data)}\n\n".encode()
 
 
-async def events(sched, request, future, partials: asyncio.Queue, disconnected=None):
+async def events(sched, request, future, partials: asyncio.Queue, disconnected=None,
+                 output_format: str = "png", compression: int | None = None):
     """The event stream of one admitted request; `partials` receives (image index, partial
-    index, tokens) from the scheduler's worker."""
+    index, tokens) from the scheduler's worker. Previews and images in `output_format`."""
     size = image_size(sched)
-    common = {"background": "opaque", "output_format": "png", "quality": "auto", "size": size}
+    common = {"background": "opaque", "output_format": output_format, "quality": "auto", "size": size}
     done = asyncio.ensure_future(wait(future, disconnected))
 
     async def partial_event(index, partial_index, tokens) -> bytes:
-        png = (await asyncio.to_thread(sched.png, tokens))[0]
+        image = (await asyncio.to_thread(sched.encode, tokens, output_format, compression))[0]
         return sse("image_generation.partial_image", {
-            "type": "image_generation.partial_image", "b64_json": base64.b64encode(png).decode("ascii"),
+            "type": "image_generation.partial_image", "b64_json": base64.b64encode(image).decode("ascii"),
             "created_at": int(time.time()), "partial_image_index": partial_index,
             "image_index": index, "seed": request.seed + index, **common})
     try:
@@ -58,11 +60,11 @@ async def events(sched, request, future, partials: asyncio.Queue, disconnected=N
             if err.status != 499:
                 yield sse("error", {"type": "error", **err.payload})
             return
-        pngs = await asyncio.to_thread(result.png)
+        encoded = await asyncio.to_thread(result.encode, output_format, compression)
         tokens = int(result.tokens[0].numel())
-        for index, png in enumerate(pngs):
+        for index, image in enumerate(encoded):
             yield sse("image_generation.completed", {
-                "type": "image_generation.completed", "b64_json": base64.b64encode(png).decode("ascii"),
+                "type": "image_generation.completed", "b64_json": base64.b64encode(image).decode("ascii"),
                 "created_at": int(time.time()), "image_index": index, "seed": request.seed + index,
                 "usage": {"input_tokens": 0, "input_tokens_details": {"image_tokens": 0, "text_tokens": 0},
                           "output_tokens": tokens, "total_tokens": tokens}, **common})

@@ -181,6 +181,33 @@ def test_stream_n_images_async(server, model):
         assert np.abs(pixels(e.b64_json) - want(model, 3, 9 + e.image_index, num_iter=4)).max() <= 1
 
 
+@pytest.mark.parametrize("output_format", ["jpeg", "webp"])
+def test_output_format_and_compression(client, model, output_format):
+    # The image in the format asked for (PIL reads it as such); WebP at the default compression
+    # 100 is lossless (the PNG's pixels), JPEG close to them; a lower compression is smaller.
+    from PIL import Image
+
+    def generate(**fields):
+        return client.images.generate(model="digits", prompt="4", output_format=output_format,
+                                      extra_body={"seed": 11, "num_iter": 4}, **fields)
+    best, small = generate(), generate(output_compression=10)
+    assert best.output_format == output_format and best.size == "16x16"
+    data = [base64.b64decode(r.data[0].b64_json) for r in (best, small)]
+    assert [Image.open(io.BytesIO(d)).format for d in data] == [output_format.upper()] * 2
+    assert len(data[1]) < len(data[0])
+    exact = want(model, 4, 11, num_iter=4)
+    got = Image.open(io.BytesIO(data[0]))   # WebP stores a grey image as RGB (equal channels)
+    got = np.asarray(got.convert("L") if exact.ndim == 2 else got.convert("RGB")).astype(int)
+    error = np.abs(got - exact)
+    assert error.max() == 0 if output_format == "webp" else error.mean() < 3
+    events = list(client.images.generate(model="digits", prompt="4", output_format=output_format,
+                                         stream=True, partial_images=1, extra_body={"seed": 11, "num_iter": 4}))
+    assert [e.output_format for e in events] == [output_format] * 2
+    assert all(Image.open(io.BytesIO(base64.b64decode(e.b64_json))).format == output_format.upper()
+               for e in events)
+    assert events[-1].b64_json == best.data[0].b64_json
+
+
 def test_a_failing_image_fails_only_its_request(server, model, monkeypatch):
     """Two concurrent SDK calls; a fault injected inside the step for one image of the first:
     it gets InternalServerError (500, OpenAI shape), the other its solo images."""

@@ -357,7 +357,7 @@ def test_openai_client_shaped_requests(service):
     ({"class_label": 1, "seed": 1.5}, "seed", "valid integer"),
     ({"class_label": 1, "timeout": -1}, "timeout", "> 0"),
     ({"class_label": 1, "response_format": "url"}, "response_format", "b64_json"),
-    ({"class_label": 1, "output_format": "jpeg"}, "output_format", "png"),
+    ({"class_label": 1, "output_format": "gif"}, "output_format", "png"),
     ({"class_label": 1, "size": "256x256"}, "size", "16x16"),
 ])
 def test_malformed_inputs_are_400_naming_the_field(service, body, param, message):
