@@ -36,6 +36,16 @@ def body_too_large(limit: int, headers: dict | None = None) -> "ApiError":
     return ApiError(413, f"the body is larger than {limit} bytes (--max-body-bytes)", headers=headers)
 
 
+def compressed_body(content_encoding: str | None) -> "ApiError | None":
+    """A compressed body (Content-Encoding gzip, br, ...) is refused by name: 415, not a JSON error
+    about its bytes (and never inflated past the body limit)."""
+    encoding = (content_encoding or "").strip().lower()
+    if encoding and encoding != "identity":
+        return ApiError(415, f"Content-Encoding {encoding[:40]!r} is not supported; send the JSON body "
+                             "uncompressed", code="unsupported_media_type")
+    return None
+
+
 class ApiError(Exception):
     """An answer other than 200: its status, the error object and headers."""
 

@@ -203,7 +203,7 @@ def create_app(model=None, *, loader=None, scheduler: Scheduler | None = None, v
     def model_card() -> dict:
         return {"id": model_name, "object": "model", "created": int(state.started), "owned_by": "engine"}
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])   # HEAD: load balancers' probes
     async def health():
         sched = state.scheduler
         if state.failed is not None:

@@ -3,7 +3,8 @@
 * `X-Request-ID`: taken from the request (printable, at most 128 characters) or made; returned
   in the answer, kept in `scope["state"]["request_id"]` for the handlers, and in the access log;
 * a body size limit: a POST body over `max_body_bytes` is answered 413 before it is read in full
-  (a Content-Length over the limit is refused without reading anything);
+  (a Content-Length over the limit is refused without reading anything); a compressed body
+  (Content-Encoding other than identity) is 415;
 * API keys: with `api_keys`, every path under /v1/ needs `Authorization: Bearer <key>` (else 401);
   /health, /metrics and the OpenAPI document stay open (probes and scrapers; see docs/serving.md);
 * cheap refusals: `refuse(scope)` (the app's: draining, not ready, the queue full) answers 503 /
@@ -24,7 +25,7 @@ import re
 import time
 import uuid
 
-from .errors import ApiError, body_too_large, brief, normalized
+from .errors import ApiError, body_too_large, brief, compressed_body, normalized
 
 access_log = logging.getLogger("engine.serving.access")
 log = logging.getLogger("engine.serving")
@@ -90,7 +91,7 @@ class ServingMiddleware:
                 if refusal is not None and self.reject_delay > 0:
                     await asyncio.sleep(self.reject_delay)
             if refusal is None:
-                refusal = self._too_large(headers)
+                refusal = self._too_large(headers) or compressed_body(headers.get("content-encoding"))
             if refusal is None and scope["method"] in ("POST", "PUT", "PATCH"):
                 receive, refusal = await self._buffer(receive, headers)
             if refusal is not None:

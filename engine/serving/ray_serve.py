@@ -20,7 +20,7 @@ from ray import serve
 from starlette.requests import Request as HTTPRequest
 from starlette.responses import JSONResponse, Response
 
-from .errors import ApiError, body_too_large
+from .errors import ApiError, body_too_large, compressed_body
 from .middleware import DEFAULT_MAX_BODY
 from .scheduler import MAX_IMAGES_PER_REQUEST, Scheduler, ServingError
 from .schema import MAX_JSON_DEPTH
@@ -78,7 +78,7 @@ class EngineDeployment:
         try:
             if route not in routes:
                 raise ApiError(404, f"no route {path[:200]!r}; POST /v1/images/generations")
-            if http.method != routes[route]:
+            if http.method != routes[route] and not (http.method == "HEAD" and routes[route] == "GET"):
                 raise ApiError(405, f"{http.method} is not allowed on {path[:200]!r}; use {routes[route]}")
             if route == "/health":
                 return JSONResponse({"status": "ok", **describe(self.scheduler, self.model_name)})
@@ -114,7 +114,10 @@ class EngineDeployment:
 
 
 async def read_body(http: HTTPRequest, limit: int) -> bytes:
-    """The body, ApiError 413 once it passes `limit` bytes (not read further)."""
+    """The body, ApiError 413 once it passes `limit` bytes (not read further), 415 compressed."""
+    refusal = compressed_body(http.headers.get("content-encoding"))
+    if refusal is not None:
+        raise refusal
     length = http.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > limit:
         raise body_too_large(limit)

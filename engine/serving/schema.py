@@ -119,6 +119,7 @@ ERROR_SCHEMA = {"type": "object", "required": ["error"], "properties": {"error":
                    "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}}}
 ERROR_TEXT = {400: "invalid request (param names the field)", 401: "missing or wrong API key",
               404: "not found", 405: "method not allowed", 413: "body larger than --max-body-bytes",
+              415: "a compressed body (Content-Encoding)",
               429: "the queue is full (Retry-After)", 500: "sampling failed", 503: "loading or draining (Retry-After)",
               504: "past the request's deadline"}
 
@@ -191,7 +192,7 @@ def openapi(app_schema: dict, *, max_images: int, classes: int | None, text_mode
                               "(image_generation.partial_image, then image_generation.completed)",
                               "content": {"application/json": {"schema": images},
                                           "text/event-stream": {"schema": {"type": "string"}}}},
-                      **_errors(400, *auth_errors, 413, 429, 500, 503, 504)}}}
+                      **_errors(400, *auth_errors, 413, 415, 429, 500, 503, 504)}}}
     paths["/v1/models"] = {"get": {"summary": "The served model", "operationId": "listModels", "responses": {
         "200": {"description": "a list of one model", "content": {"application/json": {"schema": {
             "type": "object", "required": ["object", "data"], "properties": {

@@ -2,6 +2,7 @@
 never echoed in full, 404 / 405 / 500 in the OpenAI error shape with a request id, and the
 LitServe and Ray Serve adapters answering every bad body exactly as the plain server."""
 import asyncio
+import gzip
 import json
 
 import pytest
@@ -87,6 +88,16 @@ def test_errors_never_echo_long_input(model, body):
         srv.stop()
 
 
+def test_compressed_bodies_are_415_and_health_answers_head(server):
+    # A gzip body was a 400 about undecodable bytes; a load balancer's HEAD probe was 405.
+    r = server.client.post(PATH, content=gzip.compress(b'{"class_label": 1}'), headers=GZIP)
+    assert "Content-Encoding 'gzip' is not supported" in is_openai_error(r, 415, "unsupported_media_type")["message"]
+    assert server.client.post(PATH, json={"class_label": 1, "num_iter": 1},
+                              headers={"content-encoding": "identity"}).status_code == 200
+    r = server.client.head("/health")
+    assert r.status_code == 200 and r.content == b""
+
+
 def test_404_405_and_500_in_the_openai_shape(server, monkeypatch):
     """Was: 404 / 405 bodies were FastAPI's {"detail": ...}; a failure was text/plain."""
     is_openai_error(server.client.get("/nope"), 404, "not_found")
@@ -106,6 +117,8 @@ BAD_BODIES = [b"{not json", b"[1, 2]", b"", b"[" * 5000 + b"]" * 5000,
               json.dumps({"class_label": 1, "cfg_scale": 3}).encode(), json.dumps({"class_label": 10}).encode(),
               json.dumps({"class_label": 1, "n": 0}).encode(), json.dumps({"prompt": "a" * 40_000}).encode(),
               json.dumps({"class_label": 1, "user": "x" * 2_000_000}).encode()]
+GZIP = {"content-encoding": "gzip"}      # a compressed body: 415 by name, never inflated
+BAD_REQUESTS = [(b, {}) for b in BAD_BODIES] + [(gzip.compress(b'{"class_label": 1}'), GZIP)]
 ADAPTER_ONLY = [(json.dumps({"class_label": 1, "stream": True}).encode(), 400, "stream")]
 
 
@@ -113,7 +126,8 @@ def plain_answers(model):
     srv = Server(create_app(model=model, warmup=False)).wait_healthy()
     try:
         return [(r.status_code, r.json()) for r in
-                (srv.client.post(PATH, content=b, headers={"content-type": "application/json"}) for b in BAD_BODIES)]
+                (srv.client.post(PATH, content=b, headers={"content-type": "application/json", **h})
+                 for b, h in BAD_REQUESTS)]
     finally:
         srv.stop()
 
@@ -131,7 +145,8 @@ def test_litserve_answers_bad_bodies_as_the_plain_server(model):
                  timeout=120)
     with wrap_litserve_start(lit) as lit, TestClient(lit.app) as client:
         got = [(r.status_code, r.json()) for r in
-               (client.post(PATH, content=b, headers={"content-type": "application/json"}) for b in BAD_BODIES)]
+               (client.post(PATH, content=b, headers={"content-type": "application/json", **h})
+                for b, h in BAD_REQUESTS)]
         assert client.post(PATH, json={"class_label": 1, "num_iter": 1}).status_code == 200
         for body, status, param in ADAPTER_ONLY:     # no event stream here: refused, not garbled
             r = client.post(PATH, content=body)
@@ -149,7 +164,7 @@ def test_ray_serve_deployment_answers_bad_bodies_as_the_plain_server(model):
     want = plain_answers(model)
     replica = EngineDeployment.func_or_class("digits", load={"num_sampling_steps": "10"}, warmup=False)
 
-    async def call(body: bytes, path=PATH, method="POST"):
+    async def call(body: bytes, path=PATH, method="POST", headers=None):
         sent = False
 
         async def receive():
@@ -159,13 +174,15 @@ def test_ray_serve_deployment_answers_bad_bodies_as_the_plain_server(model):
                 return {"type": "http.request", "body": body, "more_body": False}
             await asyncio.sleep(3600)
         scope = {"type": "http", "method": method, "path": path, "query_string": b"",
-                 "headers": [(b"content-length", str(len(body)).encode())],
+                 "headers": [(b"content-length", str(len(body)).encode()),
+                             *((k.encode(), v.encode()) for k, v in (headers or {}).items())],
                  "root_path": ""}
         response = await replica(HTTPRequest(scope, receive))
-        return response.status_code, json.loads(response.body)
+        return response.status_code, json.loads(response.body) if response.body else None
     try:
-        got = [asyncio.run(call(b)) for b in BAD_BODIES]
+        got = [asyncio.run(call(b, headers=h)) for b, h in BAD_REQUESTS]
         assert asyncio.run(call(b"", "/nope", "GET"))[0] == 404
+        assert asyncio.run(call(b"", "/health", "HEAD"))[0] == 200
         for body, status, param in ADAPTER_ONLY:
             answer = asyncio.run(call(body))
             assert answer[0] == status and answer[1]["error"]["param"] == param
