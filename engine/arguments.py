@@ -52,6 +52,21 @@ def write_atomically(out: Path, write) -> None:
 
 
 
+def check_threads(value, flag: str = "--threads") -> None:
+    """A command's `--threads`: None (torch's default) or an integer of at least 1."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise EngineError(f"{flag} must be an integer of at least 1, got {value!r}")
+
+
+def set_threads(value, flag: str = "--threads") -> None:
+    """torch's CPU threads from a command's `--threads` (None: torch's default)."""
+    check_threads(value, flag)
+    if value is not None:
+        import torch
+
+        torch.set_num_threads(value)
+
+
 def add_family_argument(parser) -> None:
     from .families import families
 

@@ -135,3 +135,17 @@ def test_every_command_is_listed_without_the_optional_dependencies(tmp_path):
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
         assert extra in lines[0], (argv, lines)
+
+
+@pytest.mark.parametrize("argv", [
+    ["serve", "--threads", "0"], ["serve", "--threads", "-2"], ["evaluate", "--threads", "-1"],
+    ["geneval", "--threads", "0"], ["train", "--threads", "-1", "--steps", "1", "--out", "run"],
+    ["generate", "--threads", "0", "--num-images", "10", "--out", "g.npz"],
+])
+def test_threads_below_one_is_one_line(tmp_path, argv):
+    # Was: 0 silently meant torch's default, and a negative count a torch RuntimeError traceback.
+    proc = subprocess.run([sys.executable, "-m", "engine", *argv], capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: --threads must be an integer of "
+                                                           "at least 1"), proc.stderr
+    assert proc.stderr.count("\n") == 1 and not list(tmp_path.iterdir())

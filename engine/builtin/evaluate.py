@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .digits import NUM_CLASSES, load_split, per_class_subset
-from ..arguments import fast_argument
+from ..arguments import fast_argument, set_threads
 from ..core.errors import EngineError
 
 CLASSIFIER_VERSION = 2  # 2: always trained on one thread (v1 depended on the thread count)
@@ -397,7 +397,7 @@ def plot_report(report: dict, path) -> Path:
 
 
 def _run(args) -> int:
-    torch.set_num_threads(args.threads) if args.threads else None
+    set_threads(args.threads)
     report = run_sweep(args.checkpoint, args.samples_per_class, args.cfg, args.num_iter, args.backends,
                        args.temperature, args.seed, args.device, precision=args.precision, fast=args.fast)
     print()

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from .digits_text import CATEGORIES, SLOT, Scene, parse_prompt, random_scene
-from ..arguments import fast_argument
+from ..arguments import fast_argument, set_threads
 from ..core.errors import EngineError
 
 EMPTY_FRACTION = 0.3
@@ -218,8 +218,7 @@ def plot_report(report: dict, path) -> Path:
 
 
 def _run(args) -> int:
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     prompts = None
     if args.prompts_file:
         try:

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from ..arguments import check_threads
 from ..families.causal import FAMILY_NAME as CAUSAL_FAMILY
 from ..families.mar import FAMILY_NAME as MAR_FAMILY
 
@@ -40,6 +41,7 @@ def _run(args) -> int:
     from ..loading import save_engine_dir
     from .train_discrete import DISCRETE_MODELS, run as run_discrete
 
+    check_threads(args.threads)         # before anything is written
     if args.model in DISCRETE_MODELS:   # the BAE-token digit models: engine/builtin/train_discrete.py
         return run_discrete(args)
     if args.model == "digits-ctf":      # coarse-to-fine on the same codes: engine/builtin/train_ctf.py

@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..arguments import set_threads
 from ..core.config import MARConfig
 from ..ops.diffusion import NUM_TRAIN_TIMESTEPS, cosine_betas
 from ..core.errors import ConfigError
@@ -295,8 +296,7 @@ def train(model_config, tc: TrainConfig, images=None, labels=None, log=print,
     it exactly (same result as an uninterrupted run)."""
     tc.validate()
     task = task if task is not None else DigitsTask(model_config, images, labels)
-    if tc.threads:
-        torch.set_num_threads(tc.threads)
+    set_threads(tc.threads)
     torch.manual_seed(tc.seed)
     generator = torch.Generator().manual_seed(tc.seed)
     module = task.build()   # a task may bring its own initialisation (the discrete models do)

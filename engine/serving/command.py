@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..arguments import add_config_argument, add_family_argument, config_overrides
+from ..arguments import add_config_argument, add_family_argument, config_overrides, set_threads
 from ..core.errors import EngineError
 from .scheduler import MAX_IMAGES_PER_REQUEST
 
@@ -84,13 +84,10 @@ def _serve(args) -> int:
     except ImportError as err:
         raise EngineError(f"serving needs FastAPI, uvicorn and prometheus-client ({err.name} is "
                           "missing): pip install -e \".[serve]\"") from None
-    import torch
-
     import engine
     from .http import create_app, serve
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
 
     def loader():
         model = engine.load(args.checkpoint, device=args.device, backend=args.backend,
