@@ -68,6 +68,10 @@ def read_published(path: Path, ema: bool | None, overrides: dict, family: str | 
     if not present:
         if ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
             state, args, key = ckpt, {}, "state dict"
+        elif any(isinstance(v, torch.Tensor) for v in ckpt.values()):   # a state dict, damaged
+            bad = sorted(str(k) for k, v in ckpt.items() if not isinstance(v, torch.Tensor))
+            raise CheckpointError(f"{path}: a bare state dict with entries that are not tensors: "
+                                  f"{bad[:8]}")
         else:
             raise CheckpointError(f"{path} is not a model checkpoint: expected 'model'/'model_ema' "
                                   f"entries or a bare state dict, found {sorted(map(str, ckpt))[:8]}")

@@ -4,6 +4,7 @@ import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -201,3 +202,12 @@ def test_a_converted_engine_directory_samples_as_the_original(tmp_path, name):
     images = [engine.generate(engine.load(str(d)), generator=torch.Generator().manual_seed(2),
                               output_type="pt", **kwargs) for d in (out, source)]
     assert torch.equal(*images)
+
+
+def test_a_bare_state_dict_with_a_non_tensor_entry_names_it(tmp_path):
+    # ELM publishes bare state dicts; one damaged entry is named, not "not a model checkpoint".
+    state = torch.load(Path(__file__).parents[1] / "data" / "elm" / "ck_a.pth", weights_only=True)
+    state["layers.0.attention.wo.weight"] = [1, 2, 3]
+    torch.save(state, tmp_path / "ck.pth")
+    with pytest.raises(CheckpointError, match=r"entries that are not tensors: \['layers.0.attention.wo.weight'\]"):
+        engine.load(tmp_path / "ck.pth", n_head=4)
