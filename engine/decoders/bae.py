@@ -238,6 +238,9 @@ def load_bae(path, device="cpu") -> BAEDecoder:
         state = {k.split(".", 1)[1]: v for k, v in ckpt.items() if isinstance(k, str) and k.startswith("ae.")}
     else:
         state = {k.removeprefix("module."): v for k, v in ckpt.items() if isinstance(k, str)}
+    if {"model", "model_ema"} & set(state) and not any(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path} is a generator's training checkpoint ('model' / 'model_ema'), "
+                              "not a binary autoencoder (ELM's binaryae_ema.th)")
     bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
     if bad:
         raise CheckpointError(f"{path}: entries that are not tensors: {bad[:5]}")

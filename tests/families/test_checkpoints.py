@@ -94,6 +94,12 @@ def test_bae_and_vae_files_with_integer_tensors_are_refused(tmp_path):
         engine.load_vae(tmp_path / "kl16.ckpt")
 
 
+def test_a_generator_checkpoint_given_as_the_bae_is_named_as_such():
+    published = Path(__file__).parents[1] / "data" / "published" / "ck_p2.pth"
+    with pytest.raises(CheckpointError, match="a generator's training checkpoint .* not a binary autoencoder"):
+        engine.load_bae(published)
+
+
 def test_check_dtypes_is_the_rule_stated():
     good = {"a": torch.zeros(2, dtype=d) for d in checkpoints.check_dtypes.__globals__["WEIGHT_DTYPES"]}
     for key, value in good.items():
