@@ -91,9 +91,11 @@ class ServingMiddleware:
                 if refusal is not None and self.reject_delay > 0:
                     await asyncio.sleep(self.reject_delay)
             if refusal is None:
-                refusal = self._too_large(headers) or compressed_body(headers.get("content-encoding"))
+                refusal = self._too_large(headers)
             if refusal is None and scope["method"] in ("POST", "PUT", "PATCH"):
-                receive, refusal = await self._buffer(receive, headers)
+                refusal = compressed_body(headers.get("content-encoding"))
+                if refusal is None:
+                    receive, refusal = await self._buffer(receive, headers)
             if refusal is not None:
                 await _answer(send_shaped, refusal)
             else:
