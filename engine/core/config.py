@@ -459,7 +459,7 @@ def config_from_args(args: dict, inferred: dict, overrides: dict, config_cls=Non
         if key not in values:
             hint = f"model {preset!r} is not a preset ({sorted(presets)}) and" if preset else "it"
             raise ConfigError(f"the checkpoint does not give {key}: {hint} records no head count, "
-                              f"which the weights cannot tell; pass {key}=N")
+                              f"which the weights cannot tell; pass {key}=N (--config {key}=N)")
     return config_cls.from_dict(values)
 
 
