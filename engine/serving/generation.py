@@ -50,7 +50,8 @@ def admit(sched: Scheduler | None, raw, *, metrics=None, max_depth: int = MAX_JS
     try:
         body = parse_body(raw, max_depth)
         if body.stream and not streaming:
-            raise ApiError(400, "stream: this endpoint answers JSON only; `engine serve` streams",
+            raise ApiError(400, "stream: this endpoint answers JSON only; `engine serve` and the "
+                                "Ray Serve adapter stream",
                            "stream", code="unsupported_value")
         request = to_request(body, sched, request_id)
         future = sched.submit(request, on_partial=on_partial if body.stream else None)

@@ -244,7 +244,7 @@ def create_app(model=None, *, loader=None, scheduler: Scheduler | None = None, v
         state.active += 1
         try:
             raw = await http.body()
-            if _wants_stream(raw):
+            if streaming.wants_stream(raw):
                 return await stream(http, raw, request_id)
             status, payload, headers = await run_generation(
                 ready_scheduler(), raw, metrics=metrics, disconnected=wait_for_disconnect(http),
@@ -256,18 +256,13 @@ def create_app(model=None, *, loader=None, scheduler: Scheduler | None = None, v
         return JSONResponse(payload, status_code=status, headers=headers)
 
     async def stream(http, raw, request_id):
-        queue, on_partial = streaming.partial_queue(asyncio.get_running_loop())
-        sched = ready_scheduler()
-        checked, request, future = admit(sched, raw, metrics=metrics, max_depth=max_json_depth,
-                                         draining=state.draining is not None, request_id=request_id,
-                                         on_partial=on_partial, streaming=True)
+        run = streaming.open_stream(ready_scheduler(), raw, metrics=metrics, max_depth=max_json_depth,
+                                    draining=state.draining is not None, request_id=request_id)
         state.active += 1
 
         async def body():
             try:
-                async for chunk in streaming.events(sched, request, future, queue, wait_for_disconnect(http),
-                                                      checked.output_format or "png",
-                                                      checked.output_compression):
+                async for chunk in run(wait_for_disconnect(http)):
                     yield chunk
             finally:
                 state.active -= 1
@@ -296,19 +291,6 @@ def create_app(model=None, *, loader=None, scheduler: Scheduler | None = None, v
         return app.openapi_schema
     app.openapi = document
     return app
-
-
-def _wants_stream(raw: bytes) -> bool:
-    """Whether a body asks for server-sent events (a cheap look; the full check follows)."""
-    if b'"stream"' not in raw:
-        return False
-    import json
-
-    try:
-        data = json.loads(raw)
-    except (ValueError, RecursionError):
-        return False
-    return isinstance(data, dict) and data.get("stream") is True
 
 
 def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",

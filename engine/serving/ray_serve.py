@@ -18,12 +18,13 @@ from __future__ import annotations
 
 from ray import serve
 from starlette.requests import Request as HTTPRequest
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from .errors import ApiError, body_too_large, compressed_body
 from .middleware import DEFAULT_MAX_BODY
 from .scheduler import MAX_IMAGES_PER_REQUEST, Scheduler, ServingError
 from .schema import MAX_JSON_DEPTH
+from . import streaming
 
 
 class GenerationFailed(ServingError):
@@ -47,13 +48,11 @@ class EngineDeployment:
                  max_images_per_request: int = MAX_IMAGES_PER_REQUEST, timeout: float | None = 300.0,
                  threads: int | None = None, warmup: bool = True, max_body_bytes: int = DEFAULT_MAX_BODY,
                  max_json_depth: int = MAX_JSON_DEPTH, model_name: str | None = None):
-        import torch
-
         import engine
+        from ..arguments import set_threads
         from .generation import warm
 
-        if threads:
-            torch.set_num_threads(threads)
+        set_threads(threads, "threads")
         load = dict(load or {})
         model = engine.load(checkpoint, **load)
         decoder = engine.load_vae(vae, device=load.get("device", "cpu")) if vae else None
@@ -68,7 +67,8 @@ class EngineDeployment:
     async def __call__(self, http: HTTPRequest) -> Response:
         """HTTP through Ray Serve's proxy, answered as engine.serving.http answers: POST
         /v1/images/generations (or the route prefix itself) a generation body; GET /health,
-        /v1/models. Errors in the OpenAI shape (413 past max_body_bytes)."""
+        /v1/models. Errors in the OpenAI shape (413 past max_body_bytes); `stream: true` answers
+        server-sent events."""
         from .generation import describe, run_generation, wait_for_disconnect
 
         path = http.url.path.rstrip("/")
@@ -86,6 +86,10 @@ class EngineDeployment:
                 return JSONResponse({"object": "list", "data": [{"id": self.model_name, "object": "model",
                                                                  "created": 0, "owned_by": "engine"}]})
             body = await read_body(http, self.max_body_bytes)
+            if streaming.wants_stream(body):   # server-sent events, as engine serve streams them
+                run = streaming.open_stream(self.scheduler, body, max_depth=self.max_json_depth)
+                return StreamingResponse(run(wait_for_disconnect(http)), media_type="text/event-stream",
+                                         headers={"Cache-Control": "no-cache"})
         except ApiError as err:
             return JSONResponse(err.payload, status_code=err.status, headers=err.headers)
         status, payload, headers = await run_generation(self.scheduler, body, disconnected=wait_for_disconnect(http),

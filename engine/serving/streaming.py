@@ -22,7 +22,7 @@ import json
 import time
 
 from .errors import ApiError
-from .generation import image_size, wait
+from .generation import admit, image_size, wait
 
 
 def sse(event: str, data: dict) -> bytes:
@@ -81,3 +81,27 @@ def partial_queue(loop: asyncio.AbstractEventLoop):
     def on_partial(index, partial_index, tokens):
         loop.call_soon_threadsafe(queue.put_nowait, (index, partial_index, tokens))
     return queue, on_partial
+
+
+def wants_stream(raw: bytes) -> bool:
+    """Whether a body asks for server-sent events (a cheap look; admit's full check follows)."""
+    if b'"stream"' not in raw:
+        return False
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError):
+        return False
+    return isinstance(data, dict) and data.get("stream") is True
+
+
+def open_stream(sched, raw, **admit_options):
+    """Admit a `stream: true` body (ApiError as `admit` raises them); returns
+    `run(disconnected=None)`, the request's event stream (an async iterator of SSE chunks), for
+    engine serve and the Ray Serve adapter alike."""
+    queue, on_partial = partial_queue(asyncio.get_running_loop())
+    checked, request, future = admit(sched, raw, on_partial=on_partial, streaming=True, **admit_options)
+
+    def run(disconnected=None):
+        return events(sched, request, future, queue, disconnected, checked.output_format or "png",
+                      checked.output_compression)
+    return run
