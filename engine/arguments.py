@@ -52,16 +52,19 @@ def write_atomically(out: Path, write) -> None:
 
 
 
-def check_threads(value, flag: str = "--threads") -> None:
-    """A command's `--threads`: None (torch's default) or an integer of at least 1."""
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-        raise EngineError(f"{flag} must be an integer of at least 1, got {value!r}")
+def check_threads(value, flag: str = "--threads", minimum: int = 1) -> None:
+    """A command's `--threads`: None (torch's default) or an integer of at least `minimum`
+    (0 where the command reads it as "keep torch's setting": train)."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
+        keep = " (0 keeps torch's setting)" if minimum == 0 else ""
+        raise EngineError(f"{flag} must be an integer of at least {minimum}{keep}, got {value!r}")
 
 
-def set_threads(value, flag: str = "--threads") -> None:
-    """torch's CPU threads from a command's `--threads` (None: torch's default)."""
-    check_threads(value, flag)
-    if value is not None:
+def set_threads(value, flag: str = "--threads", minimum: int = 1) -> None:
+    """torch's CPU threads from a command's `--threads` (None, or 0 where `minimum` allows it:
+    torch's setting is kept)."""
+    check_threads(value, flag, minimum)
+    if value:
         import torch
 
         torch.set_num_threads(value)

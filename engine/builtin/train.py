@@ -41,7 +41,7 @@ def _run(args) -> int:
     from ..loading import save_engine_dir
     from .train_discrete import DISCRETE_MODELS, run as run_discrete
 
-    check_threads(args.threads)         # before anything is written
+    check_threads(args.threads, minimum=0)   # before anything is written; 0 keeps torch's setting
     if args.model in DISCRETE_MODELS:   # the BAE-token digit models: engine/builtin/train_discrete.py
         return run_discrete(args)
     if args.model == "digits-ctf":      # coarse-to-fine on the same codes: engine/builtin/train_ctf.py
@@ -148,7 +148,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--diffusion-batch-mul", type=int, default=None,
                    help=f"(default {TrainConfig.diffusion_batch_mul}; the model's)")
     p.add_argument("--threads", type=int, default=None,
-                   help=f"torch CPU threads (default {TrainConfig.threads}; the model's)")
+                   help=f"torch CPU threads (default {TrainConfig.threads}; the model's; 0 keeps torch's setting)")
     p.add_argument("--log-every", type=int, default=TrainConfig.log_every)
     p.add_argument("--img-size", type=int, default=None, help=f"(default {d['img_size']})")
     p.add_argument("--patch-size", type=int, default=None, help=f"(default {d['patch_size']})")

@@ -296,7 +296,7 @@ def train(model_config, tc: TrainConfig, images=None, labels=None, log=print,
     it exactly (same result as an uninterrupted run)."""
     tc.validate()
     task = task if task is not None else DigitsTask(model_config, images, labels)
-    set_threads(tc.threads)
+    set_threads(tc.threads, "threads", minimum=0)   # 0: keep torch's setting (the tests' one thread)
     torch.manual_seed(tc.seed)
     generator = torch.Generator().manual_seed(tc.seed)
     module = task.build()   # a task may bring its own initialisation (the discrete models do)
