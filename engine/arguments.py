@@ -70,6 +70,25 @@ def set_threads(value, flag: str = "--threads", minimum: int = 1) -> None:
         torch.set_num_threads(value)
 
 
+def check_decoder_arguments(model, vae, bae, images_required: bool = True, tokens_instead: str = "") -> bool:
+    """`--vae` / `--bae` against what the model's tokens decode with; whether its tokens can
+    become images (a decoder given, its own BAE, or pixels). Where `images_required`, a missing
+    decoder is refused, offering the command's way to keep the tokens (`tokens_instead`)."""
+    decoder = model.decoder
+    if vae and decoder != "vae":
+        own = "its BAE (--bae)" if decoder == "bae" else "no decoder (pixels)"
+        raise EngineError(f"this model's tokens decode with {own}; --vae is for VAE-latent models")
+    if bae and decoder != "bae":
+        raise EngineError("--bae is for models with binary tokens (ELM's, CTF)")
+    decodable = {"vae": bool(vae), "bae": bool(bae) or getattr(model, "bae", None) is not None}.get(decoder, True)
+    if not decodable and images_required:
+        what = ("VAE latents: pass --vae (kl16.ckpt, or an AutoencoderKL directory)" if decoder == "vae"
+                else "binary tokens: pass --bae (ELM's binaryae_ema.th)")
+        instead = f", or {tokens_instead}" if tokens_instead else " to decode them into images"
+        raise EngineError(f"this model generates {what}{instead}")
+    return decodable
+
+
 def add_family_argument(parser) -> None:
     from .families import families
 

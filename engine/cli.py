@@ -9,8 +9,8 @@ import argparse
 import importlib
 import sys
 
-from .arguments import (add_config_argument, add_family_argument, add_setting_arguments, check_output,  # noqa: F401
-                        config_overrides, write_atomically)
+from .arguments import (add_config_argument, add_family_argument, add_setting_arguments,  # noqa: F401
+                        check_decoder_arguments, check_output, config_overrides, write_atomically)
 from .core.errors import EngineError
 
 MAX_SEED = 2 ** 63 - 1
@@ -44,19 +44,10 @@ def _sample(args) -> int:
         raise EngineError("this is a class-conditional model: pass --classes, not --prompt")
     if not text_model and (args.height or args.width):
         raise EngineError("--height / --width are for text-to-image models")
-    if args.vae and model.decoder != "vae":
-        raise EngineError(f"this model's tokens decode with {'its BAE (--bae)' if model.decoder == 'bae' else 'no decoder (pixels)'}; "
-                          "--vae is for VAE-latent models")
-    if args.bae and model.decoder != "bae":
-        raise EngineError("--bae is for models with binary tokens (ELM's, CTF)")
+    decodable = check_decoder_arguments(model, args.vae, args.bae, images_required=out.suffix != ".npz",
+                                        tokens_instead="--out x.npz to save the tokens")
     vae = engine.load_vae(args.vae, device=args.device) if args.vae else None
     bae = engine.load_bae(args.bae, device=args.device) if args.bae else None
-    decodable = {"pixels": True, "vae": vae is not None,
-                 "bae": bae is not None or getattr(model, "bae", None) is not None}[model.decoder]
-    if not decodable and out.suffix != ".npz":
-        what = "VAE latents: pass --vae (kl16.ckpt, or an AutoencoderKL directory)" if model.decoder == "vae" \
-            else "binary tokens: pass --bae (ELM's binaryae_ema.th)"
-        raise EngineError(f"this model generates {what}, or --out x.npz to save the tokens")
     settings = model.resolve_settings(num_iter=args.num_iter, cfg=args.cfg, cfg_schedule=args.cfg_schedule,
                                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                       fast=args.fast)

@@ -149,3 +149,23 @@ def test_threads_below_one_is_one_line(tmp_path, argv):
     assert proc.returncode == 2 and proc.stderr.startswith("error: --threads must be an integer of "
                                                            "at least "), proc.stderr
     assert proc.stderr.count("\n") == 1 and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("command", [
+    ["sample", "--out", "x.png"], ["generate", "--num-images", "10", "--out", "g.npz"],
+    ["serve", "--port", "0", "--no-warmup"],
+])
+def test_binary_tokens_without_a_bae_is_one_line_on_every_command(tmp_path, command):
+    # One check (arguments.check_decoder_arguments) for sample, generate and serve alike.
+    import shutil
+
+    from engine.loading import BUILTIN_MODELS
+
+    model = tmp_path / "model"
+    shutil.copytree(BUILTIN_MODELS["digits-elm-ar"], model, ignore=shutil.ignore_patterns("bae"))
+    proc = subprocess.run([sys.executable, "-m", "engine", command[0], "--checkpoint", str(model), *command[1:]],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    error = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and len(error) == 1, proc.stderr
+    assert "this model generates binary tokens: pass --bae" in error[0]
+    assert "Traceback" not in proc.stderr and sorted(p.name for p in tmp_path.iterdir()) == ["model"]

@@ -23,6 +23,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..arguments import check_decoder_arguments
 from ..core.errors import EngineError
 
 FORMAT = 1
@@ -239,16 +240,7 @@ def resolve(request: Request, model) -> Job:
         raise EngineError("this is a class-conditional model: pass --classes, not prompts")
     if request.height or request.width:
         raise EngineError("--height / --width are for text-to-image models")
-    if model.decoder == "vae" and request.vae is None:
-        raise EngineError("this model generates VAE latents: pass --vae (kl16.ckpt, or an "
-                          "AutoencoderKL directory) to decode them into images")
-    if model.decoder == "bae" and request.bae is None and getattr(model, "bae", None) is None:
-        raise EngineError("this model generates binary tokens: pass --bae (ELM's binaryae_ema.th) to decode "
-                          "them into images")
-    if model.decoder != "vae" and request.vae is not None:
-        raise EngineError("--vae is for models whose tokens are VAE latents")
-    if model.decoder != "bae" and request.bae is not None:
-        raise EngineError("--bae is for models with binary tokens (ELM's, CTF)")
+    check_decoder_arguments(model, request.vae, request.bae)
     classes = list(range(model.num_classes)) if request.classes is None else list(request.classes)
     if not classes:
         raise EngineError("--classes needs at least one class")

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import argparse
 
-from ..arguments import add_config_argument, add_family_argument, config_overrides, set_threads
+from ..arguments import (add_config_argument, add_family_argument, check_decoder_arguments, config_overrides,
+                         set_threads)
 from ..core.errors import EngineError
 from .scheduler import MAX_IMAGES_PER_REQUEST
 
@@ -96,6 +97,7 @@ def _serve(args) -> int:
         if args.text_encoder:
             model.text_encoder = engine.load_text_encoder(
                 args.text_encoder, max_length=model.config.max_length, device=args.device)
+        check_decoder_arguments(model, args.vae, args.bae)   # served answers are images
         if args.bae:   # the decoder of binary-token models that ship none
             model.bae = engine.load_bae(args.bae, device=args.device)
         vae = engine.load_vae(args.vae, device=args.device) if args.vae else None
