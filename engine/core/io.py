@@ -65,11 +65,17 @@ def check_dtypes(state: dict, source: str, expected: dict | None = None) -> None
     """CheckpointError naming the first tensor whose dtype cannot hold its weights: a tensor the
     module keeps in floating point (every one when `expected`, key -> the module's own dtype, is
     None) must be float16, bfloat16, float32 or float64 (cast on load); integer, boolean, complex
-    and float8 tensors (a quantised export) are refused rather than cast into wrong weights. A
-    tensor the module keeps as integers (CTF's cluster map) must be an integer tensor."""
+    and float8 tensors (a quantised export) are refused rather than cast into wrong weights, and
+    sparse or meta tensors too. A tensor the module keeps as integers (CTF's cluster map) must be
+    an integer tensor."""
     for key, value in state.items():
         if not isinstance(value, torch.Tensor):
             continue
+        if value.is_meta or value.layout != torch.strided:   # nothing below can read them
+            kind = "a meta tensor (no values)" if value.is_meta else \
+                f"a {str(value.layout).removeprefix('torch.')} tensor"
+            raise CheckpointError(f"{source}: tensor {key!r} is {kind}; weights must be dense tensors "
+                                  "holding their values")
         want = expected.get(key, torch.float32) if expected else torch.float32
         if want.is_floating_point:
             if value.dtype not in WEIGHT_DTYPES:

@@ -100,6 +100,27 @@ def test_a_generator_checkpoint_given_as_the_bae_is_named_as_such():
         engine.load_bae(published)
 
 
+@pytest.mark.parametrize("layout", ["sparse_coo", "sparse_csr", "meta", "qint8"])
+def test_sparse_meta_and_quantised_tensors_in_a_pth_are_refused_by_name(tmp_path, layout):
+    # .pth files can hold what safetensors cannot: each is named, never a torch NotImplementedError.
+    data = Path(__file__).parents[1] / "data"
+    make = {"sparse_coo": lambda t: t.to_sparse(), "sparse_csr": lambda t: t.to_sparse_csr(),
+            "meta": lambda t: t.to("meta"),
+            "qint8": lambda t: torch.quantize_per_tensor(t, 0.1, 0, torch.qint8)}[layout]
+    published = torch.load(data / "published" / "ck_p2.pth", weights_only=False)
+    published["model_ema"]["fake_latent"] = make(published["model_ema"]["fake_latent"].float())
+    torch.save(published, tmp_path / "mar.pth")
+    bae = torch.load(data / "elm" / "binaryae_ema.th", weights_only=True)
+    key = next(k for k, v in bae.items() if v.ndim == 2 and v.is_floating_point())
+    bae[key] = make(bae[key].float())
+    torch.save(bae, tmp_path / "bae.th")
+    message = "has dtype qint8" if layout == "qint8" else f"is a {layout}" if layout != "meta" else "is a meta tensor"
+    with pytest.raises(CheckpointError, match=f"tensor 'fake_latent' {message}"):
+        engine.load(tmp_path / "mar.pth")
+    with pytest.raises(CheckpointError, match=f"tensor '{key.removeprefix('ae.')}' {message}"):
+        engine.load_bae(tmp_path / "bae.th")
+
+
 def test_check_dtypes_is_the_rule_stated():
     good = {"a": torch.zeros(2, dtype=d) for d in checkpoints.check_dtypes.__globals__["WEIGHT_DTYPES"]}
     for key, value in good.items():
