@@ -16,6 +16,9 @@ from ..core.io import CONFIG_FILE, WEIGHTS_FILE, check_dtypes, check_finite
 
 ENGINE_FORMAT = "engine-mar"      # the format a directory of the masked families is written in
 ENGINE_FORMAT_VERSION = 1
+# What an engine model directory holds (weights, config, companions, the built-in models' reports).
+MODEL_DIR_ENTRIES = frozenset({CONFIG_FILE, WEIGHTS_FILE, "bae", "text_encoder", "evaluation.json",
+                               "history.json"})
 
 
 def check_state_dict(state: dict, config, source: str, family) -> None:
@@ -93,8 +96,16 @@ def check_engine_dir_output(out_dir, force: bool = False) -> Path:
         raise OutputError(f"{out}: the parent directory {parent} does not exist (create it first)")
     if out.exists() and not out.is_dir():
         raise OutputError(f"{out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise OutputError(f"{out} is not empty; pass --force (force=True) to replace it")
+    if out.is_dir() and any(out.iterdir()):
+        if not force:
+            raise OutputError(f"{out} is not empty; pass --force (force=True) to replace it")
+        # --force replaces a model directory, never a folder of other files (a typo'd `.`, a
+        # home directory, the folder holding the source): those are for the user to remove.
+        others = sorted(p.name for p in out.iterdir() if p.name not in MODEL_DIR_ENTRIES)
+        if others:
+            raise OutputError(f"{out} holds files that are not an engine model directory's "
+                              f"({', '.join(map(repr, others[:3]))}{', ...' if len(others) > 3 else ''}); "
+                              "--force only replaces a model directory: remove them yourself")
     return out
 
 

@@ -148,6 +148,24 @@ def test_convert_refuses_a_non_empty_directory_unless_forced(tmp_path):
     engine.load(tmp_path / "empty")
 
 
+def test_force_replaces_only_a_model_directory(tmp_path, monkeypatch):
+    # A typo'd `.`, a home directory or the folder that holds the source is never replaced.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.txt").write_text("mine")
+    model = engine.convert(CHECKPOINT, tmp_path / "model")
+    for out in (".", tmp_path, str(tmp_path) + "/"):
+        with pytest.raises(OutputError, match=r"holds files that are not an engine model directory's "
+                                              r"\('model', 'notes.txt'\)"):
+            engine.convert(model, out, force=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "notes.txt"]
+    nested = engine.convert(model, model / "copy")                  # the source holding its copy
+    with pytest.raises(OutputError, match=r"\('copy'\)"):
+        engine.convert(nested, model, force=True)
+    assert (model / "copy" / "model.safetensors").exists()
+    engine.convert(nested, nested, force=True)                       # in place: a model directory
+    engine.load(nested)
+
+
 def test_convert_never_creates_parent_directories(tmp_path):
     with pytest.raises(OutputError, match="parent directory .*missing.* does not exist"):
         engine.convert(CHECKPOINT, tmp_path / "missing" / "out")
@@ -204,7 +222,7 @@ def test_a_convert_killed_while_writing_leaves_no_directory(tmp_path):
 def test_convert_cli_force_family_and_config(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    (out / "stale").write_text("x")
+    (out / "model.safetensors").write_text("an old, broken model")
     cmd = [sys.executable, "-m", "engine", "convert", str(CHECKPOINT), str(out), "--family", "mar"]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.startswith("error: ") and "--force" in proc.stderr
