@@ -123,16 +123,17 @@ def test_sigterm_drains(tmp_path):
     try:
         answers = []
 
-        def long_request(label):
+        def long_request(label):    # label 3 streams: an event stream in flight finishes too
+            stream = {"stream": True, "partial_images": 1} if label == 3 else {}
             answers.append(httpx.post(server.url + PATH, headers=auth, timeout=120,
-                                      json={"class_label": label, "n": 8, "num_iter": 16, "seed": label}))
-        threads = [threading.Thread(target=long_request, args=(k,)) for k in (1, 2)]
+                                      json={"class_label": label, "n": 8, "num_iter": 16, "seed": label, **stream}))
+        threads = [threading.Thread(target=long_request, args=(k,)) for k in (1, 2, 3)]
         for t in threads:
             t.start()
         deadline = time.monotonic() + 30
-        while True:     # both admitted: one image in flight, both requests wait for room (n > free slots)
+        while True:     # all admitted: one image in flight, the requests wait for room (n > free slots)
             metrics = httpx.get(server.url + "/metrics").text
-            if "engine_images_in_flight 1.0" in metrics and "engine_queue_depth 2.0" in metrics:
+            if "engine_images_in_flight 1.0" in metrics and "engine_queue_depth 3.0" in metrics:
                 break
             assert time.monotonic() < deadline, server.output()
             time.sleep(0.02)
@@ -145,8 +146,10 @@ def test_sigterm_drains(tmp_path):
         assert refused.json()["error"]["code"] == "server_draining"
         for t in threads:
             t.join(120)
-        assert [r.status_code for r in answers] == [200, 200], [r.text[:300] for r in answers]
-        assert all(len(r.json()["data"]) == 8 for r in answers)
+        assert [r.status_code for r in answers] == [200, 200, 200], [r.text[:300] for r in answers]
+        streamed = [r for r in answers if r.headers["content-type"].startswith("text/event-stream")]
+        assert len(streamed) == 1 and streamed[0].text.count("event: image_generation.completed") == 8
+        assert all(len(r.json()["data"]) == 8 for r in answers if r not in streamed)
         assert server.proc.wait(30) == 0, server.output()
         access = [json.loads(line) for line in server.output().splitlines() if line.startswith('{"time"')]
         assert {line["status"] for line in access} >= {200, 503}
