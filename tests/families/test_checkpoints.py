@@ -102,7 +102,7 @@ def test_a_generator_checkpoint_given_as_the_bae_is_named_as_such():
 
 @pytest.mark.parametrize("layout", ["sparse_coo", "sparse_csr", "meta", "qint8"])
 def test_sparse_meta_and_quantised_tensors_in_a_pth_are_refused_by_name(tmp_path, layout):
-    # .pth files can hold what safetensors cannot: each is named, never a torch NotImplementedError.
+    # .pth files can hold what safetensors cannot: each is refused by name, not by a torch error.
     data = Path(__file__).parents[1] / "data"
     make = {"sparse_coo": lambda t: t.to_sparse(), "sparse_csr": lambda t: t.to_sparse_csr(),
             "meta": lambda t: t.to("meta"),
